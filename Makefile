@@ -1,0 +1,32 @@
+# ragseg: two commands matter: `make setup` and `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/ragseg demo --config configs/demo.yaml
+
+bench: setup
+	$(BIN)/python bench/stages.py
+	$(BIN)/python bench/index.py
+	$(BIN)/python bench/build_db.py
+
+lint: setup
+	$(BIN)/ruff check ragseg tests bench
+
+clean:
+	rm -rf demo_out .pytest_cache

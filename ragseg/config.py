@@ -1,0 +1,328 @@
+"""Typed configuration of every ragseg job.
+
+Every job reads one YAML file into a :class:`JobConfig` (``yaml.safe_load`` then pydantic validation)
+and applies ``--set a.b=c`` overrides from the CLI. Unknown keys and wrong types are rejected with
+the dotted key path and the reason (:class:`ConfigError`). No stage hard-codes a tunable constant:
+it reads it from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+from ragseg.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override is invalid; the message names the key path and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime
+# ----------------------------------------------------------------------------------------------
+class RayConfig(Strict):
+    """How Ray is started. ``address`` (or the ``RAY_ADDRESS`` env var) joins a cluster; otherwise a
+    local Ray is started with the CPU and object-store caps below."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    object_store_memory: int | None = Field(default=None, ge=50 * 1024 * 1024)
+    # actors per model stage (each holds one copy of the model); GPUs per actor when CUDA exists
+    model_actors: int = Field(default=1, ge=1)
+    gpus_per_actor: float = Field(default=1.0, gt=0)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    # rows per block read from a source; smaller blocks stream more evenly
+    images_per_block: int = Field(default=16, ge=1)
+    max_errored_blocks: int = 0
+    progress: bool = True
+
+
+class SourceConfig(Strict):
+    """Where images (and ground truth) come from. ``uri`` is any fsspec URI (local, s3://, gs://,
+    http(s)://)."""
+
+    kind: Literal["folder", "coco_panoptic", "ade20k", "ade20k_panoptic", "openimages", "synthetic"]
+    uri: str
+    split: str = "train"
+    # folder: glob relative to uri
+    pattern: str = "**/*"
+    # coco_panoptic / ade20k_panoptic: explicit annotation json and png dir (defaults per layout)
+    annotations: str | None = None
+    masks_dir: str | None = None
+    # openimages: explicit CSV locations (defaults: the V7 file names under uri)
+    class_descriptions: str | None = None
+    image_labels: str | None = None
+    boxes: str | None = None
+    segmentations: str | None = None
+    image_list: str | None = None
+    # selection
+    limit: int | None = Field(default=None, ge=1)
+    shard: str | None = None  # "i/n": keep every image whose position % n == i
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            i, n = (int(p) for p in v.split("/"))
+        except ValueError as e:
+            raise ValueError(f"shard must look like 'i/n', got {v!r}") from e
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"shard {v!r}: need 0 <= i < n")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+class WeightsConfig(Strict):
+    """Where model files are cached; ``RAGSEG_CACHE`` overrides ``cache_dir``."""
+
+    cache_dir: str | None = None
+    offline: bool = False  # never download, only use the cache / local paths
+
+
+class DeviceConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+
+class ClipConfig(Strict):
+    """open_clip model. ``pretrained`` is an open_clip tag, a local path, an http(s) URL or a bucket
+    URI of a checkpoint; null builds the architecture with random weights. ``model_cfg`` registers a
+    custom architecture (used for tiny test models)."""
+
+    model: str = "convnext_large_d_320"
+    pretrained: str | None = "laion2b_s29b_b131k_ft_soup"
+    sha256: str | None = None
+    model_cfg: dict[str, Any] | None = None
+    mode: Literal["crop", "pool"] = "pool"
+    context_pad: float = Field(default=0.1, ge=0.0)  # crop mode: box padding as a ratio of its size
+    batch_size: int = Field(default=32, ge=1)
+    pool_image_size: int | None = None  # pool mode: image side fed to the dense encoder (None: model's)
+    seed: int = 0
+    templates: list[str] = Field(
+        default_factory=lambda: [
+            "a photo of a {}.",
+            "a photo of the {}.",
+            "a photo of a small {}.",
+            "a photo of a large {}.",
+            "there is a {} in the scene.",
+            "a cropped photo of a {}.",
+        ]
+    )
+
+
+class SamConfig(Strict):
+    """segment_anything model. ``arch``: vit_h / vit_l / vit_b (official sizes) or ``custom`` (sizes
+    below, for tiny tests)."""
+
+    arch: Literal["vit_h", "vit_l", "vit_b", "custom"] = "vit_h"
+    checkpoint: str | None = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
+    sha256: str | None = None
+    # custom architecture
+    image_size: int = 1024
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: list[int] = Field(default_factory=lambda: [7, 15, 23, 31])
+    prompt_embed_dim: int = 256
+    seed: int = 0
+    # inference
+    boxes_per_batch: int = Field(default=64, ge=1)
+    multimask_output: bool = False
+    min_region_area: int = Field(default=0, ge=0)  # remove islands/holes smaller than this (pixels)
+    # sam-grid proposals (automatic mask generator)
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+
+
+class GroundingDinoConfig(Strict):
+    """Grounding DINO through transformers. ``model_id`` is a hub id, local dir, URL or bucket URI of a
+    saved model dir; null builds the tiny random architecture in ``tiny``."""
+
+    model_id: str | None = "IDEA-Research/grounding-dino-base"
+    revision: str | None = None
+    tiny: dict[str, Any] | None = None
+    seed: int = 0
+    box_threshold: float = Field(default=0.35, ge=0.0, le=1.0)
+    text_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+    nms_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    max_text_tokens: int = Field(default=256, ge=8)
+    max_boxes: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+
+
+class ModelsConfig(Strict):
+    weights: WeightsConfig = WeightsConfig()
+    device: DeviceConfig = DeviceConfig()
+    clip: ClipConfig = ClipConfig()
+    sam: SamConfig = SamConfig()
+    gdino: GroundingDinoConfig = GroundingDinoConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs
+# ----------------------------------------------------------------------------------------------
+class BuildDbConfig(Strict):
+    out: str = "./db"
+    masks: Literal["gt", "detector"] = "gt"  # gt: ground-truth masks where the source has them
+    images_per_shard: int = Field(default=64, ge=1)  # an input shard = this many source images
+    min_segment_area: int = Field(default=64, ge=0)
+    include_stuff: bool = True
+
+
+class IndexConfig(Strict):
+    out: str = "./index"
+    factory: str | None = None  # explicit faiss factory string overrides the rule below
+    budget_bytes_per_vector: int = Field(default=64, ge=8)
+    nlist_per_sqrt_n: float = Field(default=8.0, gt=0)  # nlist ~ 4..16 x sqrt(N)
+    train_per_list: int = Field(default=64, ge=30)  # training sample ~ 50..256 x nlist
+    opq: Literal["auto", "on", "off"] = "auto"
+    nprobe: int = Field(default=16, ge=1)
+    recall_queries: int = Field(default=200, ge=1)
+    min_recall_at_10: float = Field(default=0.5, ge=0.0, le=1.0)
+    keep_versions: int = Field(default=3, ge=1)
+    drift_ratio: float = Field(default=1.5, gt=1.0)  # retrain when new/old quantisation error > this
+    use_gpu: Literal["auto", "on", "off"] = "auto"
+    seed: int = 0
+
+
+class EnsembleConfig(Strict):
+    alpha: float = Field(default=0.4, ge=0, le=1)
+    beta: float = Field(default=0.7, ge=0, le=1)
+    gamma: float = Field(default=0.3, ge=0, le=1)
+    form: Literal["arithmetic", "geometric"] = "arithmetic"
+    trained_classes: list[str] = Field(default_factory=list)
+    k: int = Field(default=16, ge=1)  # neighbours retrieved per query
+    retrieval_temperature: float = Field(default=0.05, gt=0)
+    clip_temperature: float = Field(default=0.01, gt=0)
+    # which sources score: both (ensemble), retrieval (s_ret only), clip (s_clip only)
+    scores: Literal["ensemble", "retrieval", "clip"] = "ensemble"
+
+
+class MergeConfig(Strict):
+    score_threshold: float = Field(default=0.0, ge=0, le=1)
+    overlap_threshold: float = Field(default=0.8, ge=0, le=1)  # keep if visible/mask >= this
+    min_area: int = Field(default=0, ge=0)
+
+
+class LabelConfig(Strict):
+    out: str = "./labels"
+    images: SourceConfig | None = None
+    vocab: str | None = None
+    index: str | None = None
+    fallback_index: str | None = None
+    proposals: Literal["gdino-sam", "sam-grid", "gt"] = "gdino-sam"
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    ensemble: EnsembleConfig = EnsembleConfig()
+    merge: MergeConfig = MergeConfig()
+    images_per_shard: int = Field(default=64, ge=1)
+
+
+class DemoConfig(Strict):
+    workdir: str = "./demo_out"
+    images: int = Field(default=40, ge=4)
+    seed: int = 0
+
+
+class JobConfig(Strict):
+    """The root of every YAML config; each job reads the sections it needs."""
+
+    name: str = "ragseg"
+    ray: RayConfig = RayConfig()
+    source: SourceConfig | None = None
+    models: ModelsConfig = ModelsConfig()
+    build_db: BuildDbConfig = BuildDbConfig()
+    index: IndexConfig = IndexConfig()
+    label: LabelConfig = LabelConfig()
+    demo: DemoConfig = DemoConfig()
+
+    def hash(self, *sections: str) -> str:
+        """Stable hash of the given sections (all when none), for manifests."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: _get_path(data, s) for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and overrides
+# ----------------------------------------------------------------------------------------------
+def _get_path(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def _format_validation(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{path}: {e['msg']}")
+    return f"invalid config {where}: " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], value); the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML config (any fsspec URI, or None for defaults) and apply ``a.b=c`` overrides."""
+    data: dict[str, Any] = {}
+    where = path or "<defaults>"
+    if path:
+        from ragseg.io import read_text
+
+        try:
+            text = read_text(path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, where)) from None

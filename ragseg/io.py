@@ -1,0 +1,165 @@
+"""Every path in ragseg goes through fsspec: local paths, s3://, gs://, http(s)://, memory://.
+
+Writers are atomic: data goes to a temporary name in the same directory and is renamed (moved) into
+place only when complete, so a reader never sees a half-written file and a killed job leaves only
+``*.tmp-*`` litter that the next run ignores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+TMP_MARK = ".tmp-"
+
+
+def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = url_to_fs(uri)
+    return fs, path
+
+
+def protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme; local paths are made absolute."""
+    if "://" not in base:
+        base = os.path.abspath(base)
+    out = base.rstrip("/")
+    for p in parts:
+        if p:
+            out = out + "/" + p.strip("/")
+    return out
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn an fs-internal path back into a full URI."""
+    return fs.unstrip_protocol(path) if protocol_of_fs(fs) != "file" else path
+
+
+def protocol_of_fs(fs: fsspec.AbstractFileSystem) -> str:
+    p = fs.protocol
+    p = p[0] if isinstance(p, (tuple, list)) else p
+    return "file" if p in ("file", "local") else p
+
+
+def exists(uri: str) -> bool:
+    fs, path = fs_and_path(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = fs_and_path(uri)
+    if protocol_of_fs(fs) == "file":
+        fs.makedirs(path, exist_ok=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def glob(uri_pattern: str) -> list[str]:
+    """Sorted full URIs matching a glob (``**`` recursive)."""
+    fs, path = fs_and_path(uri_pattern)
+    return sorted(unstrip(fs, p) for p in fs.glob(path))
+
+
+def list_dir(uri: str) -> list[str]:
+    """Sorted full URIs of the files directly under a directory (empty if it does not exist)."""
+    fs, path = fs_and_path(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(unstrip(fs, p) for p in fs.ls(path, detail=False) if not fs.isdir(p))
+
+
+def _tmp_name(uri: str) -> str:
+    d, name = posixpath.split(uri)
+    return posixpath.join(d, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{name}")
+
+
+def is_tmp(uri: str) -> bool:
+    return posixpath.basename(uri).startswith(TMP_MARK)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` so that readers see either the old file or the complete new one.
+
+    Local files: write tmp + fsync + os.replace (atomic on POSIX). Object stores: a single PUT is
+    already atomic (the object appears complete or not at all), so we write directly.
+    """
+    fs, path = fs_and_path(uri)
+    if protocol_of_fs(fs) == "file":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def write_text_atomic(uri: str, text: str) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_text_atomic(uri, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def write_parquet_atomic(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = fs_and_path(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = fs_and_path(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(image_id: str, max_len: int = 180) -> str:
+    """A file-name-safe form of an image id: no path separators, no '..', no leading dot.
+
+    Different ids that sanitise to the same text get distinct names through a short hash suffix
+    whenever anything had to be replaced.
+    """
+    import hashlib
+
+    s = str(image_id)
+    cleaned = _SAFE.sub("_", s.replace("/", "__")).strip("._") or "img"
+    cleaned = cleaned.replace("..", "_")
+    if cleaned != s or len(cleaned) > max_len:
+        cleaned = cleaned[:max_len] + "-" + hashlib.sha1(s.encode()).hexdigest()[:8]
+    return cleaned

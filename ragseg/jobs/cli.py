@@ -1,0 +1,223 @@
+"""The ``ragseg`` command line (typer). Each command parses a config and calls one pipeline or
+library function; no logic lives here. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ragseg.config import JobConfig, load_config
+from ragseg.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Retrieval-augmented open-vocabulary panoptic segmentation.")
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config (any fsspec URI).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=c (repeatable).")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
+
+
+def _cfg(config: str | None, sets: list[str] | None, extra: list[str] | None = None) -> JobConfig:
+    return load_config(config, list(extra or []) + list(sets or []))
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@app.command("make-synthetic")
+def make_synthetic_cmd(
+    out: Annotated[str, typer.Option(help="Output directory (fsspec URI).")],
+    images: Annotated[int, typer.Option(help="Number of images (train + val).")] = 40,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of images in the val split.")] = 0.25,
+) -> None:
+    """Draw a synthetic panoptic set and write it as COCO panoptic, ADE20k panoptic and Open Images."""
+    from ragseg.sources.synthetic import make_synthetic
+
+    _print_json(make_synthetic(out, images=images, seed=seed, size=size, val_fraction=val_fraction))
+
+
+@app.command("eval")
+def eval_cmd(
+    gt_json: Annotated[str, typer.Option(help="Ground-truth COCO panoptic JSON.")],
+    gt_dir: Annotated[str, typer.Option(help="Ground-truth PNG folder.")],
+    pred_json: Annotated[str, typer.Option(help="Predicted COCO panoptic JSON.")],
+    pred_dir: Annotated[str, typer.Option(help="Predicted PNG folder.")],
+    out: Annotated[Optional[str], typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """PQ / SQ / RQ for All, Things, Stuff and per class (COCO panoptic semantics)."""
+    from ragseg.eval.pq import evaluate, format_table
+
+    res = evaluate(gt_json, gt_dir, pred_json, pred_dir)
+    typer.echo(format_table(res))
+    if out:
+        from ragseg.io import write_json_atomic
+
+        write_json_atomic(out, res)
+        typer.echo(f"metrics written to {out}")
+
+
+@app.command("build-db")
+def build_db_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[str], typer.Option(help="DB URI (overrides build_db.out).")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Source -> (gt masks | detect -> segment) -> embed -> Parquet feature shards + manifest."""
+    from ragseg.pipelines.build_db import run_build_db
+
+    extra = [f"build_db.out={out}"] if out else []
+    if address:
+        extra.append(f"ray.address={address}")
+    _print_json(run_build_db(_cfg(config, set_, extra)))
+
+
+@app.command("build-index")
+def build_index_cmd(
+    db: Annotated[str, typer.Option(help="Feature DB URI (output of build-db).")],
+    out: Annotated[str, typer.Option(help="Index store URI.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    budget_bytes_per_vector: Annotated[Optional[int], typer.Option(help="Memory budget per vector.")] = None,
+    factory: Annotated[Optional[str], typer.Option(help="Explicit faiss factory string.")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="Default nprobe stored with the index.")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Train IVF-PQ on a sample, add shards in parallel, merge on disk, publish a new version."""
+    from ragseg.index.build import build_index
+
+    extra = [f"index.out={out}"]
+    if budget_bytes_per_vector is not None:
+        extra.append(f"index.budget_bytes_per_vector={budget_bytes_per_vector}")
+    if factory:
+        extra.append(f"index.factory={factory}")
+    if nprobe is not None:
+        extra.append(f"index.nprobe={nprobe}")
+    if address:
+        extra.append(f"ray.address={address}")
+    _print_json(build_index(db, _cfg(config, set_, extra)))
+
+
+@app.command("refresh")
+def refresh_cmd(
+    db: Annotated[str, typer.Option(help="Feature DB URI.")],
+    index: Annotated[str, typer.Option(help="Index store URI.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force_retrain: Annotated[bool, typer.Option(help="Retrain the quantizer.")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Add the DB's new shards to a new index version (retrain on drift or when forced)."""
+    from ragseg.index.build import refresh_index
+
+    extra = [f"index.out={index}"]
+    if address:
+        extra.append(f"ray.address={address}")
+    _print_json(refresh_index(db, _cfg(config, set_, extra), force_retrain=force_retrain))
+
+
+@app.command("search")
+def search_cmd(
+    index: Annotated[str, typer.Option(help="Index store URI.")],
+    image: Annotated[str, typer.Option(help="Query image URI.")],
+    box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 region.")] = None,
+    mask: Annotated[Optional[str], typer.Option(help="Mask PNG (non-zero = inside).")] = None,
+    k: Annotated[int, typer.Option(help="Neighbours.")] = 10,
+    nprobe: Annotated[Optional[int], typer.Option(help="Lists probed.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Embed a region of an image and print its nearest labelled database segments."""
+    from ragseg.index.search import search_region
+
+    _print_json(search_region(index, image, box=box, mask=mask, k=k, nprobe=nprobe, cfg=_cfg(config, set_)))
+
+
+@app.command("info")
+def info_cmd(index: Annotated[str, typer.Argument(help="Index store URI.")]) -> None:
+    """Version, counts, parameters and recall of the live index version."""
+    from ragseg.index.store import index_info
+
+    _print_json(index_info(index))
+
+
+@app.command("label")
+def label_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    images: Annotated[Optional[str], typer.Option(help="Image folder/glob URI (folder source).")] = None,
+    vocab: Annotated[Optional[str], typer.Option(help="Vocabulary file (CSV, JSON or COCO categories).")] = None,
+    index: Annotated[Optional[str], typer.Option(help="Index store URI.")] = None,
+    fallback_index: Annotated[Optional[str], typer.Option(help="Secondary (generic) index.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output URI.")] = None,
+    proposals: Annotated[Optional[str], typer.Option(help="gdino-sam | sam-grid | gt")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Panoptic pseudo-labels for a corpus: proposals -> masked CLIP -> retrieval + CLIP -> merge."""
+    from ragseg.pipelines.label import run_label
+
+    extra = []
+    if images:
+        extra += ["label.images.kind=folder", f"label.images.uri={images}"]
+    for key, val in (("vocab", vocab), ("index", index), ("fallback_index", fallback_index), ("out", out),
+                     ("proposals", proposals)):
+        if val:
+            extra.append(f"label.{key}={val}")
+    if address:
+        extra.append(f"ray.address={address}")
+    _print_json(run_label(_cfg(config, set_, extra)))
+
+
+@app.command("visualize")
+def visualize_cmd(
+    images: Annotated[str, typer.Option(help="Image folder URI the labels were made from.")],
+    pred: Annotated[str, typer.Option(help="Output URI of `ragseg label`.")],
+    out: Annotated[str, typer.Option(help="Folder for overlay PNGs and index.html.")],
+    limit: Annotated[int, typer.Option(help="At most this many images.")] = 100,
+) -> None:
+    """Overlay PNGs with class names and an index.html contact sheet."""
+    from ragseg.pipelines.visualize import visualize
+
+    _print_json(visualize(images, pred, out, limit=limit))
+
+
+@app.command("demo")
+def demo_cmd(config: ConfigOpt = "configs/demo.yaml", set_: SetOpt = None) -> None:
+    """Whole pipeline on a generated set with tiny models: synthetic -> DB -> index -> label -> PQ."""
+    from ragseg.pipelines.demo import run_demo
+
+    run_demo(_cfg(config, set_))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        typer.echo(f"error: file not found: {e.filename or e}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", None) if isinstance(e, typer.Exit) else e.code
+        sys.exit(code or 0)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Ray start-up and device selection, shared by every job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ragseg.config import DeviceConfig, RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig, address: str | None = None) -> None:
+    """Join a cluster (``address`` argument, then ``cfg.address``, then ``RAY_ADDRESS``) or start a
+    local Ray capped at ``cfg.num_cpus`` CPUs and ``cfg.object_store_memory`` bytes of object store."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    addr = address or cfg.address or os.environ.get("RAY_ADDRESS")
+    # ship the working package to cluster workers unless it is installed there
+    if addr:
+        ray.init(address=addr, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            object_store_memory=cfg.object_store_memory,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    ctx.max_errored_blocks = cfg.max_errored_blocks
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
+def select_device(cfg: DeviceConfig) -> str:
+    import torch
+
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            log.warning("device 'cuda' asked for but CUDA is not available; using CPU")
+            return "cpu"
+        return "cuda"
+    if cfg.device == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(device: str, cfg: DeviceConfig):
+    """Autocast context: bf16 (or fp16) on CUDA, nothing on CPU unless asked."""
+    import contextlib
+
+    import torch
+
+    prec = cfg.precision
+    if prec == "auto":
+        prec = "bf16" if device == "cuda" else "fp32"
+    if prec == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float16
+    return torch.autocast(device_type=device, dtype=dtype)

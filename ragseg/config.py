@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
 from ragseg.errors import UserError
 
 
@@ -304,23 +303,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` wins; nested mappings are merged key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read one YAML config; ``extends: other.yaml`` (relative to this file) is loaded first and
+    this file's keys are merged over it."""
+    from ragseg.io import read_text
+
+    if path in _seen:
+        raise ConfigError(f"config {path}: circular 'extends' ({' -> '.join(_seen + (path,))})")
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping")
+    parent = data.pop("extends", None)
+    if parent:
+        if "://" not in parent and not parent.startswith("/"):
+            parent = path.rsplit("/", 1)[0] + "/" + parent if "/" in path else parent
+        data = deep_merge(read_yaml_config(parent, _seen + (path,)), data)
+    return data
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Load a YAML config (any fsspec URI, or None for defaults) and apply ``a.b=c`` overrides."""
-    data: dict[str, Any] = {}
     where = path or "<defaults>"
-    if path:
-        from ragseg.io import read_text
-
-        try:
-            text = read_text(path)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path}: top level must be a mapping")
+    data: dict[str, Any] = read_yaml_config(path) if path else {}
     data = apply_overrides(data, overrides or [])
     try:
         return JobConfig.model_validate(data)

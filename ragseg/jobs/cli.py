@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,9 +15,9 @@ from ragseg.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Retrieval-augmented open-vocabulary panoptic segmentation.")
 
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config (any fsspec URI).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=c (repeatable).")]
-AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config (any fsspec URI).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b=c (repeatable).")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
 
 
 def _cfg(config: str | None, sets: list[str] | None, extra: list[str] | None = None) -> JobConfig:
@@ -48,7 +48,7 @@ def eval_cmd(
     gt_dir: Annotated[str, typer.Option(help="Ground-truth PNG folder.")],
     pred_json: Annotated[str, typer.Option(help="Predicted COCO panoptic JSON.")],
     pred_dir: Annotated[str, typer.Option(help="Predicted PNG folder.")],
-    out: Annotated[Optional[str], typer.Option(help="Write the metrics JSON here.")] = None,
+    out: Annotated[str | None, typer.Option(help="Write the metrics JSON here.")] = None,
 ) -> None:
     """PQ / SQ / RQ for All, Things, Stuff and per class (COCO panoptic semantics)."""
     from ragseg.eval.pq import evaluate, format_table
@@ -66,7 +66,7 @@ def eval_cmd(
 def build_db_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[Optional[str], typer.Option(help="DB URI (overrides build_db.out).")] = None,
+    out: Annotated[str | None, typer.Option(help="DB URI (overrides build_db.out).")] = None,
     address: AddressOpt = None,
 ) -> None:
     """Source -> (gt masks | detect -> segment) -> embed -> Parquet feature shards + manifest."""
@@ -84,9 +84,9 @@ def build_index_cmd(
     out: Annotated[str, typer.Option(help="Index store URI.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    budget_bytes_per_vector: Annotated[Optional[int], typer.Option(help="Memory budget per vector.")] = None,
-    factory: Annotated[Optional[str], typer.Option(help="Explicit faiss factory string.")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="Default nprobe stored with the index.")] = None,
+    budget_bytes_per_vector: Annotated[int | None, typer.Option(help="Memory budget per vector.")] = None,
+    factory: Annotated[str | None, typer.Option(help="Explicit faiss factory string.")] = None,
+    nprobe: Annotated[int | None, typer.Option(help="Default nprobe stored with the index.")] = None,
     address: AddressOpt = None,
 ) -> None:
     """Train IVF-PQ on a sample, add shards in parallel, merge on disk, publish a new version."""
@@ -126,10 +126,10 @@ def refresh_cmd(
 def search_cmd(
     index: Annotated[str, typer.Option(help="Index store URI.")],
     image: Annotated[str, typer.Option(help="Query image URI.")],
-    box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 region.")] = None,
-    mask: Annotated[Optional[str], typer.Option(help="Mask PNG (non-zero = inside).")] = None,
+    box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 region.")] = None,
+    mask: Annotated[str | None, typer.Option(help="Mask PNG (non-zero = inside).")] = None,
     k: Annotated[int, typer.Option(help="Neighbours.")] = 10,
-    nprobe: Annotated[Optional[int], typer.Option(help="Lists probed.")] = None,
+    nprobe: Annotated[int | None, typer.Option(help="Lists probed.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -151,12 +151,12 @@ def info_cmd(index: Annotated[str, typer.Argument(help="Index store URI.")]) -> 
 def label_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    images: Annotated[Optional[str], typer.Option(help="Image folder/glob URI (folder source).")] = None,
-    vocab: Annotated[Optional[str], typer.Option(help="Vocabulary file (CSV, JSON or COCO categories).")] = None,
-    index: Annotated[Optional[str], typer.Option(help="Index store URI.")] = None,
-    fallback_index: Annotated[Optional[str], typer.Option(help="Secondary (generic) index.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output URI.")] = None,
-    proposals: Annotated[Optional[str], typer.Option(help="gdino-sam | sam-grid | gt")] = None,
+    images: Annotated[str | None, typer.Option(help="Image folder/glob URI (folder source).")] = None,
+    vocab: Annotated[str | None, typer.Option(help="Vocabulary file (CSV, JSON or COCO categories).")] = None,
+    index: Annotated[str | None, typer.Option(help="Index store URI.")] = None,
+    fallback_index: Annotated[str | None, typer.Option(help="Secondary (generic) index.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI.")] = None,
+    proposals: Annotated[str | None, typer.Option(help="gdino-sam | sam-grid | gt")] = None,
     address: AddressOpt = None,
 ) -> None:
     """Panoptic pseudo-labels for a corpus: proposals -> masked CLIP -> retrieval + CLIP -> merge."""

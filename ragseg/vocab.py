@@ -1,0 +1,355 @@
+"""The user's vocabulary: class names, thing/stuff flags, category ids, and label matching.
+
+Formats :func:`load_vocab` reads (chosen by the file extension, else by the first character):
+
+- CSV: ``name,isthing[,id][,synonyms]``. A first row whose first cell is ``name`` is a header and
+  then names the columns (``name``, ``isthing``, ``id``, ``synonyms``, ``supercategory``; others are
+  ignored); without a header the columns are positional. ``isthing`` accepts 1/0, true/false,
+  yes/no, thing/stuff. ``synonyms`` are separated by ``|``. Blank lines and lines starting with
+  ``#`` are skipped.
+- JSON: a list of ``{"name", "isthing"[, "id"][, "synonyms"][, "supercategory"]}`` or a COCO
+  panoptic categories file (the same list, or a dict with ``"categories"``); ``synonyms`` is a list
+  or a ``|``-separated string.
+
+Ids are the file's ids when every entry has one, else 1..n in file order (mixing is an error).
+
+Label matching (:meth:`Vocab.index_of`) is case-insensitive, treats ``_`` and ``-`` as spaces,
+collapses whitespace, goes through synonyms, and is plural-insensitive on the last word with the
+simple English rules ``-s``, ``-es`` (after s, x, z, ch, sh) and ``-ies -> -y``. An exact (normalised)
+name or synonym always wins over a plural/singular match; a plural/singular form shared by two
+classes matches neither.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ragseg.errors import UserError
+
+_TRUE = {"1", "true", "t", "yes", "y", "thing"}
+_FALSE = {"0", "false", "f", "no", "n", "stuff"}
+_AMBIGUOUS = -1
+
+
+def normalize_label(text: str) -> str:
+    """Lower case, ``_``/``-`` -> space, collapsed whitespace."""
+    return " ".join(re.sub(r"[_\-]+", " ", str(text)).lower().split())
+
+
+def _singulars(norm: str) -> set[str]:
+    """Candidate singular forms of a normalised label (rules applied to its last word)."""
+    head, _, last = norm.rpartition(" ")
+    prefix = head + " " if head else ""
+    out: set[str] = set()
+    if len(last) > 3 and last.endswith("ies"):
+        out.add(last[:-3] + "y")
+    if len(last) > 3 and re.search(r"(s|x|z|ch|sh)es$", last):
+        out.add(last[:-2])
+    if len(last) > 2 and last.endswith("s") and not last.endswith("ss"):
+        out.add(last[:-1])
+    return {prefix + w for w in out}
+
+
+def parse_isthing(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    s = str(value).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ValueError(f"isthing must be 1/0, true/false or thing/stuff, got {value!r}")
+
+
+@dataclass
+class Vocab:
+    """Class names with thing/stuff flags and category ids; index = position in ``names``."""
+
+    names: list[str]
+    isthing: np.ndarray  # (C,) bool
+    ids: list[int]
+    synonyms: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> aliases
+    supercategories: list[str] | None = None
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        self.names = [str(n).strip() for n in self.names]
+        self.isthing = np.asarray(self.isthing, dtype=np.bool_).reshape(-1)
+        self.ids = [int(i) for i in self.ids]
+        where = self.source
+        if not self.names:
+            raise UserError(f"vocabulary {where} is empty")
+        if len(self.isthing) != len(self.names) or len(self.ids) != len(self.names):
+            raise UserError(f"vocabulary {where}: names, isthing and ids differ in length")
+        seen: dict[str, str] = {}
+        for n in self.names:
+            if not n:
+                raise UserError(f"vocabulary {where}: empty class name")
+            key = normalize_label(n)
+            if key in seen:
+                raise UserError(f"vocabulary {where}: duplicate class name {n!r} (same as {seen[key]!r})")
+            seen[key] = n
+        if len(set(self.ids)) != len(self.ids):
+            dup = sorted({i for i in self.ids if self.ids.count(i) > 1})
+            raise UserError(f"vocabulary {where}: duplicate category ids {dup}")
+        if self.supercategories is not None and len(self.supercategories) != len(self.names):
+            raise UserError(f"vocabulary {where}: supercategories differ in length from names")
+        self._build_tables()
+
+    # ------------------------------------------------------------------------------------------
+    def _build_tables(self) -> None:
+        by_name: dict[str, int] = {normalize_label(n): i for i, n in enumerate(self.names)}
+        exact = dict(by_name)
+        syn_norm: dict[str, list[str]] = {}
+        for canon, aliases in (self.synonyms or {}).items():
+            i = by_name.get(normalize_label(canon))
+            if i is None:
+                raise UserError(f"vocabulary {self.source}: synonyms given for unknown class {canon!r}")
+            if isinstance(aliases, str):
+                aliases = [a for a in aliases.split("|")]
+            for a in aliases:
+                key = normalize_label(a)
+                if not key:
+                    continue
+                j = exact.get(key)
+                if j is not None and j != i:
+                    raise UserError(
+                        f"vocabulary {self.source}: synonym {a!r} of {self.names[i]!r} is already "
+                        f"{'the class' if normalize_label(self.names[j]) == key else 'a synonym of'} "
+                        f"{self.names[j]!r}"
+                    )
+                exact[key] = i
+                syn_norm.setdefault(self.names[i], []).append(a)
+        # keep the synonyms keyed by canonical name (merged across sources)
+        self.synonyms = {k: list(dict.fromkeys(v)) for k, v in syn_norm.items()}
+        derived: dict[str, int] = {}
+        for key, i in exact.items():
+            for form in _singulars(key):
+                if form in exact:
+                    continue
+                prev = derived.get(form)
+                derived[form] = i if prev is None or prev == i else _AMBIGUOUS
+        self._exact = exact
+        self._derived = derived
+        self._cache: dict[str, int | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index_of(self, label: str) -> int | None:
+        """Vocabulary index of a label (case/plural-insensitive, through synonyms), None if no class."""
+        if label is None:
+            return None
+        label = str(label)
+        if label in self._cache:
+            return self._cache[label]
+        key = normalize_label(label)
+        out: int | None = None
+        if key:
+            out = self._exact.get(key)
+            if out is None:
+                for form in sorted(_singulars(key)):
+                    if form in self._exact:
+                        out = self._exact[form]
+                        break
+            if out is None:
+                hit = self._derived.get(key)
+                if hit is None:
+                    for form in sorted(_singulars(key)):
+                        if form in self._derived:
+                            hit = self._derived[form]
+                            break
+                out = None if hit is None or hit == _AMBIGUOUS else hit
+        if len(self._cache) < 100_000:
+            self._cache[label] = out
+        return out
+
+    def indices_of(self, labels) -> np.ndarray:
+        """Vectorised :meth:`index_of` over any array of labels; -1 where a label maps to no class."""
+        arr = np.asarray(labels, dtype=object)
+        if arr.size == 0:
+            return np.zeros(arr.shape, dtype=np.int64)
+        uniq, inv = np.unique(arr.astype(str), return_inverse=True)
+        table = np.array([(-1 if (j := self.index_of(u)) is None else j) for u in uniq], dtype=np.int64)
+        return table[inv].reshape(arr.shape)
+
+    def with_synonyms(self, synonyms: dict[str, list[str]] | None) -> Vocab:
+        """A copy with more synonyms (canonical name -> aliases), e.g. ``LabelConfig.synonyms``."""
+        merged: dict[str, list[str]] = {k: list(v) for k, v in self.synonyms.items()}
+        for k, v in (synonyms or {}).items():
+            merged.setdefault(k, []).extend([v] if isinstance(v, str) else list(v))
+        return Vocab(list(self.names), self.isthing.copy(), list(self.ids), merged,
+                     None if self.supercategories is None else list(self.supercategories), self.source)
+
+    def categories(self) -> list[dict]:
+        """COCO panoptic ``categories``: ``{"id", "name", "isthing" (0/1), "supercategory"}``."""
+        out = []
+        for i, n in enumerate(self.names):
+            sup = self.supercategories[i] if self.supercategories else ""
+            out.append({"id": self.ids[i], "name": n, "isthing": int(bool(self.isthing[i])),
+                        "supercategory": sup or ("thing" if self.isthing[i] else "stuff")})
+        return out
+
+    @classmethod
+    def from_names(cls, names: list[str], isthing=None, ids=None, synonyms=None) -> Vocab:
+        isthing = np.ones(len(names), bool) if isthing is None else isthing
+        ids = list(range(1, len(names) + 1)) if ids is None else ids
+        return cls(list(names), isthing, ids, dict(synonyms or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def _split_syn(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [s.strip() for s in value.split("|") if s.strip()]
+    if isinstance(value, (list, tuple)):
+        return [str(s).strip() for s in value if str(s).strip()]
+    raise ValueError(f"synonyms must be a list or a '|'-separated string, got {type(value).__name__}")
+
+
+def _parse_id(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"id must be an integer, got {value!r}")  # noqa: TRY004 (reported as UserError)
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"id must be an integer, got {value!r}") from None
+    if not f.is_integer() or f < 0:
+        raise ValueError(f"id must be a non-negative integer, got {value!r}")
+    return int(f)
+
+
+def _entries_to_vocab(entries: list[dict], where: str, extra_synonyms) -> Vocab:
+    names, things, ids, sups = [], [], [], []
+    synonyms: dict[str, list[str]] = {}
+    have_id = [e["id"] is not None for e in entries]
+    if any(have_id) and not all(have_id):
+        missing = entries[have_id.index(False)]["where"]
+        raise UserError(f"vocabulary {where}: {missing} has no id while other entries do (give all or none)")
+    for e in entries:
+        names.append(e["name"])
+        things.append(e["isthing"])
+        sups.append(e.get("supercategory") or "")
+        if e["synonyms"]:
+            synonyms.setdefault(e["name"], []).extend(e["synonyms"])
+    ids = [e["id"] for e in entries] if entries and all(have_id) else list(range(1, len(entries) + 1))
+    for k, v in (extra_synonyms or {}).items():
+        synonyms.setdefault(k, []).extend([v] if isinstance(v, str) else list(v))
+    return Vocab(names, np.array(things, dtype=np.bool_), ids, synonyms,
+                 sups if any(sups) else None, where)
+
+
+def _read_csv(text: str, where: str) -> list[dict]:
+    rows = [r for r in csv.reader(io.StringIO(text))]
+    entries = []
+    cols = ["name", "isthing", "id", "synonyms"]
+    header = False
+    for lineno, row in enumerate(rows, start=1):
+        cells = [c.strip() for c in row]
+        if not cells or not any(cells) or cells[0].startswith("#"):
+            continue
+        if not entries and not header and cells[0].lower() == "name":
+            cols = [c.lower() for c in cells]
+            header = True
+            if "isthing" not in cols:
+                raise UserError(f"vocabulary {where}: header (line {lineno}) has no 'isthing' column")
+            continue
+        at = f"line {lineno}"
+        if len(cells) > len(cols) and not header:
+            raise UserError(f"vocabulary {where}: {at}: {len(cells)} columns, expected at most 4 "
+                            "(name,isthing[,id][,synonyms]); quote fields that contain commas")
+        if len(cells) < 2:
+            raise UserError(f"vocabulary {where}: {at}: expected name,isthing[,id][,synonyms], got {row!r}")
+        rec = dict(zip(cols, cells))
+        try:
+            name = rec.get("name", "")
+            if not name:
+                raise ValueError("empty name")
+            entries.append({
+                "name": name,
+                "isthing": parse_isthing(rec.get("isthing", "")),
+                "id": _parse_id(rec["id"]) if rec.get("id", "") != "" else None,
+                "synonyms": _split_syn(rec.get("synonyms", "")),
+                "supercategory": rec.get("supercategory", ""),
+                "where": at,
+            })
+        except ValueError as e:
+            raise UserError(f"vocabulary {where}: {at}: {e}") from None
+    return entries
+
+
+def _read_json(data: Any, where: str) -> list[dict]:
+    if isinstance(data, dict):
+        if "categories" not in data:
+            raise UserError(f"vocabulary {where}: a JSON object must have a 'categories' list")
+        data = data["categories"]
+    if not isinstance(data, list):
+        raise UserError(f"vocabulary {where}: expected a JSON list of categories")
+    entries = []
+    for k, item in enumerate(data):
+        at = f"entry {k}"
+        if not isinstance(item, dict):
+            raise UserError(f"vocabulary {where}: {at}: expected an object, got {type(item).__name__}")
+        try:
+            name = str(item.get("name") or "").strip()
+            if not name:
+                raise ValueError("missing or empty 'name'")
+            if "isthing" not in item:
+                raise ValueError(f"{name!r} has no 'isthing'")
+            entries.append({
+                "name": name,
+                "isthing": parse_isthing(item["isthing"]),
+                "id": _parse_id(item["id"]) if item.get("id") is not None else None,
+                "synonyms": _split_syn(item.get("synonyms")),
+                "supercategory": str(item.get("supercategory") or ""),
+                "where": at,
+            })
+        except ValueError as e:
+            raise UserError(f"vocabulary {where}: {at}: {e}") from None
+    return entries
+
+
+def parse_vocab(text: str, where: str = "<text>", synonyms: dict[str, list[str]] | None = None,
+                fmt: str | None = None) -> Vocab:
+    """Parse vocabulary text (``fmt`` "csv" | "json" | None: guess from the first character)."""
+    if fmt is None:
+        fmt = "json" if text.lstrip()[:1] in ("[", "{") else "csv"
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"vocabulary {where} is not valid JSON: {e}") from None
+        entries = _read_json(data, where)
+    else:
+        entries = _read_csv(text, where)
+    if not entries:
+        raise UserError(f"vocabulary {where} is empty")
+    return _entries_to_vocab(entries, where, synonyms)
+
+
+def load_vocab(uri: str, synonyms: dict[str, list[str]] | None = None) -> Vocab:
+    """Load a vocabulary from a CSV or JSON file at any fsspec URI; ``synonyms`` (canonical name ->
+    aliases, e.g. ``LabelConfig.synonyms``) are added to the file's own."""
+    from ragseg.io import read_text
+
+    try:
+        text = read_text(uri)
+    except FileNotFoundError:
+        raise UserError(f"vocabulary file not found: {uri}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"vocabulary {uri} is not UTF-8 text") from None
+    low = uri.lower().split("?", 1)[0]
+    fmt = "json" if low.endswith(".json") else "csv" if low.endswith((".csv", ".txt")) else None
+    return parse_vocab(text, uri, synonyms, fmt)

@@ -1,0 +1,141 @@
+"""label end to end: synthetic DB (train, gt masks) -> index -> label val -> PQ from the written files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from ragseg.config import load_config
+from ragseg.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_cfg_path, ray_local):
+    """A bigger synthetic set than the session one, so that retrieval has enough keys per class."""
+    from ragseg.index.build import build_index
+
+    from ragseg.pipelines.build_db import run_build_db
+    from ragseg.sources.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("label_world")
+    syn = make_synthetic(str(root / "data"), images=40, seed=1, size=96, val_fraction=0.25)
+    db, index = str(root / "db"), str(root / "index")
+    base = [f"source.uri={root / 'data'}", "source.kind=synthetic", "source.split=train"]
+    run_build_db(load_config(tiny_cfg_path, base + [f"build_db.out={db}", "build_db.masks=gt"]))
+    build_index(db, load_config(tiny_cfg_path, [f"index.out={index}", "index.min_recall_at_10=0"]))
+    return {"syn": syn, "data": str(root / "data"), "db": db, "index": index, "root": root}
+
+
+def _label_args(world, out, *extra):
+    return ["label.images.kind=synthetic", f"label.images.uri={world['data']}", "label.images.split=val",
+            f"label.vocab={world['syn']['categories']}", f"label.index={world['index']}", f"label.out={out}",
+            "label.proposals=gt", "label.images_per_shard=3", "ray.images_per_block=3", *extra]
+
+
+def _pq(world, out):
+    from ragseg.eval.pq import evaluate
+
+    val = world["syn"]["splits"]["val"]
+    return evaluate(val["coco_json"], val["coco_dir"], os.path.join(out, "panoptic.json"), os.path.join(out, "panoptic"))
+
+
+def _tree_digest(out):
+    h = {}
+    for sub in ("panoptic", "parts", "segments"):
+        d = os.path.join(out, sub)
+        for f in sorted(os.listdir(d)):
+            if ".tmp-" not in f:
+                data = open(os.path.join(d, f), "rb").read()
+                if f.endswith(".parquet"):
+                    data = json.dumps(pq.read_table(os.path.join(d, f)).to_pylist(), sort_keys=True).encode()
+                h[f"{sub}/{f}"] = hashlib.sha256(data).hexdigest()
+    h["panoptic.json"] = hashlib.sha256(open(os.path.join(out, "panoptic.json"), "rb").read()).hexdigest()
+    return h
+
+
+@pytest.fixture(scope="module")
+def retrieval_run(world, tiny_cfg_path):
+    from ragseg.pipelines.label import run_label
+
+    out = str(world["root"] / "lab_ret")
+    run_label(load_config(tiny_cfg_path, _label_args(world, out, "label.ensemble.scores=retrieval")))
+    return out
+
+
+def test_retrieval_beats_clip_with_random_weights(world, retrieval_run, tiny_cfg_path):
+    from ragseg.pipelines.label import run_label
+
+    ret = _pq(world, retrieval_run)
+    out_clip = str(world["root"] / "lab_clip")
+    run_label(load_config(tiny_cfg_path, _label_args(world, out_clip, "label.ensemble.scores=clip")))
+    clip = _pq(world, out_clip)
+    n_classes = len(world["syn"]["classes"])
+    assert ret["All"]["pq"] >= 60.0, ret["All"]
+    # CLIP text side of a random-weight model carries no signal: near chance (1 / n_classes)
+    assert clip["All"]["pq"] <= 100.0 * 3 / n_classes + 10.0, clip["All"]
+    assert ret["All"]["pq"] > clip["All"]["pq"] + 30.0
+
+
+def test_outputs_schema_and_cli_eval(world, retrieval_run):
+    doc = json.load(open(os.path.join(retrieval_run, "panoptic.json")))
+    assert {c["name"] for c in doc["categories"]} == set(world["syn"]["classes"])
+    assert len(doc["annotations"]) == world["syn"]["splits"]["val"]["count"]
+    seg = pq.read_table(os.path.join(retrieval_run, "segments"))
+    assert {"s_ret", "s_clip", "s_iv", "score", "mask_rle", "box", "area", "category_id"} <= set(seg.column_names)
+    assert seg.num_rows == sum(len(a["segments_info"]) for a in doc["annotations"])
+    assert all(v is None for v in seg["s_iv"].to_pylist())
+    val = world["syn"]["splits"]["val"]
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ragseg"), "eval",
+                          "--gt-json", val["coco_json"], "--gt-dir", val["coco_dir"],
+                          "--pred-json", os.path.join(retrieval_run, "panoptic.json"),
+                          "--pred-dir", os.path.join(retrieval_run, "panoptic")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "PQ" in res.stdout
+
+
+def test_rerun_skips_done_and_kill_rerun_identical(world, retrieval_run, tiny_cfg_path):
+    from ragseg.pipelines.label import run_label
+
+    ref = _tree_digest(retrieval_run)
+    s = run_label(load_config(tiny_cfg_path, _label_args(world, retrieval_run, "label.ensemble.scores=retrieval")))
+    assert s["images"] == 0 and _tree_digest(retrieval_run) == ref
+
+    out = str(world["root"] / "lab_kill")
+    args = _label_args(world, out, "label.ensemble.scores=retrieval")
+    script = ("import sys\nfrom ragseg.config import load_config\nfrom ragseg.pipelines.label import run_label\n"
+              "run_label(load_config(sys.argv[1], sys.argv[2:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, tiny_cfg_path, *args, "ray.num_cpus=1"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = os.path.join(out, "manifest.json")
+    deadline, killed = time.time() + 240, False
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(manifest) and json.load(open(manifest))["shards"]:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert killed
+    run_label(load_config(tiny_cfg_path, args))
+    got = _tree_digest(out)
+    assert got.keys() == ref.keys()
+    assert got == ref
+
+
+def test_query_index_model_mismatch_refused(world, tiny_cfg_path, tmp_path):
+    from ragseg.pipelines.label import run_label
+
+    cfg = load_config(tiny_cfg_path, _label_args(world, str(tmp_path / "x"), "models.clip.mode=crop"))
+    with pytest.raises(UserError, match="same CLIP model and mode"):
+        run_label(cfg)
+    assert not os.path.exists(tmp_path / "x")

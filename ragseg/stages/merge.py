@@ -1,0 +1,96 @@
+"""PanopticMerge stage: classified proposals -> COCO panoptic PNG pixels + ``segments_info`` JSON.
+
+In per image: ``image`` (for H, W; ``height``/``width`` columns are used when ``image`` is absent),
+``seg_masks_rle``, ``seg_class``, ``seg_score`` and optionally ``s_ret``, ``s_clip``, ``s_iv``.
+Out: ``panoptic_png`` (H x W x 3 uint8, object column; ``id = R + 256 G + 256^2 B``) and
+``segments_info`` (JSON string: list of ``{"id", "category_id", "area", "bbox" [x, y, w, h],
+"iscrowd": 0, "score", "s_ret", "s_clip", "s_iv", "mask_rle"}``; ``category_id`` is
+``vocab.ids[class]``, ``mask_rle`` is the COCO RLE of the segment's visible pixels, per-source scores
+are those of the segment's highest-scored proposal and ``null`` when absent). Rules of the merge:
+:func:`ragseg.panoptic.panoptic_merge` with ``label.merge`` settings. Errored rows pass through with
+an empty PNG (0 x 0 x 3) and ``"[]"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from ragseg.config import JobConfig
+from ragseg.errors import error_text
+from ragseg.masks import decode_rle, encode_rle
+from ragseg.panoptic import panoptic_merge, to_png_rgb
+from ragseg.vocab import Vocab
+
+STAGE = "merge"
+
+
+def _num(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+class PanopticMerge:
+    def __init__(self, cfg: JobConfig, vocab: Vocab):
+        self.mc = cfg.label.merge
+        self.vocab = vocab
+
+    def _image_hw(self, batch: dict, i: int) -> tuple[int, int]:
+        if "image" in batch and batch["image"][i] is not None and np.size(batch["image"][i]) > 0:
+            shape = np.shape(batch["image"][i])
+            return int(shape[0]), int(shape[1])
+        if "height" in batch and "width" in batch:
+            return int(batch["height"][i]), int(batch["width"][i])
+        raise ValueError("no image or height/width to size the panoptic map")
+
+    def merge_one(self, hw: tuple[int, int], rles, classes, scores, extras: dict) -> tuple[np.ndarray, str]:
+        classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        masks = [decode_rle(r) for r in rles]
+        if len(masks) != len(classes) or len(scores) != len(classes):
+            raise ValueError(f"{len(masks)} masks, {len(classes)} classes, {len(scores)} scores")
+        id_map, segments = panoptic_merge(masks, scores, classes, self.vocab.isthing,
+                                          self.mc.score_threshold, self.mc.overlap_threshold,
+                                          self.mc.min_area, image_hw=hw)
+        infos = []
+        for seg in segments:
+            top = seg["proposals"][0]
+            info = {"id": int(seg["id"]), "category_id": int(self.vocab.ids[seg["class_idx"]]),
+                    "area": int(seg["area"]), "bbox": [int(v) for v in seg["bbox"]], "iscrowd": 0,
+                    "score": _num(seg["score"])}
+            for k in ("s_ret", "s_clip", "s_iv"):
+                col = extras.get(k)
+                info[k] = _num(col[top]) if col is not None and len(col) > top else None
+            info["mask_rle"] = encode_rle(id_map == seg["id"])
+            infos.append(info)
+        return to_png_rgb(id_map), json.dumps(infos)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["error"])
+        errors = np.asarray(batch["error"], dtype=object).copy()
+        pngs = np.empty(n, dtype=object)
+        infos = np.empty(n, dtype=object)
+        for i in range(n):
+            pngs[i] = np.zeros((0, 0, 3), np.uint8)
+            infos[i] = "[]"
+            if errors[i]:
+                continue
+            try:
+                extras = {k: np.asarray(batch[k][i]).reshape(-1) for k in ("s_ret", "s_clip", "s_iv")
+                          if k in batch and batch[k][i] is not None}
+                pngs[i], infos[i] = self.merge_one(self._image_hw(batch, i), list(batch["seg_masks_rle"][i]),
+                                                   batch["seg_class"][i], batch["seg_score"][i], extras)
+            except Exception as e:  # noqa: BLE001 - one bad row never stops the job
+                errors[i] = error_text(STAGE, e)
+                pngs[i] = np.zeros((0, 0, 3), np.uint8)
+                infos[i] = "[]"
+        out = dict(batch)
+        out["panoptic_png"] = pngs
+        out["segments_info"] = infos
+        out["error"] = errors
+        return out

@@ -218,3 +218,61 @@ def test_classify_iv_logits_and_retrieval_only_without_support(vocab):
     out = stage({"embeddings": _obj(np.array([[1, 0, 0]], np.float16)), "error": np.array([""], dtype=object)})
     assert out["seg_class"][0].tolist() == [-1] and out["seg_score"][0].tolist() == [0.0]
     assert np.isnan(out["s_clip"][0]).all()
+
+
+def _tiny_store(root, keys, labels) -> str:
+    """A one-version index store in the documented layout (CURRENT, meta.json, labels.parquet and a
+    flat inner-product faiss index), read back through the real ``Index.open``."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = root / "v0001"
+    d.mkdir(parents=True)
+    flat = faiss.IndexFlatIP(keys.shape[1])
+    flat.add(np.ascontiguousarray(keys, np.float32))
+    faiss.write_index(flat, str(d / "populated.index"))
+    pq.write_table(pa.table({"id": np.arange(len(labels)), "label": labels,
+                             "image_id": [f"img{i}" for i in range(len(labels))],
+                             "segment_id": np.arange(1, len(labels) + 1)}), str(d / "labels.parquet"))
+    (d / "meta.json").write_text(json.dumps({"count": len(labels), "dim": int(keys.shape[1]), "nlist": 0,
+                                             "nprobe": 1, "factory": "Flat", "metric": "ip"}))
+    (root / "CURRENT").write_text("v0001")
+    return str(root)
+
+
+def test_classify_on_real_index_and_tiny_clip(tmp_path, tiny_cfg, vocab):
+    pytest.importorskip("ragseg.index.store")
+    pytest.importorskip("ragseg.models.clip")
+    from ragseg.models.clip import TextEmbedder
+    from ragseg.scoring import clip_scores, retrieval_scores
+    from ragseg.stages.classify import Classify
+
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(5, 64)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    labels = ["cat", "cats", "dog", "sky", "horse"]
+    uri = _tiny_store(tmp_path / "index", keys, labels)
+    ens = tiny_cfg.label.ensemble
+    ens.k, ens.gamma, ens.retrieval_temperature = 3, 0.5, 0.05
+    stage = Classify(tiny_cfg, vocab, uri)
+    q = keys[[2, 0, 3]].astype(np.float16)
+    out = stage({"embeddings": _obj(q), "error": np.array([""], dtype=object)})
+    assert out["error"][0] == ""
+
+    # the same numbers by hand: brute-force neighbours, votes, text softmax, arithmetic ensemble
+    qf = q.astype(np.float32)
+    sims = qf @ keys.T
+    order = np.argsort(-sims, axis=1)[:, :3]
+    s_ret, _ = retrieval_scores(np.take_along_axis(sims, order, 1), np.array(labels, object)[order], vocab, 0.05)
+    s_clip = clip_scores(qf, TextEmbedder(tiny_cfg.models).encode(vocab.names), ens.clip_temperature)
+    final = 0.5 * s_ret + 0.5 * s_clip
+    np.testing.assert_array_equal(out["seg_class"][0], final.argmax(1))
+    np.testing.assert_allclose(out["seg_score"][0], final.max(1), rtol=1e-4)
+    best = final.argmax(1)
+    np.testing.assert_allclose(out["s_ret"][0], s_ret[np.arange(3), best], rtol=1e-4)
+    np.testing.assert_allclose(out["s_clip"][0], s_clip[np.arange(3), best], rtol=1e-4)
+    # retrieval alone finds the query's own key's class
+    ens.scores = "retrieval"
+    out = Classify(tiny_cfg, vocab, uri)({"embeddings": _obj(q), "error": np.array([""], dtype=object)})
+    assert out["seg_class"][0].tolist() == [1, 0, 2]

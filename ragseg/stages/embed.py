@@ -1,0 +1,209 @@
+"""Embed: masked-CLIP features of every segment of an image (Ray Data callable).
+
+In: ``image`` (HxWx3 uint8, object column), ``seg_masks_rle`` (per image a list of COCO RLE JSON
+strings), ``error``. Out: ``embeddings`` per image, an (n, dim) float16 array of L2-normalised rows in
+the order of ``seg_masks_rle`` ((0, dim) for an image without masks or an errored row).
+
+``models.clip.mode`` picks the feature (see :mod:`ragseg.models.clip` for the exact maths):
+``pool`` = FC-CLIP mask pooling over the dense map of a CLIP ConvNeXt, one trunk pass per image;
+``crop`` = ``encode_image`` on each masked, padded crop. A database and its queries must use the same
+mode and model (``model_id`` and ``mode`` are recorded in the DB manifest by the pipeline).
+
+A row fails alone (``error`` = ``"embed: <Type>: <msg>"``): an undecodable RLE, a mask whose size
+differs from the image, or an empty mask. When a batched forward pass fails, the rows are retried one by
+one so only the guilty row is marked.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ragseg.config import JobConfig
+from ragseg.errors import UserError, error_text
+
+log = logging.getLogger(__name__)
+
+STAGE = "embed"
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        return list(value.tolist()) if value.dtype != object else list(value)
+    return list(value)
+
+
+def decode_masks(rles: list, hw: tuple[int, int]) -> np.ndarray:
+    """A row's RLE strings -> (n, H, W) bool; every mask must have the image's size and be non-empty."""
+    from ragseg.masks import decode_rle
+
+    h, w = hw
+    out = np.zeros((len(rles), h, w), bool)
+    for i, r in enumerate(rles):
+        m = decode_rle(r)
+        if m.shape != (h, w):
+            raise ValueError(f"mask {i} has size {m.shape[0]}x{m.shape[1]}, image is {h}x{w}")
+        if not m.any():
+            raise ValueError(f"mask {i} of {len(rles)} is empty")
+        out[i] = m
+    return out
+
+
+class Embed:
+    """Ray Data callable: loads the CLIP model once (``__init__``), maps batches (``__call__``)."""
+
+    def __init__(self, cfg: JobConfig, bundle=None):
+        from ragseg.models.clip import has_dense_trunk, load_clip
+
+        self.cfg = cfg
+        self.ccfg = cfg.models.clip
+        self.mode = self.ccfg.mode
+        self.bundle = bundle or load_clip(cfg.models)
+        self.dim = self.bundle.dim
+        self.model_id = self.bundle.model_id
+        self.device = self.bundle.device
+        if self.mode == "pool" and not has_dense_trunk(self.bundle.visual):
+            raise UserError(
+                f"models.clip.mode=pool needs a CLIP with a dense convolutional trunk (open_clip timm "
+                f"ConvNeXt, e.g. convnext_large_d_320); {self.model_id} has none (ViT?). "
+                f"Set models.clip.mode=crop for this model"
+            )
+
+    # --------------------------------------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        n = len(images)
+        errors = [str(e) for e in batch["error"]] if "error" in batch else [""] * n
+        rles = batch.get("seg_masks_rle")
+        out: list[np.ndarray] = [np.zeros((0, self.dim), np.float16) for _ in range(n)]
+
+        # per-row preparation: anything that goes wrong here is that row's fault
+        prepared: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for i in range(n):
+            if errors[i]:
+                continue
+            try:
+                img = np.asarray(images[i])
+                if img.dtype == object:  # a column built from equal-shape images nests one level deeper
+                    img = np.asarray(img.tolist(), dtype=np.uint8)
+                if img.ndim not in (2, 3):
+                    raise ValueError(f"image must be HxWx3, got shape {img.shape}")
+                masks = decode_masks(_as_list(rles[i] if rles is not None else None), img.shape[:2])
+                if len(masks):
+                    prepared[i] = (img, masks)
+            except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
+                errors[i] = error_text(STAGE, e)
+
+        if prepared:
+            try:
+                out_rows = self.embed_rows(list(prepared.values()))
+                for i, emb in zip(prepared, out_rows, strict=True):
+                    out[i] = emb
+            except Exception as batch_exc:  # noqa: BLE001
+                if len(prepared) == 1:
+                    errors[next(iter(prepared))] = error_text(STAGE, batch_exc)
+                else:
+                    log.warning("embed: batched pass failed (%s); retrying row by row", batch_exc)
+                    for i, row in prepared.items():
+                        try:
+                            out[i] = self.embed_rows([row])[0]
+                        except Exception as e:  # noqa: BLE001
+                            errors[i] = error_text(STAGE, e)
+
+        res = dict(batch)
+        emb_col = np.empty(n, dtype=object)
+        for i in range(n):
+            emb_col[i] = out[i] if not errors[i] else np.zeros((0, self.dim), np.float16)
+        res["embeddings"] = emb_col
+        res["error"] = np.array(errors, dtype=object)
+        return res
+
+    # --------------------------------------------------------------------------------------------
+    def embed_rows(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """(image, (n, H, W) bool masks) per row -> (n, dim) float16 L2-normalised per row."""
+        import torch
+
+        from ragseg.runtime import autocast
+
+        with torch.inference_mode(), autocast(self.device, self.cfg.models.device):
+            feats = self._pool(rows) if self.mode == "pool" else self._crop(rows)
+        outs = []
+        for f in feats:
+            f = torch.nn.functional.normalize(f.float(), dim=-1)
+            outs.append(f.cpu().numpy().astype(np.float16))
+        return outs
+
+    def _crop(self, rows):
+        import torch
+
+        from ragseg.models.clip import crop_batch, image_tensor, mask_boxes
+
+        b, bs = self.bundle, self.ccfg.batch_size
+        work = []  # (row, image tensor, mask tensor, box) in order
+        tensors = []
+        for r, (img, masks) in enumerate(rows):
+            x = image_tensor(img, b)
+            m = torch.from_numpy(masks).to(self.device)
+            tensors.append((x, m))
+            for j, box in enumerate(mask_boxes(masks)):
+                work.append((r, j, box))
+        feats: list[list] = [[] for _ in rows]
+        for s in range(0, len(work), bs):
+            chunk = work[s:s + bs]
+            inputs = torch.cat([
+                crop_batch(tensors[r][0], tensors[r][1][j:j + 1], box[None], self.ccfg.context_pad,
+                           b.image_size, b.interpolation)
+                for r, j, box in chunk
+            ])
+            emb = b.model.encode_image(inputs).float()
+            for (r, _, _), e in zip(chunk, emb, strict=True):
+                feats[r].append(e)
+        return [torch.stack(f) for f in feats]
+
+    def _pool(self, rows):
+        import torch
+
+        from ragseg.models.clip import (
+            dense_features,
+            image_tensor,
+            mask_cell_weights,
+            mask_pool,
+            pool_input_shape,
+            pooled_to_embedding,
+            resize,
+            trunk_stride,
+        )
+
+        b, bs = self.bundle, self.ccfg.batch_size
+        visual = b.visual
+        side = self.ccfg.pool_image_size or max(b.image_size)
+        stride = trunk_stride(visual)
+        shapes = [pool_input_shape(img.shape[:2], side, stride) for img, _ in rows]
+        dense: list = [None] * len(rows)
+        # one trunk pass per image, images of the same input shape batched together
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for r, s in enumerate(shapes):
+            by_shape.setdefault(s, []).append(r)
+        for shape, idx in by_shape.items():
+            for s in range(0, len(idx), bs):
+                part = idx[s:s + bs]
+                x = torch.stack([resize(image_tensor(rows[r][0], b)[None], shape, b.interpolation)[0]
+                                 for r in part])
+                d = dense_features(visual, x).float()
+                for r, dr in zip(part, d, strict=True):
+                    dense[r] = dr
+        out = []
+        for r, (_, masks) in enumerate(rows):
+            grid = tuple(dense[r].shape[-2:])
+            pooled = []
+            for s in range(0, len(masks), bs):
+                m = torch.from_numpy(masks[s:s + bs]).to(self.device)
+                pooled.append(mask_pool(dense[r], mask_cell_weights(m, grid)))
+            pooled = torch.cat(pooled)
+            out.append(torch.cat([pooled_to_embedding(visual, pooled[s:s + bs]).float()
+                                  for s in range(0, len(pooled), bs)]))
+        return out

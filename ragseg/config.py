@@ -58,6 +58,14 @@ class SourceConfig(Strict):
     # coco_panoptic / ade20k_panoptic: explicit annotation json and png dir (defaults per layout)
     annotations: str | None = None
     masks_dir: str | None = None
+    # every kind with ground truth: image folder (defaults per layout)
+    images_dir: str | None = None
+    # ade20k (semantic): class list (default <uri>/objectInfo150.csv); optional COCO categories JSON
+    # (or list of {"name", "isthing"}) giving isthing per class name where the layout has none
+    class_list: str | None = None
+    categories: str | None = None
+    # ground truth: keep crowd segments (COCO iscrowd=1) instead of skipping them
+    include_crowd: bool = False
     # openimages: explicit CSV locations (defaults: the V7 file names under uri)
     class_descriptions: str | None = None
     image_labels: str | None = None

@@ -1,0 +1,192 @@
+"""Image sources: readers that turn a data set on any fsspec URI into image rows.
+
+``list_rows(cfg)`` runs on the driver (no pixel decode) and returns rows in a stable order with
+``limit`` and ``shard`` applied; ``read_source(cfg)`` wraps them in a Ray Dataset. Row columns
+(docs/interfaces.md): ``image_id``, ``uri``, ``source``, ``labels``, ``gt_format``, ``gt_png_uri``,
+``gt_segments`` (JSON list of ``{"id", "label", "isthing", "iscrowd", "mask_uri"}``).
+
+Kinds (``SourceConfig.kind``):
+
+- ``folder``: every jpg/jpeg/png/webp under ``uri`` matching ``pattern``; no ground truth.
+- ``coco_panoptic``: ``<uri>/annotations/panoptic_<split>.json``, PNGs in
+  ``<uri>/annotations/panoptic_<split>/``, images in ``<uri>/<split>/`` (COCO 2017 layout).
+- ``ade20k``: the ADEChallengeData2016 semantic layout (class-index PNGs + objectInfo150.csv).
+- ``ade20k_panoptic``: the layout written by Mask2Former's ``prepare_ade20k_pan_seg.py``.
+- ``openimages``: Open Images V7 CSVs (class descriptions, human image-level labels, boxes,
+  segmentations with mask PNGs, optional image list).
+- ``synthetic``: the COCO layout of a set made by :func:`ragseg.sources.synthetic.make_synthetic`.
+
+Bad items (a malformed CSV line or JSON entry, a segment whose PNG is missing) are appended to
+``errors`` as ``{"uri", "image_id", "stage": "source", "error"}`` and skipped; the rest is intact. A
+missing required file raises :class:`ragseg.errors.UserError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from typing import TYPE_CHECKING, Any
+
+from ragseg.config import RayConfig, SourceConfig
+from ragseg.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+ROW_COLUMNS = ["image_id", "uri", "source", "labels", "gt_format", "gt_png_uri", "gt_segments"]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the readers
+# ----------------------------------------------------------------------------------------------
+def make_row(image_id: str, uri: str, source: str, labels: list[str] | None = None, gt_format: str = "",
+             gt_png_uri: str = "", gt_segments: list[dict] | None = None) -> dict[str, Any]:
+    segs = [
+        {"id": int(s["id"]), "label": str(s["label"]), "isthing": bool(s["isthing"]),
+         "iscrowd": bool(s.get("iscrowd", False)), "mask_uri": s.get("mask_uri")}
+        for s in (gt_segments or [])
+    ]
+    return {
+        "image_id": str(image_id),
+        "uri": uri,
+        "source": source,
+        "labels": [str(x) for x in (labels or [])],
+        "gt_format": gt_format,
+        "gt_png_uri": gt_png_uri,
+        "gt_segments": json.dumps(segs),
+    }
+
+
+def add_error(errors: list[dict] | None, uri: str, image_id: str, message: str) -> None:
+    if errors is not None:
+        errors.append({"uri": str(uri), "image_id": str(image_id), "stage": "source", "error": message})
+
+
+def unsafe_relpath(rel: str) -> bool:
+    """True when a relative file name from an annotation file could escape its directory."""
+    rel = str(rel).replace("\\", "/")
+    if not rel or rel.startswith("/") or "://" in rel:
+        return True
+    return any(p == ".." for p in rel.split("/"))
+
+
+def stem(rel: str) -> str:
+    """File name relative path without its extension: the image id of a file."""
+    root, _ = posixpath.splitext(str(rel).replace("\\", "/"))
+    return root
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    if not shard:
+        return 0, 1
+    i, n = (int(p) for p in shard.split("/"))
+    return i, n
+
+
+def select(rows: list[dict], cfg: SourceConfig) -> list[dict]:
+    """Sort by image id, then keep the first ``limit`` rows, then every n-th row of shard ``i/n``.
+
+    ``limit`` is applied before ``shard``, so the shards of one limited source partition it.
+    """
+    rows = sorted(rows, key=lambda r: r["image_id"])
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    i, n = parse_shard(cfg.shard)
+    if n > 1:
+        rows = [r for k, r in enumerate(rows) if k % n == i]
+    return rows
+
+
+def require(uri: str, what: str) -> str:
+    """Raise UserError when a required file is missing."""
+    from ragseg.io import exists
+
+    try:
+        ok = exists(uri)
+    except Exception as e:  # noqa: BLE001 - an unreachable store is a user problem too
+        raise UserError(f"{what} cannot be read: {uri} ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise UserError(f"{what} not found: {uri}")
+    return uri
+
+
+def first_existing(candidates: list[str]) -> str | None:
+    from ragseg.io import exists
+
+    for c in candidates:
+        try:
+            if exists(c):
+                return c
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def list_names(dir_uri: str) -> set[str] | None:
+    """Relative paths of every file under a directory, or None when the store cannot list it (then
+    existence is not checked here and a missing file shows up as an error row later)."""
+    from ragseg.io import fs_and_path
+
+    try:
+        fs, path = fs_and_path(dir_uri)
+        found = fs.find(path)
+    except Exception:  # noqa: BLE001
+        return None
+    if not found:
+        return None
+    base = path.rstrip("/") + "/"
+    out = set()
+    for p in found:
+        p = str(p)
+        if p.startswith(base):
+            out.add(p[len(base):])
+        else:  # e.g. http returns full URLs
+            out.add(p.rsplit("/", 1)[-1])
+    return out
+
+
+def read_json_required(uri: str, what: str) -> Any:
+    from ragseg.io import read_json
+
+    require(uri, what)
+    try:
+        return read_json(uri)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} is not valid JSON: {uri} ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]:
+    """Image rows of a source (driver side, no pixel decode), stable order, limit/shard applied."""
+    kind = cfg.kind
+    if kind == "folder":
+        from ragseg.sources.folder import list_rows as f
+    elif kind in ("coco_panoptic", "synthetic"):
+        from ragseg.sources.coco_panoptic import list_rows as f
+    elif kind == "ade20k":
+        from ragseg.sources.ade20k import list_rows as f
+    elif kind == "ade20k_panoptic":
+        from ragseg.sources.ade20k import list_panoptic_rows as f
+    elif kind == "openimages":
+        from ragseg.sources.openimages import list_rows as f
+    else:  # pragma: no cover - the config's Literal rejects this earlier
+        raise UserError(f"unknown source kind {kind!r}")
+    return f(cfg, errors)
+
+
+def read_source(cfg: SourceConfig, errors: list[dict] | None = None,
+                images_per_block: int | None = None) -> "ray.data.Dataset":
+    """A Ray Dataset over the source's rows (plus ``error`` = ""), about ``images_per_block`` rows per
+    block (default: ``RayConfig.images_per_block``) so that decode and later stages spread evenly."""
+    import ray.data
+
+    rows = list_rows(cfg, errors)
+    per_block = images_per_block or RayConfig().images_per_block
+    items = [{**r, "error": ""} for r in rows]
+    if not items:
+        raise UserError(f"source {cfg.kind} at {cfg.uri} (split {cfg.split!r}) yielded no images")
+    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_block)))

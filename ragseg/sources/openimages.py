@@ -1,0 +1,216 @@
+"""Open Images V7 source. ``cfg.uri`` is the folder holding the CSVs; each file has a config field
+that overrides its default location (the first existing of the names below, ``<split>`` =
+``cfg.split``)::
+
+    class_descriptions  oidv7-class-descriptions.csv | oidv7-class-descriptions-boxable.csv |
+                        class-descriptions-boxable.csv            LabelName,DisplayName (header optional)
+    image_labels        oidv7-<split>-annotations-human-imagelabels.csv |
+                        <split>-annotations-human-imagelabels(-boxable).csv
+                                                                  ImageID,Source,LabelName,Confidence
+    boxes               oidv7-<split>-annotations-bbox.csv | oidv6-<split>-annotations-bbox.csv |
+                        <split>-annotations-bbox.csv              ImageID,Source,LabelName,Confidence,XMin,...
+    segmentations       <split>-annotations-object-segmentation.csv |
+                        oidv7-<split>-annotations-object-segmentation.csv
+                                                                  MaskPath,ImageID,LabelName,BoxID,...
+    masks_dir           masks/<split>/ | <split>-masks/           mask PNGs, found by MaskPath (also in
+                                                                  sub-folders such as train-masks-0/)
+    image_list          none by default                           ImageID + a path/URL column
+
+Images: with ``cfg.image_list``, its rows are the images and the URI is taken from its first
+``path``/``uri``/``url``/``OriginalURL`` column (relative values are resolved against the CSV's
+folder); without one, the images are those named in the annotation CSVs and live at
+``<images_dir or uri/images/<split>>/<ImageID>.jpg``.
+
+``labels`` = display names of the human-verified positive image-level labels (Confidence 1) and of the
+boxes' labels. Ground truth is ``instance_masks``: one segment per segmentation row (``isthing``
+true: Open Images masks are thing-centric), ``mask_uri`` the mask PNG (resized to the image when the
+sizes differ, see :mod:`ragseg.sources.gt`). A malformed CSV line, an unknown MID or a missing mask
+PNG is reported in ``errors`` and only that line is skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import posixpath
+from collections.abc import Iterator
+
+import fsspec
+
+from ragseg.config import SourceConfig
+from ragseg.errors import UserError
+from ragseg.io import join
+from ragseg.sources import add_error, first_existing, list_names, make_row, require, select
+
+URI_COLUMNS = ("path", "uri", "url", "imagepath", "filepath", "file_name", "originalurl")
+LONG = {"val": "validation"}
+
+
+def _split_names(split: str) -> list[str]:
+    names = [split]
+    if split in LONG:
+        names.append(LONG[split])
+    if split == "validation":
+        names.append("val")
+    return names
+
+
+def _rows(uri: str, errors: list[dict] | None, required: tuple[str, ...],
+          header_optional: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
+    """Stream a CSV as dicts; lines with the wrong number of cells are reported and skipped."""
+    try:
+        f = fsspec.open(uri, "rt", encoding="utf-8", newline="").open()
+    except FileNotFoundError:
+        raise UserError(f"Open Images file not found: {uri}") from None
+    with f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        if header_optional and header and header[0] != required[0]:
+            # headerless file (e.g. class-descriptions-boxable.csv): the first line is data
+            yield 1, dict(zip(required, header))
+            header = list(required)
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise UserError(f"{uri}: missing columns {missing} (has {header})")
+        id_col = header.index("ImageID") if "ImageID" in header else None
+        for n, cells in enumerate(reader, start=2):
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                image_id = cells[id_col] if id_col is not None and id_col < len(cells) else ""
+                add_error(errors, f"{uri}:{n}", image_id,
+                          f"bad CSV line {n} of {uri}: {len(cells)} cells, expected {len(header)}")
+                continue
+            yield n, dict(zip(header, cells))
+
+
+def _bad_id(image_id: str) -> bool:
+    return not image_id or "/" in image_id or "\\" in image_id or ".." in image_id
+
+
+def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]:
+    root = join(cfg.uri)
+    splits = _split_names(cfg.split)
+
+    def pick(explicit: str | None, names: list[str], what: str, required: bool = False) -> str | None:
+        if explicit:
+            return require(explicit, what)
+        found = first_existing([join(root, n) for n in names])
+        if found is None and required:
+            raise UserError(f"{what} not found under {root} (tried {names})")
+        return found
+
+    desc_uri = pick(cfg.class_descriptions, ["oidv7-class-descriptions.csv", "oidv7-class-descriptions-boxable.csv",
+                                             "class-descriptions-boxable.csv", "class-descriptions.csv"],
+                    "Open Images class descriptions", required=True)
+    labels_uri = pick(cfg.image_labels, [n for s in splits for n in (
+        f"oidv7-{s}-annotations-human-imagelabels.csv", f"{s}-annotations-human-imagelabels-boxable.csv",
+        f"{s}-annotations-human-imagelabels.csv")], "Open Images image labels")
+    boxes_uri = pick(cfg.boxes, [n for s in splits for n in (
+        f"oidv7-{s}-annotations-bbox.csv", f"oidv6-{s}-annotations-bbox.csv", f"{s}-annotations-bbox.csv")],
+        "Open Images boxes")
+    segs_uri = pick(cfg.segmentations, [n for s in splits for n in (
+        f"{s}-annotations-object-segmentation.csv", f"oidv7-{s}-annotations-object-segmentation.csv")],
+        "Open Images segmentations")
+    if cfg.image_list:
+        require(cfg.image_list, "Open Images image list")
+    if not (labels_uri or boxes_uri or segs_uri or cfg.image_list):
+        raise UserError(f"no Open Images annotation CSV for split {cfg.split!r} under {root}")
+
+    names: dict[str, str] = {}
+    assert desc_uri is not None
+    for n, rec in _rows(desc_uri, errors, ("LabelName", "DisplayName"), header_optional=True):
+        if not rec["LabelName"].strip() or not rec["DisplayName"].strip():
+            add_error(errors, f"{desc_uri}:{n}", "", f"bad CSV line {n} of {desc_uri}: empty MID or name")
+            continue
+        names[rec["LabelName"].strip()] = rec["DisplayName"].strip()
+
+    labels: dict[str, set[str]] = {}
+    segs: dict[str, list[dict]] = {}
+    mentioned: set[str] = set()
+
+    def check(uri: str, n: int, rec: dict[str, str]) -> str | None:
+        image_id = rec["ImageID"].strip()
+        if _bad_id(image_id):
+            add_error(errors, f"{uri}:{n}", image_id, f"bad CSV line {n} of {uri}: unusable ImageID {image_id!r}")
+            return None
+        if rec["LabelName"].strip() not in names:
+            add_error(errors, f"{uri}:{n}", image_id, f"bad CSV line {n} of {uri}: unknown MID {rec['LabelName']!r}")
+            return None
+        return image_id
+
+    for uri, cols in ((labels_uri, ("ImageID", "LabelName", "Confidence")),
+                      (boxes_uri, ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"))):
+        if not uri:
+            continue
+        for n, rec in _rows(uri, errors, cols):
+            image_id = check(uri, n, rec)
+            if image_id is None:
+                continue
+            try:
+                conf = float(rec.get("Confidence", "1") or "1")
+                if uri == boxes_uri:
+                    [float(rec[k]) for k in ("XMin", "XMax", "YMin", "YMax")]
+            except ValueError as e:
+                add_error(errors, f"{uri}:{n}", image_id, f"bad CSV line {n} of {uri}: {e}")
+                continue
+            mentioned.add(image_id)
+            if conf >= 1.0:
+                labels.setdefault(image_id, set()).add(names[rec["LabelName"].strip()])
+
+    if segs_uri:
+        masks_dir = cfg.masks_dir or first_existing([join(root, "masks", s) for s in splits]
+                                                    + [join(root, f"{s}-masks") for s in splits]) \
+            or join(root, "masks", cfg.split)
+        listed = list_names(masks_dir)
+        by_base = None if listed is None else {posixpath.basename(p): p for p in listed}
+        for n, rec in _rows(segs_uri, errors, ("MaskPath", "ImageID", "LabelName")):
+            image_id = check(segs_uri, n, rec)
+            if image_id is None:
+                continue
+            mentioned.add(image_id)
+            mask_rel = rec["MaskPath"].strip()
+            if not mask_rel or mask_rel.startswith("/") or ".." in mask_rel.split("/"):
+                add_error(errors, f"{segs_uri}:{n}", image_id, f"bad CSV line {n} of {segs_uri}: MaskPath {mask_rel!r}")
+                continue
+            if by_base is not None:
+                if mask_rel not in listed and posixpath.basename(mask_rel) not in by_base:
+                    add_error(errors, join(masks_dir, mask_rel), image_id,
+                              f"mask PNG not found: {join(masks_dir, mask_rel)} ({segs_uri} line {n})")
+                    continue
+                mask_rel = mask_rel if mask_rel in listed else by_base[posixpath.basename(mask_rel)]
+            lst = segs.setdefault(image_id, [])
+            lst.append({"id": len(lst) + 1, "label": names[rec["LabelName"].strip()], "isthing": True,
+                        "iscrowd": False, "mask_uri": join(masks_dir, mask_rel)})
+
+    images_dir = cfg.images_dir or join(root, "images", cfg.split)
+    uris: dict[str, str] = {}
+    if cfg.image_list:
+        list_dir = cfg.image_list.rsplit("/", 1)[0] if "/" in cfg.image_list else "."
+        col = None
+        for n, rec in _rows(cfg.image_list, errors, ("ImageID",)):
+            if col is None:
+                lower = {k.lower(): k for k in rec}
+                col = next((lower[c] for c in URI_COLUMNS if c in lower), "")
+            image_id = rec["ImageID"].strip()
+            if _bad_id(image_id):
+                add_error(errors, f"{cfg.image_list}:{n}", image_id, f"bad CSV line {n}: unusable ImageID {image_id!r}")
+                continue
+            value = rec.get(col, "").strip() if col else ""
+            if not value:
+                uris[image_id] = join(images_dir, image_id + ".jpg")
+            elif "://" in value or value.startswith("/"):
+                uris[image_id] = value
+            else:
+                uris[image_id] = join(list_dir, value)
+    else:
+        uris = {i: join(images_dir, i + ".jpg") for i in mentioned}
+
+    rows = []
+    for image_id, uri in uris.items():
+        s = segs.get(image_id, [])
+        rows.append(make_row(image_id, uri, "openimages", sorted(labels.get(image_id, ())),
+                             "instance_masks" if s else "", "", s))
+    return select(rows, cfg)

@@ -94,17 +94,11 @@ _TINY_TEXT: dict[str, Any] = {
 # Cache
 # ----------------------------------------------------------------------------------------------
 def cache_root(cfg: WeightsConfig | None = None) -> str:
-    """ragseg's model cache: ``RAGSEG_CACHE``, else ``weights.cache_dir``, else ``~/.cache/ragseg``."""
-    try:  # the weights module owns the rule when it is there
-        from ragseg.models import weights as _weights
+    """ragseg's model cache (:func:`ragseg.models.weights.cache_root`: ``RAGSEG_CACHE``, else
+    ``weights.cache_dir``, else ``~/.cache/ragseg``)."""
+    from ragseg.models.weights import cache_root as _root
 
-        fn = getattr(_weights, "cache_dir", None)
-        if callable(fn):
-            return str(fn(cfg))
-    except ImportError:
-        pass
-    d = os.environ.get("RAGSEG_CACHE") or (cfg.cache_dir if cfg else None) or "~/.cache/ragseg"
-    return os.path.abspath(os.path.expanduser(d))
+    return str(_root(cfg))
 
 
 def _key(*parts: Any) -> str:

@@ -247,13 +247,29 @@ def test_sam_grid(tiny_cfg):
     assert out["error"][1] == "decode: OSError: x" and out["seg_masks_rle"][1] == []
 
 
+def test_stages_under_bf16_autocast(tiny_cfg):
+    """The CUDA precision path (bf16 autocast), exercised on the CPU: no dtype errors anywhere."""
+    from ragseg.stages.detect import Detect
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.models.device.precision = "bf16"
+    images = _images(2)
+    labels = _obj([["cat", "dog"], ["tree"]])
+    out = Detect(cfg)({"image": _obj(images), "labels": labels, "error": np.array(["", ""], dtype=object)})
+    assert list(out["error"]) == ["", ""] and all(b.dtype == np.float32 for b in out["boxes"])
+    out = Segment(cfg)(out)
+    assert list(out["error"]) == ["", ""]
+    assert [len(m) for m in out["seg_masks_rle"]] == [len(b) for b in out["boxes"]]
+    out = SamGrid(cfg)(out)
+    assert list(out["error"]) == ["", ""] and all(len(m) > 0 for m in out["seg_masks_rle"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Ray
 # ----------------------------------------------------------------------------------------------
-def test_detect_segment_grid_on_ray(ray_local, tiny_cfg):
+def test_segment_grid_on_ray(ray_local, tiny_cfg):
+    """Segment then SamGrid as actor pools on a Ray Dataset (Detect on Ray: tests/test_detect.py)."""
     import ray
-
-    from ragseg.stages.detect import Detect
 
     def keep_seg_columns(batch):  # local: pickled by value for the Ray workers
         """Copy Segment's output aside before SamGrid writes the same columns."""
@@ -262,11 +278,11 @@ def test_detect_segment_grid_on_ray(ray_local, tiny_cfg):
         return batch
 
     images = _images(4)
-    items = [{"image_id": f"im{i}", "image": im, "labels": ["cat", "dog"], "error": "" if i != 1 else "decode: x"}
-             for i, im in enumerate(images)]
+    ks = [3, 2, 0, 5]
+    items = [{"image_id": f"im{i}", "image": im, "boxes": _boxes(im, k), "box_labels": [f"c{j}" for j in range(k)],
+              "box_scores": np.full(k, 0.5, np.float32), "error": "" if i != 1 else "decode: x"}
+             for i, (im, k) in enumerate(zip(images, ks))]
     ds = (ray.data.from_items(items)
-          .map_batches(Detect, fn_constructor_args=(tiny_cfg,), batch_size=2,
-                       compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
           .map_batches(Segment, fn_constructor_args=(tiny_cfg,), batch_size=2,
                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
           .map_batches(keep_seg_columns, batch_size=2)
@@ -281,10 +297,10 @@ def test_detect_segment_grid_on_ray(ray_local, tiny_cfg):
             continue
         # Segment: one mask per detector box, labels carried over
         n = len(r["box_labels"])
-        assert n > 0 and len(r["box_seg_masks_rle"]) == n
+        assert len(r["box_seg_masks_rle"]) == n
         assert list(r["box_seg_labels"]) == list(r["box_labels"])
         assert list(r["box_seg_ids"]) == list(range(1, n + 1))
-        assert decode_rle(r["box_seg_masks_rle"][0]).shape == im.shape[:2]
+        assert all(decode_rle(m).shape == im.shape[:2] for m in r["box_seg_masks_rle"])
         # SamGrid: class-agnostic proposals
         assert len(r["seg_masks_rle"]) > 0 and set(r["seg_labels"]) == {""}
         assert decode_rle(r["seg_masks_rle"][0]).shape == im.shape[:2]

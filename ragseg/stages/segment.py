@@ -142,11 +142,23 @@ class _SamStage:
         self.scfg = cfg.models.sam
         self.device = select_device(cfg.models.device)
         self.sam = load_sam(cfg.models).to(self.device)
+        self._autocast_encoder()
 
-    def _autocast(self):
+    def _autocast_encoder(self) -> None:
+        """Run only the image encoder (nearly all of SAM's compute) under the configured autocast and
+        hand its features on as float32: the prompt encoder / mask decoder stay fp32, so the
+        automatic mask generator's numpy conversions never meet bf16 tensors."""
         from ragseg.runtime import autocast
 
-        return autocast(self.device, self.cfg.models.device)
+        enc = self.sam.image_encoder
+        inner = enc.forward
+        device, dcfg = self.device, self.cfg.models.device
+
+        def forward(x):
+            with autocast(device, dcfg):
+                return inner(x).float()
+
+        enc.forward = forward
 
     def segment_row(self, batch: dict, i: int) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -189,7 +201,7 @@ class Segment(_SamStage):
             return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
         p = self.predictor
         masks_out, ious_out = [], []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             p.set_image(image, image_format="RGB")
             try:
                 for s in range(0, len(boxes), self.scfg.boxes_per_batch):
@@ -246,7 +258,7 @@ class SamGrid(_SamStage):
     def proposals(self, image: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
         import torch
 
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             anns = self.generator.generate(image)
         anns = sorted(anns, key=lambda a: -float(a["predicted_iou"]))
         masks = [clean_mask(np.asarray(a["segmentation"], bool), self.scfg.min_region_area) for a in anns]

@@ -61,12 +61,14 @@ def add_stage(ds, factory: Callable[[], Callable], name: str, cfg: JobConfig, *,
                               batch_size=batch_size, num_cpus=1)
     from ragseg.runtime import cluster_gpus
 
+    import ray
+
     num_gpus = cfg.ray.gpus_per_actor if (gpu and cluster_gpus() > 0) else 0
     return ds.map_batches(
         StageActor,
         fn_constructor_kwargs={"factory": factory, "name": name},
         batch_size=batch_size,
-        concurrency=cfg.ray.model_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
         num_cpus=cfg.ray.cpus_per_actor,
         num_gpus=num_gpus,
     )

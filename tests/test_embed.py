@@ -163,6 +163,17 @@ def test_deterministic_and_checkpoint_path(tiny_cfg_path, image, tmp_path):
     assert not np.allclose(e1, e4["embeddings"][0], atol=1e-2)
 
 
+@pytest.mark.parametrize("mode", ["pool", "crop"])
+def test_bf16_autocast_close_to_fp32(tiny_cfg_path, image, mode):
+    masks = [_blob((64, 64), 4), _blob((64, 64), 5)]
+    ref = Embed(_cfg(tiny_cfg_path, f"models.clip.mode={mode}"))(_batch([image], [masks]))["embeddings"][0]
+    e = Embed(_cfg(tiny_cfg_path, f"models.clip.mode={mode}", "models.device.precision=bf16"))
+    emb = e(_batch([image], [masks]))["embeddings"][0].astype(np.float32)
+    assert emb.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
+    assert (emb * ref.astype(np.float32)).sum(1).min() > 0.97
+
+
 def test_error_rows_pass_through(pool_embed, image):
     good = _blob((64, 64), 3)
     batch = _batch([image, image, image, image, image],
@@ -228,7 +239,8 @@ def test_embed_in_ray_data(ray_local, tiny_cfg_path):
     rows = [{"image": rs.randint(0, 256, (48, 64, 3), dtype=np.uint8),
              "seg_masks_rle": [encode_rle(_blob((48, 64), i)) for i in range(i % 3)],
              "error": ""} for i in range(6)]
-    ds = ray.data.from_items(rows).map_batches(Embed, fn_constructor_args=(cfg,), concurrency=1,
+    ds = ray.data.from_items(rows).map_batches(Embed, fn_constructor_args=(cfg,),
+                                               compute=ray.data.ActorPoolStrategy(size=1),
                                                batch_size=4, batch_format="numpy")
     out = ds.take_all()
     assert len(out) == 6

@@ -387,9 +387,12 @@ def mask_cell_weights(masks, grid: tuple[int, int]):
 def mask_pool(dense, weights):
     """Masked average of one image's dense map: ``dense`` (C, gh, gw), ``weights`` (n, gh, gw) ->
     (n, C) float32 = sum_cells(w * f) / sum_cells(w). This is the pre-head pooled feature."""
-    f = dense.float().flatten(1)  # (C, gh*gw)
-    w = weights.float().flatten(1)  # (n, gh*gw)
-    return (w @ f.T) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    import torch
+
+    with torch.autocast(device_type=dense.device.type, enabled=False):  # fp32 even under bf16 autocast
+        f = dense.float().flatten(1)  # (C, gh*gw)
+        w = weights.float().flatten(1)  # (n, gh*gw)
+        return (w @ f.T) / w.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def pooled_to_embedding(visual, pooled):

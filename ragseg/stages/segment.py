@@ -234,7 +234,10 @@ class Segment(_SamStage):
         if len(bscores) != len(boxes):
             bscores = np.ones(len(boxes), np.float32)
         masks, ious = self.masks_for_boxes(image, boxes)
-        return _row(list(masks), labels, (np.clip(ious, 0.0, 1.0) * bscores).tolist())
+        scores = np.clip(ious, 0.0, 1.0) * bscores
+        # a box whose mask came out empty has nothing to embed: drop it (ids stay contiguous)
+        keep = [k for k, m in enumerate(masks) if m.any()]
+        return _row([masks[k] for k in keep], [labels[k] for k in keep], [float(scores[k]) for k in keep])
 
 
 class SamGrid(_SamStage):

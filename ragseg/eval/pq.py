@@ -273,6 +273,10 @@ def _load_categories(gt: Mapping) -> dict[int, dict]:
     return {int(c["id"]): dict(c) for c in cats}
 
 
+def _png_stem(ann: Mapping) -> str:
+    return str(ann.get("file_name", "")).rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
 def _by_image(annotations: Iterable[Mapping], what: str) -> dict[str, Mapping]:
     out: dict[str, Mapping] = {}
     for ann in annotations:
@@ -286,7 +290,7 @@ def _by_image(annotations: Iterable[Mapping], what: str) -> dict[str, Mapping]:
 def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: int = 4) -> dict:
     """PQ / SQ / RQ of a COCO panoptic prediction against COCO panoptic ground truth.
 
-    Images are matched by ``image_id``; each annotation's ``file_name`` names its PNG in ``gt_dir`` /
+    Images are matched by ``image_id``, else by the annotation's PNG file name stem; each annotation's ``file_name`` names its PNG in ``gt_dir`` /
     ``pred_dir`` (a prediction without ``file_name`` uses the gt's). Returns::
 
         {"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"},
@@ -302,10 +306,17 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
     pred_names = {int(c["id"]): str(c.get("name", "")) for c in pred_cats}
     gt_anns = _by_image(gt.get("annotations", []), "ground-truth")
     pred_anns = _by_image(pred.get("annotations", []), "prediction")
+    # a prediction made from the image files (ragseg label: id = file stem) is paired with a gt
+    # that numbers its images (COCO: int ids) through the PNG file name, which both derive from it
+    pred_by_png = {_png_stem(a): a for a in pred_anns.values() if a.get("file_name")}
+
+    def find_pred(key: str) -> Mapping | None:
+        p = pred_anns.get(key)
+        return p if p is not None else pred_by_png.get(_png_stem(gt_anns[key]))
 
     def one(key: str) -> PQStat:
         g = gt_anns[key]
-        p = pred_anns.get(key)
+        p = find_pred(key)
         if p is None:
             return _fn_only(g["segments_info"])
         pred_segs = []
@@ -339,7 +350,8 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
         m = total.class_metrics(cid)
         per_class.append({"id": cid, "name": str(info.get("name", cid)),
                           "isthing": bool(info.get("isthing", 0)), **m})
-    missing = sorted(k for k in gt_anns if k not in pred_anns)
+    missing = sorted(k for k in gt_anns if find_pred(k) is None)
+    gt_stems = {_png_stem(a) for a in gt_anns.values()}
     return {
         "All": total.average(categories, None),
         "Things": total.average(categories, True),
@@ -348,7 +360,8 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
         "images": len(gt_anns),
         "evaluated": len(gt_anns) - len(missing),
         "missing_predictions": missing,
-        "extra_predictions": sorted(k for k in pred_anns if k not in gt_anns),
+        "extra_predictions": sorted(k for k, a in pred_anns.items()
+                                    if k not in gt_anns and _png_stem(a) not in gt_stems),
         "category_remap": {str(k): v for k, v in remap.items() if v >= 0},
     }
 

@@ -202,6 +202,7 @@ class IndexConfig(Strict):
     recall_queries: int = Field(default=200, ge=1)
     min_recall_at_10: float = Field(default=0.5, ge=0.0, le=1.0)
     keep_versions: int = Field(default=3, ge=1)
+    prune_grace_s: float = Field(default=600.0, ge=0)  # never prune a version superseded less than this ago
     drift_ratio: float = Field(default=1.5, gt=1.0)  # retrain when new/old quantisation error > this
     use_gpu: Literal["auto", "on", "off"] = "auto"
     seed: int = 0

@@ -1,0 +1,636 @@
+"""Build and refresh index versions from a feature DB (see store.py for the version layout).
+
+build_index:
+  1. read ``<db>/manifest.json`` and check every listed shard (file exists, is Parquet, row count
+     and embedding dim match the manifest) -> UserError naming the file otherwise;
+  2. choose parameters (params.choose_params) from N, dim and the budget;
+  3. draw the training sample and the recall queries: row positions chosen uniformly over all rows
+     with ``numpy.random.default_rng(cfg.index.seed)``, read by one Ray task per shard;
+  4. train the empty index once (the coarse k-means on faiss GPU when ``faiss.get_num_gpus() > 0``
+     and ``index.use_gpu`` allows; CPU otherwise) and serialise it to ``trained.index``;
+  5. one Ray task per shard: read the shard, add it to a copy of the trained index with global ids
+     (contiguous ranges per shard, in manifest order: ``add_with_ids``), return the serialised shard
+     index, the shard's labels and the shard's exact top-k for the recall queries (IndexFlatIP
+     semantics: brute-force inner product), so the exact ground truth costs no extra pass;
+  6. merge the shards' inverted lists on disk (faiss.contrib.ondisk.merge_ondisk) into
+     ``merged.ivfdata`` + ``populated.index``; write ``labels.parquet``;
+  7. recall@1 / recall@10 of the merged index (at the default nprobe) against the exact top-k. The
+     queries are database vectors; each query's own id is removed from both the exact and the
+     approximate list before comparing (self-matches excluded). recall@1: the top approximate
+     neighbour is the exact nearest; recall@10: |approx top-10 & exact top-10| / 10;
+  8. write ``meta.json`` (last: a version dir is complete when it has meta.json), move the staging
+     dir into place (local: one rename; remote: upload, meta.json last), and only if
+     recall@10 >= ``index.min_recall_at_10`` replace CURRENT atomically, then prune old versions.
+  Anything failing before step 8's publish leaves CURRENT where it was.
+
+refresh_index: adds the shards that the DB manifest lists and the live version's meta lacks (matched
+by shard name; a shard of the live version that disappeared from the DB, or whose row count
+changed, is a UserError: rebuild). Without retraining it copies ``trained.index`` and the old shard
+indexes (hard links on local stores), adds only the new shards (ids continue after the live count)
+and re-merges. Nothing new -> nothing is published and the result says so. Retrain rule (a full
+build with a new training sample, new parameters and new ids):
+  * ``force_retrain``; or
+  * growth: the total count exceeds ``GROWTH_RETRAIN`` (4) x the count the quantizer was trained on
+    (the parameter rule would pick a markedly larger nlist); or
+  * drift: the mean coarse quantisation error (squared L2 distance from a vector, after the OPQ
+    rotation if any, to its nearest IVF centroid) of up to ``DRIFT_SAMPLE`` new vectors exceeds
+    ``index.drift_ratio`` x the same error measured on the training sample at training time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from ragseg import io as rio
+from ragseg.config import JobConfig
+from ragseg.errors import UserError
+from ragseg.index import store as st
+from ragseg.index.params import METRIC, IndexParams, choose_params
+from ragseg.schema import arrow_to_embeddings
+
+log = logging.getLogger(__name__)
+
+GROWTH_RETRAIN = 4.0
+DRIFT_SAMPLE = 5000
+ERROR_SAMPLE = 10000  # training vectors used to measure the reference coarse error
+RECALL_K = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature DB
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DbShard:
+    name: str
+    uri: str
+    rows: int
+    input_key: str = ""
+
+
+@dataclass(frozen=True)
+class FeatureDb:
+    uri: str
+    dim: int
+    embed_model: str
+    embed_mode: str
+    config_hash: str
+    shards: tuple[DbShard, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+
+def load_db(db_uri: str, check_files: bool = True) -> FeatureDb:
+    """Read and check ``<db>/manifest.json`` and the shard files it lists."""
+    mpath = rio.join(db_uri, "manifest.json")
+    if not rio.exists(mpath):
+        raise UserError(f"feature DB manifest not found: {mpath} (run build-db first)")
+    try:
+        man = rio.read_json(mpath)
+    except ValueError as e:
+        raise UserError(f"feature DB manifest {mpath} is not valid JSON: {e}") from None
+    try:
+        dim = int(man["dim"])
+        shards_raw = man["shards"]
+        shards = tuple(
+            DbShard(str(s["name"]), rio.join(db_uri, s["path"]), int(s["rows"]), str(s.get("input_key", "")))
+            for s in shards_raw
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"feature DB manifest {mpath} is malformed ({type(e).__name__}: {e})") from None
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise UserError(f"feature DB manifest {mpath} lists a shard name twice")
+    db = FeatureDb(db_uri, dim, str(man.get("embed_model", "")), str(man.get("embed_mode", "")),
+                   str(man.get("config_hash", "")), shards)
+    if check_files:
+        for s in shards:
+            check_shard_file(s, dim)
+    return db
+
+
+def check_shard_file(s: DbShard, dim: int) -> None:
+    fs, path = rio.fs_and_path(s.uri)
+    if not fs.exists(path):
+        raise UserError(f"feature shard {s.uri} is listed in the DB manifest but missing")
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            nrows = pf.metadata.num_rows
+            schema = pf.schema_arrow
+    except Exception as e:
+        raise UserError(f"feature shard {s.uri} is corrupt or not Parquet ({type(e).__name__}: {e})") from None
+    if nrows != s.rows:
+        raise UserError(f"feature shard {s.uri} has {nrows} rows but the DB manifest says {s.rows}")
+    if "embedding" not in schema.names:
+        raise UserError(f"feature shard {s.uri} has no 'embedding' column")
+    t = schema.field("embedding").type
+    size = getattr(t, "list_size", None)
+    if size != dim:
+        raise UserError(f"feature shard {s.uri}: embedding dim {size} != manifest dim {dim}")
+
+
+def _read_embeddings(uri: str, expected_rows: int) -> np.ndarray:
+    try:
+        tab = rio.read_parquet(uri, columns=["embedding"])
+    except Exception as e:
+        raise UserError(f"feature shard {uri} is corrupt or unreadable ({type(e).__name__}: {e})") from None
+    if tab.num_rows != expected_rows:
+        raise UserError(f"feature shard {uri} has {tab.num_rows} rows but the DB manifest says {expected_rows}")
+    if tab.num_rows == 0:
+        return np.zeros((0, tab.schema.field("embedding").type.list_size), np.float32)
+    x = np.ascontiguousarray(arrow_to_embeddings(tab.column("embedding")), dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise UserError(f"feature shard {uri} contains non-finite embeddings")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray tasks
+# ----------------------------------------------------------------------------------------------
+def _exact_topk(x: np.ndarray, start: int, queries: np.ndarray | None, k: int):
+    """Exact inner-product top-k of ``queries`` among the rows of ``x`` (global ids from start)."""
+    if queries is None or len(queries) == 0:
+        return None
+    nq = len(queries)
+    if len(x) == 0:
+        return np.full((nq, 0), -np.inf, np.float32), np.zeros((nq, 0), np.int64)
+    sims = queries @ x.T  # (nq, rows)
+    kk = min(k, x.shape[0])
+    part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+    ps = np.take_along_axis(sims, part, axis=1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    return np.take_along_axis(ps, order, axis=1), np.take_along_axis(part, order, axis=1).astype(np.int64) + start
+
+
+@ray.remote(num_cpus=1)
+def _read_rows_task(uri: str, rows: int, local_rows: np.ndarray) -> np.ndarray:
+    return _read_embeddings(uri, rows)[local_rows]
+
+
+@ray.remote(num_cpus=1)
+def _shard_task(trained: bytes | None, uri: str, rows: int, start: int, queries: np.ndarray | None, k: int):
+    """Read one shard; add it (ids start..start+rows) to a copy of the trained index when given;
+    return (serialised shard index | None, labels dict | None, exact top-k | None)."""
+    import faiss
+
+    x = _read_embeddings(uri, rows)
+    blob = labels = None
+    if trained is not None:
+        index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+        if len(x):
+            index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+        blob = faiss.serialize_index(index).tobytes()
+        tab = rio.read_parquet(uri, columns=["label", "image_id", "segment_id"])
+        labels = {
+            "label": [str(v) if v is not None else "" for v in tab.column("label").cast(pa.string()).to_pylist()],
+            "image_id": tab.column("image_id").to_pylist(),
+            "segment_id": tab.column("segment_id").to_numpy(zero_copy_only=False).astype(np.int64),
+        }
+    return blob, labels, _exact_topk(x, start, queries, k)
+
+
+def _ray_get(refs):
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# faiss helpers
+# ----------------------------------------------------------------------------------------------
+def _transform(index, x: np.ndarray) -> np.ndarray:
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = faiss.downcast_VectorTransform(index.chain.at(i)).apply(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def coarse_error(index, x: np.ndarray) -> float:
+    """Mean squared L2 distance of ``x`` (after the index's pre-transform) to its nearest IVF
+    centroid (assignment by the quantizer, inner product here)."""
+    import faiss
+
+    if len(x) == 0:
+        return 0.0
+    ivf = faiss.extract_index_ivf(index)
+    xt = _transform(index, x)
+    _, assign = ivf.quantizer.search(xt, 1)
+    cents = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    diff = xt - cents[assign[:, 0]]
+    return float(np.mean(np.sum(diff * diff, axis=1)))
+
+
+def _train(params: IndexParams, dim: int, x: np.ndarray, use_gpu: bool):
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, params.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UserError(f"invalid faiss factory string {params.factory!r}: {str(e).splitlines()[0]}") from None
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        raise UserError(f"factory {params.factory!r} is not an IVF index: the sharded build merges "
+                        "inverted lists, so index.factory must contain IVF<n>") from None
+    if hasattr(ivf, "do_polysemous_training"):
+        faiss.downcast_index(ivf).do_polysemous_training = False  # slow, and we never search with it
+    gpu = False
+    if use_gpu:
+        try:  # coarse k-means on the GPU(s); the rest of training is cheap on the CPU
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+            gpu = True
+        except Exception as e:
+            log.warning("GPU training unavailable (%s); training on CPU", e)
+    index.train(x)
+    if gpu:
+        ivf.clustering_index = None
+    return index, gpu
+
+
+def _recall(found: np.ndarray, exact: np.ndarray, qids: np.ndarray, k: int = RECALL_K) -> dict:
+    r1, rk = [], []
+    for f, e, q in zip(found, exact, qids):
+        f = [int(i) for i in f if i >= 0 and i != q][:k]
+        e = [int(i) for i in e if i >= 0 and i != q][:k]
+        if not e:
+            continue
+        r1.append(float(bool(f) and f[0] == e[0]))
+        rk.append(len(set(f) & set(e)) / len(e))
+    return {"at1": float(np.mean(r1)) if r1 else 1.0, "at10": float(np.mean(rk)) if rk else 1.0,
+            "queries": len(rk), "k": k, "exclude_self": True}
+
+
+def _merge_topk(parts: list, k: int):
+    sims = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Staging and publishing
+# ----------------------------------------------------------------------------------------------
+def _new_staging(store_uri: str) -> str:
+    if st.is_local(store_uri):
+        d = os.path.join(st.local_path(store_uri), st.STAGING, f"{uuid.uuid4().hex[:12]}")
+        os.makedirs(d)
+        return d
+    return tempfile.mkdtemp(prefix="ragseg-index-")
+
+
+def _fetch(store_uri: str, version: str, rel: str, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if st.is_local(store_uri):
+        src = os.path.join(st.local_path(store_uri), version, rel)
+        if not os.path.exists(src):
+            raise UserError(f"live index version is missing {src}; rebuild with build-index")
+        try:
+            os.link(src, dest)  # versions are immutable: share the bytes
+        except OSError:
+            shutil.copy2(src, dest)
+    else:
+        fs, base = rio.fs_and_path(rio.join(store_uri, version, rel))
+        if not fs.exists(base):
+            raise UserError(f"live index version is missing {rio.join(store_uri, version, rel)}")
+        fs.get(base, dest)
+
+
+def _finalize(store_uri: str, staging: str) -> str:
+    """Move/upload the complete staging dir to the next free version name; returns the name."""
+    if st.is_local(store_uri):
+        root = st.local_path(store_uri)
+        for _ in range(100):
+            v = st.next_version(store_uri)
+            try:
+                os.rename(staging, os.path.join(root, v))
+                return v
+            except OSError:  # taken by a concurrent build: try the next number
+                if not os.path.exists(os.path.join(root, v)):
+                    raise
+        raise UserError(f"could not allocate a version name under {store_uri}")
+    v = st.next_version(store_uri)
+    fs, base = rio.fs_and_path(rio.join(store_uri, v))
+    files = []
+    for dp, _, fns in os.walk(staging):
+        for fn in fns:
+            files.append(os.path.relpath(os.path.join(dp, fn), staging))
+    files.sort(key=lambda r: (r == st.META, r))  # meta.json last: it marks the version complete
+    for rel in files:
+        fs.put(os.path.join(staging, rel), f"{base}/{rel}")
+    return v
+
+
+def _checkpoint(stage: str) -> None:
+    """Hook between build steps (tests inject failures here)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+def build_index(db_uri: str, cfg: JobConfig) -> dict:
+    """Build a new index version from every shard of the DB and publish it (see module doc)."""
+    return _run(db_uri, cfg, refresh=False, force_retrain=False)
+
+
+def refresh_index(db_uri: str, cfg: JobConfig, force_retrain: bool = False) -> dict:
+    """Add the DB's new shards to a new version (retrain when forced, on growth or drift)."""
+    return _run(db_uri, cfg, refresh=True, force_retrain=force_retrain)
+
+
+def _layout(shards: list[DbShard], start: int = 0) -> list[tuple[DbShard, int]]:
+    out = []
+    for s in shards:
+        out.append((s, start))
+        start += s.rows
+    return out
+
+
+def _gather(layout: list[tuple[DbShard, int]], gids: np.ndarray) -> np.ndarray:
+    """Vectors of the given global ids (any order), one Ray task per shard touched."""
+    order = np.argsort(gids, kind="stable")
+    sorted_ids = gids[order]
+    refs, spans = [], []
+    for s, start in layout:
+        lo, hi = np.searchsorted(sorted_ids, [start, start + s.rows])
+        if hi > lo:
+            refs.append(_read_rows_task.remote(s.uri, s.rows, sorted_ids[lo:hi] - start))
+            spans.append((lo, hi))
+    parts = _ray_get(refs)
+    dim = parts[0].shape[1] if parts else 0
+    out_sorted = np.zeros((len(gids), dim), np.float32)
+    for (lo, hi), p in zip(spans, parts):
+        out_sorted[lo:hi] = p
+    out = np.empty_like(out_sorted)
+    out[order] = out_sorted
+    return out
+
+
+def _check_compatible(db: FeatureDb, meta: dict) -> None:
+    for key, have in (("dim", db.dim), ("embed_model", db.embed_model), ("embed_mode", db.embed_mode)):
+        if meta.get(key) != have:
+            raise UserError(f"DB {db.uri} has {key}={have!r} but the live index has {meta.get(key)!r}; "
+                            "run build-index to rebuild")
+    by_name = {s.name: s for s in db.shards}
+    for s in meta["shards"]:
+        cur = by_name.get(s["name"])
+        if cur is None:
+            raise UserError(f"shard {s['name']} of the live index is no longer in the DB manifest "
+                            f"{rio.join(db.uri, 'manifest.json')}; run build-index to rebuild")
+        if cur.rows != s["rows"]:
+            raise UserError(f"shard {s['name']} changed ({s['rows']} -> {cur.rows} rows) since it was indexed; "
+                            "run build-index to rebuild")
+
+
+def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dict:
+    import faiss
+
+    t0 = time.time()
+    icfg = cfg.index
+    store_uri = icfg.out
+    db = load_db(db_uri)
+    if db.total == 0:
+        raise UserError(f"feature DB {db_uri} has no rows to index")
+    rio.makedirs(store_uri)
+    live = st.current_version(store_uri)
+    live_meta = st.read_meta(store_uri, live) if live else None
+    from ragseg.runtime import init_ray
+
+    init_ray(cfg.ray)
+
+    retrain_reason = "initial build" if not refresh else None
+    drift = None
+    new_shards: list[DbShard] = list(db.shards)
+    if refresh:
+        if live_meta is None:
+            retrain_reason = "no live version"
+        else:
+            _check_compatible(db, live_meta)
+            known = {s["name"] for s in live_meta["shards"]}
+            new_shards = [s for s in db.shards if s.name not in known]
+            if not new_shards and not force_retrain:
+                return {"published": False, "version": live, "count": live_meta["count"], "added_shards": [],
+                        "message": f"nothing new: all {len(known)} DB shards are already in {live}; nothing published"}
+            if force_retrain:
+                retrain_reason = "forced"
+            elif db.total > GROWTH_RETRAIN * live_meta["trained_count"]:
+                retrain_reason = (f"growth: {db.total} vectors > {GROWTH_RETRAIN:g} x {live_meta['trained_count']} "
+                                  "trained on")
+            else:
+                trained = _read_trained(store_uri, live)
+                new_layout = _layout(new_shards)
+                rng = np.random.default_rng(icfg.seed + 2)
+                n_new = sum(s.rows for s in new_shards)
+                pick = np.sort(rng.choice(n_new, size=min(DRIFT_SAMPLE, n_new), replace=False))
+                err = coarse_error(trained, _gather(new_layout, pick))
+                ref = max(float(live_meta.get("train_coarse_error", 0.0)), 1e-12)
+                drift = {"new_error": err, "train_error": ref, "ratio": err / ref, "threshold": icfg.drift_ratio}
+                if err / ref > icfg.drift_ratio:
+                    retrain_reason = f"drift: coarse error ratio {err / ref:.2f} > {icfg.drift_ratio}"
+    incremental = refresh and live_meta is not None and retrain_reason is None
+
+    staging = _new_staging(store_uri)
+    try:
+        if incremental:
+            assert live_meta is not None and live is not None
+            by_name = {s.name: s for s in db.shards}
+            old = [by_name[s["name"]] for s in live_meta["shards"]]
+            layout_old = [(by_name[s["name"]], int(s["start_id"])) for s in live_meta["shards"]]
+            layout_new = _layout(new_shards, int(live_meta["count"]))
+            layout = layout_old + layout_new
+            params = IndexParams(**live_meta["params"])
+            trained_from = live_meta["trained_from"]
+            trained_count = live_meta["trained_count"]
+            train_err = live_meta["train_coarse_error"]
+            gpu_train = live_meta.get("gpu_train", False)
+            _fetch(store_uri, live, st.TRAINED, os.path.join(staging, st.TRAINED))
+            for s in old:
+                rel = f"{st.SHARDS_DIR}/{s.name}.index"
+                _fetch(store_uri, live, rel, os.path.join(staging, rel))
+            total = db.total
+            rng = np.random.default_rng(icfg.seed + 1)
+            nq = min(icfg.recall_queries, total)
+            qids = np.sort(rng.choice(total, size=nq, replace=False))
+            queries = _gather(layout, qids)
+            add_names = {s.name for s in new_shards}
+        else:
+            layout = _layout(list(db.shards))
+            total = db.total
+            params = choose_params(total, db.dim, icfg)
+            rng = np.random.default_rng(icfg.seed)
+            train_ids = np.sort(rng.choice(total, size=params.train_size, replace=False))
+            nq = min(icfg.recall_queries, total)
+            qids = np.sort(np.random.default_rng(icfg.seed + 1).choice(total, size=nq, replace=False))
+            both = _gather(layout, np.concatenate([train_ids, qids]))
+            xtrain, queries = both[: len(train_ids)], both[len(train_ids):]
+            with st.quiet_stdout():
+                index, gpu_train = _train(params, db.dim, xtrain, st.use_gpu_for(icfg.use_gpu))
+            esample = xtrain[np.random.default_rng(icfg.seed + 3).permutation(len(xtrain))[:ERROR_SAMPLE]]
+            train_err = coarse_error(index, esample)
+            del xtrain, both
+            faiss.write_index(index, os.path.join(staging, st.TRAINED))
+            del index
+            trained_from = None  # this version
+            trained_count = total
+            add_names = {s.name for s in db.shards}
+        _checkpoint("trained")
+
+        # one task per shard: add (new shards) and exact top-k (all shards)
+        with open(os.path.join(staging, st.TRAINED), "rb") as f:
+            trained_ref = ray.put(f.read())
+        q_ref = ray.put(queries)
+        kk = RECALL_K + 1
+        refs = [_shard_task.remote(trained_ref if s.name in add_names else None, s.uri, s.rows, start, q_ref, kk)
+                for s, start in layout]
+        os.makedirs(os.path.join(staging, st.SHARDS_DIR), exist_ok=True)
+        exact_parts, new_labels = [], []
+        for (s, start), ref in zip(layout, refs):
+            blob, labels, exact = _ray_get(ref)
+            if blob is not None:
+                with open(os.path.join(staging, st.SHARDS_DIR, f"{s.name}.index"), "wb") as f:
+                    f.write(blob)
+                n = len(labels["label"])
+                new_labels.append(pa.table({
+                    "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+                    "label": pa.array(labels["label"], pa.string()),
+                    "image_id": pa.array([str(v) for v in labels["image_id"]], pa.string()),
+                    "segment_id": pa.array(labels["segment_id"], pa.int64()),
+                    "shard": pa.array([s.name] * n, pa.string()),
+                }))
+            exact_parts.append(exact)
+            del blob
+        del trained_ref
+        _checkpoint("shards")
+
+        # labels: old (incremental) + new, ordered by id
+        tables = []
+        if incremental:
+            old_lab = os.path.join(staging, "_old_labels.parquet")
+            _fetch(store_uri, live, st.LABELS, old_lab)
+            tables.append(pq.read_table(old_lab).select(["id", "label", "image_id", "segment_id", "shard"]))
+            os.remove(old_lab)
+        tables += new_labels
+        labels_tab = pa.concat_tables([t.cast(tables[0].schema) for t in tables]).sort_by("id")
+        if not np.array_equal(labels_tab.column("id").to_numpy(), np.arange(total)):
+            raise RuntimeError("internal error: label ids are not 0..N-1")
+        pq.write_table(labels_tab, os.path.join(staging, st.LABELS), compression="zstd")
+        vocab = len(set(labels_tab.column("label").to_pylist()) - {""})
+        del labels_tab, tables
+
+        # merge the shards' inverted lists on disk
+        from faiss.contrib.ondisk import merge_ondisk
+
+        shard_files = [os.path.join(staging, st.SHARDS_DIR, f"{s.name}.index") for s, _ in layout]
+        with st.quiet_stdout():
+            merged = faiss.read_index(os.path.join(staging, st.TRAINED))
+            merge_ondisk(merged, shard_files, os.path.abspath(os.path.join(staging, st.IVFDATA)))
+            faiss.write_index(merged, os.path.join(staging, st.POPULATED))
+        del merged
+        _checkpoint("merged")
+
+        # recall of the merged index (as a reader will open it) vs exact
+        reader = st.read_faiss_index(os.path.join(staging, st.POPULATED))
+        if reader.ntotal != total:
+            raise RuntimeError(f"internal error: merged index holds {reader.ntotal} != {total}")
+        nprobe = st.set_nprobe(reader, icfg.nprobe, params.nlist)
+        _, found = reader.search(queries, kk)
+        del reader
+        _, exact_ids = _merge_topk(exact_parts, kk)
+        recall = _recall(found, exact_ids, qids)
+        recall["nprobe"] = nprobe
+
+        sizes = {name: os.path.getsize(os.path.join(staging, name)) for name in (st.POPULATED, st.IVFDATA)}
+        shards_meta = [{"name": s.name, "rows": s.rows, "start_id": start, "input_key": s.input_key}
+                       for s, start in layout]
+        meta = {
+            "format": 1,
+            "factory": params.factory, "metric": METRIC, "dim": db.dim, "count": total,
+            "nlist": params.nlist, "m": params.m, "opq": params.opq, "code_bytes": params.code_bytes,
+            "train_size": params.train_size, "params": params.to_dict(), "nprobe": nprobe,
+            "trained_count": trained_count, "train_coarse_error": train_err, "gpu_train": bool(gpu_train),
+            "embed_model": db.embed_model, "embed_mode": db.embed_mode, "db_uri": db.uri,
+            "db_config_hash": db.config_hash, "shards": shards_meta, "labels_count": vocab,
+            "recall": recall, "mode": "refresh" if refresh else "build", "retrain_reason": retrain_reason,
+            "drift": drift, "added_shards": [s.name for s in (new_shards if incremental else db.shards)],
+            "bytes": {**sizes, "per_vector": (sizes[st.POPULATED] + sizes[st.IVFDATA]) / total},
+            "previous_version": live,
+        }
+        if recall["at10"] < icfg.min_recall_at_10:
+            raise UserError(
+                f"recall@10 of the new index is {recall['at10']:.3f} < index.min_recall_at_10 = "
+                f"{icfg.min_recall_at_10} (factory {params.factory}, nprobe {nprobe}); not published, "
+                f"CURRENT stays at {live}. Raise index.nprobe or index.budget_bytes_per_vector.")
+        _checkpoint("before_finalize")
+        meta["created"] = time.time()
+        meta["build_seconds"] = round(meta["created"] - t0, 3)
+        version = _finalize_with_meta(store_uri, staging, meta, trained_from)
+        _checkpoint("before_publish")
+        st.publish(store_uri, version)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    deleted = st.prune(store_uri, icfg.keep_versions, icfg.prune_grace_s)
+    return {
+        "published": True, "version": version, "previous_version": live, "count": total,
+        "factory": params.factory, "nlist": params.nlist, "m": params.m, "nprobe": nprobe,
+        "recall": recall, "mode": meta["mode"], "retrain_reason": retrain_reason, "drift": drift,
+        "added_shards": meta["added_shards"], "pruned": deleted, "build_seconds": meta["build_seconds"],
+        "bytes_per_vector": meta["bytes"]["per_vector"],
+    }
+
+
+def _read_trained(store_uri: str, version: str):
+    import faiss
+
+    d = tempfile.mkdtemp(prefix="ragseg-trained-")
+    try:
+        p = os.path.join(d, st.TRAINED)
+        _fetch(store_uri, version, st.TRAINED, p)
+        return faiss.read_index(p)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _finalize_with_meta(store_uri: str, staging: str, meta: dict, trained_from: str | None) -> str:
+    """Write meta.json with the version name it will get, then move/upload the dir. Local stores
+    rename the whole dir (atomic); if the name was taken meanwhile, meta is rewritten and retried."""
+    for _ in range(100):
+        v = st.next_version(store_uri)
+        meta["version"] = v
+        meta["trained_from"] = trained_from or v
+        rio.write_json_atomic(os.path.join(staging, st.META), meta)
+        if st.is_local(store_uri):
+            target = os.path.join(st.local_path(store_uri), v)
+            try:
+                os.rename(staging, target)
+                return v
+            except OSError:
+                if not os.path.exists(target):
+                    raise
+                continue
+        got = _finalize(store_uri, staging)
+        if got != v:  # a concurrent writer took v between our two calls: fix the name in meta
+            meta["version"] = got
+            meta["trained_from"] = trained_from or got
+            rio.write_json_atomic(rio.join(store_uri, got, st.META), meta)
+        return got
+    raise UserError(f"could not allocate a version name under {store_uri}")
+

@@ -1,0 +1,365 @@
+"""Index parameters, sharded build + on-disk merge, versions/CURRENT, refresh, readers, CLI info."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ragseg.config import IndexConfig, JobConfig
+from ragseg.errors import UserError
+from ragseg.index.params import PQ_MIN_TRAIN, choose_params
+from ragseg.schema import embeddings_to_arrow, feature_schema
+
+DIM = 64
+CLASSES = 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic feature DB
+# ----------------------------------------------------------------------------------------------
+def clustered(n: int, dim: int = DIM, classes: int = CLASSES, seed: int = 0, centers_seed: int = 123,
+              latent: int = 8, spread: float = 0.35, noise: float = 0.05):
+    """Unit vectors in ``classes`` clusters; within a cluster, variation lives in a low-dim subspace
+    (like real embeddings) plus a little isotropic noise. Returns (x float32 (n, dim), labels int)."""
+    crng = np.random.default_rng(centers_seed)
+    centers = crng.standard_normal((classes, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    bases = crng.standard_normal((classes, latent, dim)).astype(np.float32) / np.sqrt(dim)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    z = rng.standard_normal((n, latent)).astype(np.float32)
+    x = centers[y] + spread * np.einsum("nl,nld->nd", z, bases[y]) + noise * rng.standard_normal((n, dim)).astype(
+        np.float32) / np.sqrt(dim) * np.sqrt(dim) / 8
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), y
+
+
+def write_shard(db: str, name: str, x: np.ndarray, y: np.ndarray, image_prefix: str) -> dict:
+    import pyarrow.parquet as pq
+
+    n = len(x)
+    tab = pa.table({
+        "image_id": pa.array([f"{image_prefix}-{i // 4}" for i in range(n)], pa.string()),
+        "segment_id": pa.array(np.arange(n) % 4 + 1, pa.int64()),
+        "label": pa.array([f"class{c}" for c in y], pa.string()).dictionary_encode(),
+        "label_source": pa.array(["gt"] * n, pa.string()).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
+        "score": pa.array(np.ones(n, np.float32)),
+        "box": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(4 * n, np.float32)), 4),
+        "area": pa.array(np.full(n, 10, np.int64)),
+        "mask_rle": pa.array(["{}"] * n, pa.string()),
+        "embedding": embeddings_to_arrow(x),
+        "embed_model": pa.array(["test:model"] * n, pa.string()).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
+        "embed_mode": pa.array(["pool"] * n, pa.string()).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
+    })
+    tab = tab.cast(feature_schema(x.shape[1]))
+    os.makedirs(os.path.join(db, "features"), exist_ok=True)
+    pq.write_table(tab, os.path.join(db, "features", f"{name}.parquet"))
+    return {"name": name, "path": f"features/{name}.parquet", "rows": n, "images": (n + 3) // 4, "errors": 0,
+            "input_key": name}
+
+
+def write_manifest(db: str, shards: list[dict], dim: int = DIM) -> None:
+    man = {"format": 1, "embed_model": "test:model", "embed_mode": "pool", "dim": dim, "config_hash": "x",
+           "models": {}, "source": {}, "shards": shards}
+    with open(os.path.join(db, "manifest.json"), "w") as f:
+        json.dump(man, f)
+
+
+def make_db(db: str, sizes: list[int], seed: int = 0, **kw) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    xs, ys, shards = [], [], []
+    for i, n in enumerate(sizes):
+        x, y = clustered(n, seed=seed * 100 + i, **kw)
+        # the DB stores float16: use the rounded vectors as ground truth
+        x = x.astype(np.float16).astype(np.float32)
+        shards.append(write_shard(db, f"s{i:05d}-k{seed}", x, y, f"img{seed}_{i}"))
+        xs.append(x)
+        ys.append(y)
+    write_manifest(db, shards)
+    return np.concatenate(xs), np.concatenate(ys), shards
+
+
+def cfg_for(out: str, **index) -> JobConfig:
+    base = {"out": out, "recall_queries": 100, "prune_grace_s": 0}
+    base.update(index)
+    return JobConfig.model_validate({"index": base, "ray": {"num_cpus": 2, "progress": False}})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_local):
+    """20k vectors, dim 64, 4 shards, default parameters."""
+    from ragseg.index.build import build_index
+
+    root = tmp_path_factory.mktemp("idx")
+    db = str(root / "db")
+    x, y, shards = make_db(db, [5000, 5000, 5000, 5000])
+    out = str(root / "index")
+    res = build_index(db, cfg_for(out))
+    return {"db": db, "out": out, "x": x, "y": y, "shards": shards, "res": res}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+def test_params_rule():
+    cfg = IndexConfig()
+    p = choose_params(1_000_000, 768, cfg)
+    assert p.factory == "OPQ64_768,IVF8000,PQ64" and p.nlist == 8000 and p.m == 64 and p.opq
+    assert p.train_size == 64 * 8000 and p.metric == "inner_product"
+    p = choose_params(100_000, 768, cfg)
+    # 8 x sqrt(N) = 2530 lists would get < 64 training points each: clamped to N // 64
+    assert p.nlist == 100_000 // 64 and p.m == 64 and p.train_size == 64 * p.nlist
+    # dim 64 budget 64: one byte per dim -> SQ8 (same size as PQ64, no k-means training)
+    p = choose_params(20_000, 64, cfg)
+    assert p.factory == "IVF312,SQ8" and not p.opq and p.nlist == 20_000 // 64
+    assert choose_params(20_000, 32, cfg).factory.endswith(",SQfp16")
+    assert p.train_size == 64 * 312
+    # m divides dim and is clamped to dim
+    assert choose_params(50_000, 100, IndexConfig(budget_bytes_per_vector=48)).m == 25
+    # flat codes when the raw vector fits the budget, or too few vectors to train PQ
+    assert choose_params(50_000, 16, cfg).factory.endswith(",Flat")
+    assert choose_params(PQ_MIN_TRAIN - 1, 768, cfg).factory.endswith(",Flat")
+    # tiny N: IVF1 = exact, same layout
+    p = choose_params(50, 768, cfg)
+    assert p.factory == "IVF1,Flat" and p.train_size == 50
+    # explicit factory and opq switches
+    p = choose_params(10_000, 64, IndexConfig(factory="IVF10,PQ16"))
+    assert p.explicit and p.nlist == 10 and p.m == 16 and p.factory == "IVF10,PQ16"
+    assert choose_params(100_000, 768, IndexConfig(opq="off")).opq is False
+    assert choose_params(100_000, 128, cfg).factory == "IVF1562,PQ64"  # 2 dims per sub-quantizer: no OPQ
+    assert choose_params(100_000, 128, IndexConfig(opq="on")).factory.startswith("OPQ64_128,")
+    with pytest.raises(UserError):
+        choose_params(0, 64, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Build, merge, recall
+# ----------------------------------------------------------------------------------------------
+def exact_knn(x: np.ndarray, q: np.ndarray, k: int):
+    sims = q @ x.T
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, idx, axis=1), idx
+
+
+def test_build_layout_and_meta(built):
+    from ragseg.index import store as st
+
+    out, res = built["out"], built["res"]
+    assert res["published"] and res["version"] == "v0001"
+    assert st.current_version(out) == "v0001"
+    vdir = os.path.join(out, "v0001")
+    for name in ("trained.index", "populated.index", "merged.ivfdata", "labels.parquet", "meta.json"):
+        assert os.path.exists(os.path.join(vdir, name)), name
+    assert sorted(os.listdir(os.path.join(vdir, "shards"))) == [f"{s['name']}.index" for s in built["shards"]]
+    meta = json.load(open(os.path.join(vdir, "meta.json")))
+    assert meta["count"] == 20_000 and meta["dim"] == DIM and meta["metric"] == "inner_product"
+    assert meta["embed_model"] == "test:model" and meta["embed_mode"] == "pool"
+    assert [s["name"] for s in meta["shards"]] == [s["name"] for s in built["shards"]]
+    assert [s["start_id"] for s in meta["shards"]] == [0, 5000, 10000, 15000]
+    assert meta["trained_from"] == "v0001" and meta["recall"]["at10"] >= 0.9
+
+
+def test_merged_equals_single_index(built):
+    """The on-disk merged sharded index answers exactly like one index with the same trained
+    quantizer holding all vectors."""
+    import faiss
+
+    from ragseg.index.store import Index
+
+    idx = Index.open(built["out"])
+    single = faiss.read_index(os.path.join(built["out"], "v0001", "trained.index"))
+    single.add_with_ids(built["x"], np.arange(len(built["x"]), dtype=np.int64))
+    faiss.ParameterSpace().set_index_parameter(single, "nprobe", idx.nprobe)
+    q = built["x"][::97][:150]
+    d1, i1 = idx.search_ids(q, 10)
+    d2, i2 = single.search(q, 10)
+    np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-5)
+    same = (i1 == i2).mean()
+    assert same > 0.99  # differences only where distances tie
+
+
+def test_recall_and_vote(built):
+    from ragseg.index.store import Index
+
+    x, y = built["x"], built["y"]
+    idx = Index.open(built["out"])
+    rng = np.random.default_rng(5)
+    qi = rng.choice(len(x), 200, replace=False)
+    q = x[qi]
+    _, ex = exact_knn(x, q, 11)
+    _, found = idx.search_ids(q, 11)
+    rec = []
+    for f, e, s in zip(found, ex, qi):
+        f = [i for i in f if i != s][:10]
+        e = [i for i in e if i != s][:10]
+        rec.append(len(set(f) & set(e)) / 10)
+    assert np.mean(rec) >= 0.9
+    # kNN label vote with the index vs exact
+    sims, labels, image_ids, seg_ids = idx.search(q, 10)
+    assert sims.shape == labels.shape == image_ids.shape == seg_ids.shape == (200, 10)
+    vote_idx = [max(set(r), key=list(r).count) for r in labels]
+    vote_ex = [max(set(r), key=list(r).count) for r in (np.array([f"class{c}" for c in y])[ex[:, :10]])]
+    agree = np.mean([a == b for a, b in zip(vote_idx, vote_ex)])
+    assert agree >= 0.98
+    assert idx.labels_vocab == {f"class{c}" for c in range(CLASSES)}
+    # fewer than k: -inf / ""
+    s2, l2, _, g2 = idx.search(q[:2], 30_000)
+    assert np.isneginf(s2[:, -1]).all() and (l2[:, -1] == "").all() and (g2[:, -1] == -1).all()
+    # nprobe settable
+    idx.nprobe = 1
+    assert idx.nprobe == 1
+    idx2 = Index.open(built["out"], nprobe=4)
+    assert idx2.nprobe == 4
+
+
+def test_cli_info(built):
+    from typer.testing import CliRunner
+
+    from ragseg.jobs.cli import app
+
+    r = CliRunner().invoke(app, ["info", built["out"]])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["version"] == "v0001" and info["count"] == 20_000 and info["versions"] == ["v0001"]
+    assert info["recall"]["at10"] >= 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# Refresh, readers, failures
+# ----------------------------------------------------------------------------------------------
+def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
+    from ragseg.index import build as b
+    from ragseg.index import store as st
+    from ragseg.index.store import Index
+
+    db = str(tmp_path / "db")
+    out = str(tmp_path / "index")
+    x, y, shards = make_db(db, [1500, 1500, 1500])
+    cfg = cfg_for(out, keep_versions=1)
+    r1 = b.build_index(db, cfg)
+    assert r1["version"] == "v0001" and r1["count"] == 4500
+
+    # a reader holding v0001 open
+    reader = Index.open(out)
+    q = x[::50][:100]
+    before = reader.search(q, 10)
+
+    # nothing new -> nothing published
+    r = b.refresh_index(db, cfg)
+    assert r["published"] is False and "nothing new" in r["message"] and st.current_version(out) == "v0001"
+
+    # a new shard from the same distribution
+    x4, y4 = clustered(1000, seed=77)
+    x4 = x4.astype(np.float16).astype(np.float32)
+    shards.append(write_shard(db, "s00003-new", x4, y4, "newimg"))
+    write_manifest(db, shards)
+
+    # failure injected after the merge: CURRENT stays, no version dir appears
+    def boom(stage):
+        if stage == "merged":
+            raise RuntimeError("injected")
+
+    monkeypatch.setattr(b, "_checkpoint", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        b.refresh_index(db, cfg)
+    monkeypatch.undo()
+    assert st.current_version(out) == "v0001" and st.list_versions(out) == ["v0001"]
+
+    r2 = b.refresh_index(db, cfg)
+    assert r2["published"] and r2["version"] == "v0002" and r2["retrain_reason"] is None
+    assert r2["added_shards"] == ["s00003-new"] and r2["count"] == 5500
+    assert r2["pruned"] == ["v0001"] and not os.path.exists(os.path.join(out, "v0001"))
+    meta = st.read_meta(out)
+    assert [s["name"] for s in meta["shards"]] == [s["name"] for s in shards]
+    assert meta["trained_from"] == "v0001" and meta["shards"][-1]["start_id"] == 4500
+
+    # the old reader still answers the same (its files were unlinked, mmap stays valid)
+    after = reader.search(q, 10)
+    for a, bb in zip(before, after):
+        np.testing.assert_array_equal(a, bb)
+    assert reader.version == "v0001"
+
+    # the new version finds the new vectors (each new vector's top hit is itself)
+    new = Index.open(out)
+    _, ids = new.search_ids(x4[:50], 1)
+    assert (ids[:, 0] == 4500 + np.arange(50)).mean() >= 0.9
+    _, _, img, _ = new.search(x4[:5], 1)
+    assert all(str(i).startswith("newimg") for i in img[:, 0])
+
+    # idempotent
+    r3 = b.refresh_index(db, cfg)
+    assert r3["published"] is False and st.current_version(out) == "v0002"
+
+    # a shard of far-away data triggers the drift rule -> retrain
+    x5, y5 = clustered(800, seed=5, centers_seed=999)
+    shards.append(write_shard(db, "s00004-drift", x5.astype(np.float16).astype(np.float32), y5, "drift"))
+    write_manifest(db, shards)
+    r4 = b.refresh_index(db, cfg)
+    assert r4["retrain_reason"].startswith("drift") and r4["drift"]["ratio"] > 1.5
+    m4 = st.read_meta(out)
+    assert m4["trained_from"] == r4["version"] == "v0003" and m4["count"] == 6300
+
+    # recall check fails -> refuse to publish, CURRENT unchanged
+    bad = cfg_for(out, factory="IVF32,PQ2", nprobe=1, min_recall_at_10=0.99)
+    with pytest.raises(UserError, match="not published"):
+        b.build_index(db, bad)
+    assert st.current_version(out) == "v0003"
+
+    # forced retrain publishes a new version
+    r5 = b.refresh_index(db, cfg, force_retrain=True)
+    assert r5["retrain_reason"] == "forced" and st.current_version(out) == r5["version"]
+
+
+def test_db_errors(tmp_path, ray_local):
+    from ragseg.index.build import build_index
+
+    db = str(tmp_path / "db")
+    out = str(tmp_path / "index")
+    cfg = cfg_for(out)
+    with pytest.raises(UserError, match="manifest not found"):
+        build_index(db, cfg)
+    x, y, shards = make_db(db, [300, 300])
+    # row count mismatch
+    shards[1]["rows"] = 299
+    write_manifest(db, shards)
+    with pytest.raises(UserError, match="s00001-k0.parquet has 300 rows"):
+        build_index(db, cfg)
+    shards[1]["rows"] = 300
+    # missing shard
+    shards.append({"name": "gone", "path": "features/gone.parquet", "rows": 3})
+    write_manifest(db, shards)
+    with pytest.raises(UserError, match="gone.parquet"):
+        build_index(db, cfg)
+    shards.pop()
+    # corrupt shard
+    with open(os.path.join(db, "features", "s00000-k0.parquet"), "r+b") as f:
+        f.seek(100)
+        f.write(b"garbage" * 50)
+        f.seek(-30, 2)
+        f.write(b"\0" * 30)
+    write_manifest(db, shards)
+    with pytest.raises(UserError, match="s00000-k0.parquet"):
+        build_index(db, cfg)
+    from ragseg.index.store import current_version
+
+    assert current_version(out) is None
+
+
+def test_tiny_db_flat(tmp_path, ray_local):
+    """Tiny N falls back to IVF1,Flat (exact) with the same layout."""
+    from ragseg.index.build import build_index
+    from ragseg.index.store import Index, index_info
+
+    db = str(tmp_path / "db")
+    out = str(tmp_path / "index")
+    x, y, _ = make_db(db, [40, 25])
+    res = build_index(db, cfg_for(out))
+    assert res["factory"] == "IVF1,Flat" and res["recall"]["at10"] == 1.0
+    idx = Index.open(out)
+    _, ids = idx.search_ids(x[:10], 5)
+    _, ex = exact_knn(x, x[:10], 5)
+    assert (ids[:, 0] == ex[:, 0]).all()
+    assert index_info(out)["count"] == 65

@@ -363,3 +363,39 @@ def test_tiny_db_flat(tmp_path, ray_local):
     _, ex = exact_knn(x, x[:10], 5)
     assert (ids[:, 0] == ex[:, 0]).all()
     assert index_info(out)["count"] == 65
+
+
+def test_search_region_with_stub_embed(built, tmp_path):
+    """search_region builds the mask, checks the embedder against the index meta and returns the
+    neighbours (the real Embed stage is tested elsewhere; a stub with its interface stands in)."""
+    from PIL import Image
+
+    from ragseg.index.search import region_mask, search_region
+    from ragseg.masks import decode_rle
+
+    img = str(tmp_path / "q.png")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(img)
+    target = built["x"][123]
+
+    class StubEmbed:
+        model_id, mode, dim = "test:model", "pool", DIM
+
+        def __init__(self):
+            self.masks = []
+
+        def __call__(self, batch):
+            self.masks.append(decode_rle(batch["seg_masks_rle"][0][0]))
+            return {**batch, "embeddings": np.array([target[None].astype(np.float16)], dtype=object)}
+
+    stub = StubEmbed()
+    res = search_region(built["out"], img, box="2,3,10,8", k=5, embed=stub)
+    assert len(res) == 5 and res[0]["rank"] == 1 and res[0]["sim"] > 0.99
+    assert res[0]["label"] == f"class{built['y'][123]}"
+    assert stub.masks[0].sum() == 8 * 5 and stub.masks[0][3:8, 2:10].all()
+    m = region_mask((20, 30), mask_png=(np.arange(600).reshape(20, 30) % 2).astype(np.uint8))
+    assert m.sum() == 300
+    stub.model_id = "other"
+    with pytest.raises(UserError, match="the index was built from"):
+        search_region(built["out"], img, box="0,0,5,5", embed=stub)
+    with pytest.raises(UserError, match="empty"):
+        search_region(built["out"], img, box="5,5,5,9", embed=stub)

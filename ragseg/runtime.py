@@ -13,8 +13,11 @@ log = logging.getLogger(__name__)
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     """Join a cluster (``address`` argument, then ``cfg.address``, then ``RAY_ADDRESS``) or start a
     local Ray capped at ``cfg.num_cpus`` CPUs and ``cfg.object_store_memory`` bytes of object store."""
+    # Ray Data's per-dataset INFO lines and its own progress bars would fight with ours
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         return
     addr = address or cfg.address or os.environ.get("RAY_ADDRESS")
@@ -31,8 +34,15 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
             logging_level=logging.WARNING,
         )
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
+    ctx.enable_progress_bars = False  # ragseg draws one bar over images (ray.progress)
     ctx.max_errored_blocks = cfg.max_errored_blocks
+
+
+def quiet_ray_data() -> None:
+    """Ray Data logs each dataset's execution at INFO and warns whenever a ragged per-image list column
+    is stored as pickled objects, which is how ragseg's batches are meant to travel: keep both quiet."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.tensor_extensions.arrow").setLevel(logging.ERROR)
 
 
 def cluster_gpus() -> float:

@@ -30,6 +30,9 @@ class StageActor:
     """Actor-pool wrapper: builds the stage once per worker from ``factory`` and times each batch."""
 
     def __init__(self, factory: Callable[[], Callable], name: str):
+        from ragseg.runtime import quiet_ray_data
+
+        quiet_ray_data()
         self.fn = factory()
         self.name = name
 
@@ -46,6 +49,9 @@ def _stage_task(batch: dict[str, np.ndarray], factory: Callable[[], Callable], n
     key = f"{name}:{token}"
     fn = _TASK_CACHE.get(key)
     if fn is None:
+        from ragseg.runtime import quiet_ray_data
+
+        quiet_ray_data()
         _TASK_CACHE.clear()
         fn = _TASK_CACHE[key] = factory()
     return _timed_call(fn, name, batch)
@@ -59,9 +65,9 @@ def add_stage(ds, factory: Callable[[], Callable], name: str, cfg: JobConfig, *,
         token = uuid.uuid4().hex
         return ds.map_batches(_stage_task, fn_kwargs={"factory": factory, "name": name, "token": token},
                               batch_size=batch_size, num_cpus=1)
-    from ragseg.runtime import cluster_gpus
-
     import ray
+
+    from ragseg.runtime import cluster_gpus
 
     num_gpus = cfg.ray.gpus_per_actor if (gpu and cluster_gpus() > 0) else 0
     return ds.map_batches(

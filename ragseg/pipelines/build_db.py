@@ -22,7 +22,7 @@ from ragseg import io
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, errors_table, split_error
 from ragseg.masks import rle_area, rle_bbox_xyxy
-from ragseg.pipelines.common import Progress, RunStats, add_stage, make_shards, print_summary
+from ragseg.pipelines.common import Progress, RunStats, add_stage, make_shards, print_summary, select_columns
 from ragseg.schema import embeddings_to_arrow, feature_schema
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,7 @@ def build_graph(cfg: JobConfig, rows: list[dict]):
         ds = add_stage(ds, functools.partial(Segment, cfg), "segment", cfg, actor=True,
                        batch_size=per_block, gpu=True)
     ds = add_stage(ds, functools.partial(Embed, cfg), "embed", cfg, actor=True, batch_size=per_block, gpu=True)
-    keep = RESULT_COLUMNS + [c for c in ("t_decode", "t_gt", "t_detect", "t_segment", "t_embed")]
-    return ds.map_batches(functools.partial(_select, keep=keep), batch_size=per_block)
-
-
-def _select(batch: dict[str, np.ndarray], keep: list[str]) -> dict[str, np.ndarray]:
-    return {k: v for k, v in batch.items() if k in keep}
+    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
 
 
 def run_build_db(cfg: JobConfig) -> dict[str, Any]:

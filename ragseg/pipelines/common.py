@@ -80,6 +80,14 @@ def add_stage(ds, factory: Callable[[], Callable], name: str, cfg: JobConfig, *,
     )
 
 
+def select_columns(batch: dict[str, np.ndarray], keep: frozenset[str]) -> dict[str, np.ndarray]:
+    """Keep the named columns and the per-stage timings (pixels never travel to the driver)."""
+    from ragseg.runtime import quiet_ray_data
+
+    quiet_ray_data()
+    return {k: v for k, v in batch.items() if k in keep or k.startswith(TIME_PREFIX)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Input shards
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pyarrow as pa
 from ragseg import io
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text, errors_table, split_error
-from ragseg.pipelines.common import Progress, RunStats, add_stage, make_shards, print_summary
+from ragseg.pipelines.common import Progress, RunStats, add_stage, make_shards, print_summary, select_columns
 
 MANIFEST = "manifest.json"
 RESULT_COLUMNS = ["image_id", "uri", "shard", "error", "file_name", "height", "width", "segments_info"]
@@ -123,10 +123,7 @@ def build_graph(cfg: JobConfig, rows: list[dict], vocab):
                    actor=True, batch_size=per_block)
     ds = add_stage(ds, functools.partial(PanopticMerge, cfg, vocab), "merge", cfg, actor=False, batch_size=per_block)
     ds = add_stage(ds, functools.partial(WritePanoptic, lc.out), "write", cfg, actor=False, batch_size=per_block)
-    keep = set(RESULT_COLUMNS)
-    return ds.map_batches(
-        lambda b: {k: v for k, v in b.items() if k in keep or k.startswith("t_")}, batch_size=per_block
-    )
+    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
 
 
 def _read_manifest(out: str) -> dict | None:

@@ -143,7 +143,10 @@ def search_cmd(
 def info_cmd(index: Annotated[str, typer.Argument(help="Index store URI.")]) -> None:
     """Version, counts, parameters and recall of the live index version."""
     from ragseg.index.store import index_info
+    from ragseg.io import exists
 
+    if not exists(index):
+        raise UserError(f"index store not found: {index}")
     _print_json(index_info(index))
 
 

@@ -84,3 +84,38 @@ def test_build_db_from_and_to_s3(s3_env, synthetic_root, tiny_cfg_path):
     assert rows == summary["segments"]
     # no temporary litter left in the bucket
     assert not [p for p in fs.find("ragseg-test/db") if ".tmp-" in p]
+
+
+def test_index_and_label_from_and_to_s3(s3_env, tiny_cfg_path):
+    """Continues from the DB above: build-index into s3://, label s3:// images into s3://, eval from s3://."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    if not fs.exists("ragseg-test/db/manifest.json"):
+        pytest.skip("needs the DB of test_build_db_from_and_to_s3")
+    env = {**os.environ, **s3_env, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(BIN / "ragseg"), "build-index", "--db", "s3://ragseg-test/db",
+                          "--out", "s3://ragseg-test/index", "--config", tiny_cfg_path,
+                          "--set", "index.min_recall_at_10=0", "--set", "ray.num_cpus=1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fs.invalidate_cache()
+    current = fs.cat("ragseg-test/index/CURRENT").decode().strip()
+    assert fs.exists(f"ragseg-test/index/{current}/meta.json")
+
+    res = subprocess.run([str(BIN / "ragseg"), "label", "--config", tiny_cfg_path,
+                          "--set", "label.images.kind=synthetic", "--set", "label.images.uri=s3://ragseg-test/syn",
+                          "--set", "label.images.split=val", "--set", "label.images.limit=3",
+                          "--vocab", "s3://ragseg-test/syn/categories.json", "--index", "s3://ragseg-test/index",
+                          "--out", "s3://ragseg-test/labels", "--proposals", "gt", "--set", "ray.num_cpus=1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["images"] == 3 and summary["errors"] == 0
+    fs.invalidate_cache()
+    doc = json.loads(fs.cat("ragseg-test/labels/panoptic.json"))
+    assert len(doc["annotations"]) == 3
+    for a in doc["annotations"]:
+        assert fs.exists(f"ragseg-test/labels/panoptic/{a['file_name']}")
+    assert not [p for p in fs.find("ragseg-test/labels") if ".tmp-" in p]

@@ -42,6 +42,15 @@ def split_error(text: str) -> tuple[str, str]:
     return stage, rest
 
 
+def failed_rows_table(rows: list[dict]) -> pa.Table:
+    """Pipeline rows whose ``error`` is set (``"stage: Type: msg"``) -> an errors table."""
+    out = []
+    for r in rows:
+        stage, msg = split_error(str(r["error"]))
+        out.append({"uri": r["uri"], "image_id": r["image_id"], "stage": stage, "error": msg})
+    return errors_table(out)
+
+
 def errors_table(rows: list[dict]) -> pa.Table:
     """Rows with ``uri``, ``image_id``, ``stage``, ``error`` -> an Arrow table of ERRORS_SCHEMA."""
     cols = {f.name: [str(r.get(f.name, "") or "") for r in rows] for f in ERRORS_SCHEMA}

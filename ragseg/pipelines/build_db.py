@@ -9,7 +9,6 @@ of its images are through, then records it in the manifest (see :mod:`ragseg.db`
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections import defaultdict
 from typing import Any
@@ -20,9 +19,17 @@ import pyarrow as pa
 from ragseg import db as dblib
 from ragseg import io
 from ragseg.config import JobConfig
-from ragseg.errors import UserError, errors_table, split_error
+from ragseg.errors import UserError, failed_rows_table
 from ragseg.masks import rle_area, rle_bbox_xyxy
-from ragseg.pipelines.common import Progress, RunStats, add_stage, make_shards, print_summary, select_columns
+from ragseg.pipelines.common import (
+    RunStats,
+    add_stage,
+    collect_shards,
+    make_shards,
+    print_summary,
+    select_columns,
+    write_source_errors,
+)
 from ragseg.schema import embeddings_to_arrow, feature_schema
 
 log = logging.getLogger(__name__)
@@ -136,12 +143,7 @@ def run_build_db(cfg: JobConfig) -> dict[str, Any]:
     run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
                 "config_hash": cfg.hash(), "listed": len(rows), "pending": len(pending),
                 "source_errors": len(source_errors)}
-    if source_errors:
-        # listing errors (bad CSV lines, missing annotation files) belong to no shard: own file
-        table = errors_table(source_errors)
-        key = hashlib.sha256(str(table.to_pylist()).encode()).hexdigest()[:12]
-        io.write_parquet_atomic(io.join(out, "errors", f"source-{key}.parquet"), table)
-        stats.errors += len(source_errors)
+    stats.errors += write_source_errors(out, source_errors)
 
     if shards:
         init_ray(cfg.ray)
@@ -154,24 +156,10 @@ def run_build_db(cfg: JobConfig) -> dict[str, Any]:
             sizes[name] = len(chunk)
             todo.extend({**r, "shard": name} for r in chunk)
 
-        ds = build_graph(cfg, todo)
-        buffers: dict[str, list[dict]] = defaultdict(list)
-        progress = Progress(len(todo), "build-db", cfg.ray.progress)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                stats.add_times(batch)
-                n = len(batch["error"])
-                for i in range(n):
-                    row = {k: batch[k][i] for k in RESULT_COLUMNS}
-                    buffers[row["shard"]].append(row)
-                    if len(buffers[row["shard"]]) == sizes[row["shard"]]:
-                        _write_shard(out, manifest, row["shard"], buffers.pop(row["shard"]), label_source,
-                                     model_id, mode, dim, stats)
-                progress.advance(n)
-        finally:
-            progress.close()
-        if buffers:  # would mean rows were lost inside the pipeline: never publish a partial shard
-            raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(buffers)}")
+        collect_shards(build_graph(cfg, todo), sizes, RESULT_COLUMNS,
+                       lambda name, rows: _write_shard(out, manifest, name, rows, label_source, model_id, mode,
+                                                       dim, stats),
+                       stats, "build-db", cfg.ray.progress)
 
     manifest["runs"].append({**run_info, "summary": stats.summary()})
     dblib.write_manifest(out, manifest)
@@ -188,21 +176,17 @@ def _write_shard(out: str, manifest: dict, name: str, rows: list[dict], label_so
     bad = [r for r in rows if r["error"]]
     table = _segments_table(ok, label_source, model_id, mode, dim)
     io.write_parquet_atomic(io.join(out, paths["features"]), table)
-    err_rows = []
-    for r in bad:
-        stage, msg = split_error(str(r["error"]))
-        err_rows.append({"uri": r["uri"], "image_id": r["image_id"], "stage": stage, "error": msg})
-    if err_rows:
-        io.write_parquet_atomic(io.join(out, paths["errors"]), errors_table(err_rows))
+    if bad:
+        io.write_parquet_atomic(io.join(out, paths["errors"]), failed_rows_table(bad))
     empty = sum(1 for r in ok if len(r["seg_masks_rle"]) == 0)
     manifest["shards"].append({
         "name": name, "inputs": paths["inputs"], "path": paths["features"],
-        "errors_path": paths["errors"] if err_rows else None,
-        "rows": table.num_rows, "images": len(rows), "errors": len(err_rows), "empty_images": empty,
+        "errors_path": paths["errors"] if bad else None,
+        "rows": table.num_rows, "images": len(rows), "errors": len(bad), "empty_images": empty,
     })
     dblib.write_manifest(out, manifest)
     stats.images += len(rows)
     stats.segments += table.num_rows
-    stats.errors += len(err_rows)
+    stats.errors += len(bad)
     stats.empty += empty
     stats.shards_written += 1

@@ -110,6 +110,44 @@ def make_shards(rows: list[dict], per_shard: int, start_index: int) -> list[tupl
     return out
 
 
+def write_source_errors(out: str, errors: list[dict]) -> int:
+    """Listing errors (bad CSV lines, malformed annotation entries) belong to no shard: they go to
+    ``<out>/errors/source-<content hash>.parquet``, so a rerun rewrites the same file, never a twin."""
+    if not errors:
+        return 0
+    from ragseg import io
+    from ragseg.errors import errors_table
+
+    table = errors_table(errors)
+    key = hashlib.sha256(str(table.to_pylist()).encode()).hexdigest()[:12]
+    io.write_parquet_atomic(io.join(out, "errors", f"source-{key}.parquet"), table)
+    return len(errors)
+
+
+def collect_shards(ds, sizes: dict[str, int], columns: list[str], on_shard: Callable[[str, list[dict]], None],
+                   stats: RunStats, description: str, progress: bool) -> None:
+    """Stream the pipeline's per-image rows to the driver and hand each input shard to ``on_shard``
+    as soon as all of its images are through (rows carry their ``shard``). A shard is never handed
+    over partially: rows lost inside the pipeline make this raise instead."""
+    buffers: dict[str, list[dict]] = defaultdict(list)
+    bar = Progress(sum(sizes.values()), description, progress)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            stats.add_times(batch)
+            n = len(batch["error"])
+            for i in range(n):
+                row = {k: batch[k][i] for k in columns}
+                name = row["shard"]
+                buffers[name].append(row)
+                if len(buffers[name]) == sizes[name]:
+                    on_shard(name, buffers.pop(name))
+            bar.advance(n)
+    finally:
+        bar.close()
+    if buffers:
+        raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(buffers)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Progress and summary
 # ----------------------------------------------------------------------------------------------

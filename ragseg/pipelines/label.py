@@ -18,8 +18,16 @@ import pyarrow as pa
 
 from ragseg import io
 from ragseg.config import JobConfig
-from ragseg.errors import UserError, error_text, errors_table, split_error
-from ragseg.pipelines.common import Progress, RunStats, add_stage, make_shards, print_summary, select_columns
+from ragseg.errors import UserError, error_text, failed_rows_table
+from ragseg.pipelines.common import (
+    RunStats,
+    add_stage,
+    collect_shards,
+    make_shards,
+    print_summary,
+    select_columns,
+    write_source_errors,
+)
 
 MANIFEST = "manifest.json"
 RESULT_COLUMNS = ["image_id", "uri", "shard", "error", "file_name", "height", "width", "segments_info"]
@@ -164,32 +172,16 @@ def run_label(cfg: JobConfig) -> dict[str, Any]:
     pending = [r for r in rows if str(r["image_id"]) not in covered]
     shards = make_shards(pending, lc.images_per_shard, start_index=len(manifest["shards"]))
     stats = RunStats(shards_skipped=len(manifest["shards"]))
-    if source_errors:
-        io.write_parquet_atomic(io.join(out, "errors", "source.parquet"), errors_table(source_errors))
-        stats.errors += len(source_errors)
+    stats.errors += write_source_errors(out, source_errors)
 
     if shards:
         init_ray(cfg.ray)
         sizes = {name: len(chunk) for name, chunk in shards}
         ids = {name: [str(r["image_id"]) for r in chunk] for name, chunk in shards}
         todo = [{**r, "shard": name} for name, chunk in shards for r in chunk]
-        ds = build_graph(cfg, todo, vocab)
-        buffers: dict[str, list[dict]] = defaultdict(list)
-        progress = Progress(len(todo), "label", cfg.ray.progress)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                stats.add_times(batch)
-                for i in range(len(batch["error"])):
-                    row = {k: batch[k][i] for k in RESULT_COLUMNS}
-                    buffers[row["shard"]].append(row)
-                    if len(buffers[row["shard"]]) == sizes[row["shard"]]:
-                        _write_shard(out, manifest, row["shard"], ids[row["shard"]],
-                                     buffers.pop(row["shard"]), vocab, stats)
-                progress.advance(len(batch["error"]))
-        finally:
-            progress.close()
-        if buffers:
-            raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(buffers)}")
+        collect_shards(build_graph(cfg, todo, vocab), sizes, RESULT_COLUMNS,
+                       lambda name, rows: _write_shard(out, manifest, name, ids[name], rows, vocab, stats),
+                       stats, "label", cfg.ray.progress)
 
     assemble_panoptic_json(out, manifest, vocab)
     summary = {"out": out, "images_listed": len(rows), **stats.summary()}
@@ -227,18 +219,14 @@ def _write_shard(out: str, manifest: dict, name: str, image_ids: list[str], rows
                      schema=SEGMENTS_SCHEMA)
     io.write_parquet_atomic(io.join(out, "segments", f"{name}.parquet"), table)
     io.write_json_atomic(io.join(out, "parts", f"{name}.json"), {"annotations": anns})
-    err_rows = []
-    for r in bad:
-        stage, msg = split_error(str(r["error"]))
-        err_rows.append({"uri": r["uri"], "image_id": r["image_id"], "stage": stage, "error": msg})
-    if err_rows:
-        io.write_parquet_atomic(io.join(out, "errors", f"{name}.parquet"), errors_table(err_rows))
+    if bad:
+        io.write_parquet_atomic(io.join(out, "errors", f"{name}.parquet"), failed_rows_table(bad))
     manifest["shards"].append({"name": name, "image_ids": image_ids, "images": len(rows),
-                               "segments": table.num_rows, "errors": len(err_rows)})
+                               "segments": table.num_rows, "errors": len(bad)})
     io.write_json_atomic(io.join(out, MANIFEST), manifest)
     stats.images += len(rows)
     stats.segments += table.num_rows
-    stats.errors += len(err_rows)
+    stats.errors += len(bad)
     stats.empty += sum(1 for a in anns if not a["segments_info"])
     stats.shards_written += 1
 

@@ -62,3 +62,34 @@ def synthetic_root(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic(str(out), images=24, seed=0, size=96, val_fraction=0.25)
     return str(out)
+
+
+@pytest.fixture
+def kill_after_first_shard():
+    return run_and_kill_after_first_shard
+
+
+def run_and_kill_after_first_shard(args: list[str], manifest: str, timeout: float = 240.0) -> int:
+    """Start ``python -c SCRIPT args`` in its own process group and SIGKILL the whole group as soon as
+    ``manifest`` records a shard; returns how many shards it had recorded. Fails if it finished first."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                done = len(json.load(f)["shards"])
+            if done:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.2)
+    proc.wait()
+    assert done, "the job finished (or failed) before it could be killed"
+    return done

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 
 import numpy as np
@@ -146,7 +142,8 @@ run_build_db(cfg)
 """
 
 
-def test_kill_and_rerun_equals_uninterrupted(tmp_path, tiny_cfg_path, synthetic_root, gt_db, ray_local):
+def test_kill_and_rerun_equals_uninterrupted(tmp_path, tiny_cfg_path, synthetic_root, gt_db, ray_local,
+                                             kill_after_first_shard):
     """SIGKILL the driver once the first shard is recorded, rerun: same rows as an uninterrupted run."""
     from ragseg.pipelines.build_db import run_build_db
 
@@ -154,22 +151,8 @@ def test_kill_and_rerun_equals_uninterrupted(tmp_path, tiny_cfg_path, synthetic_
     args = ["source.kind=synthetic", f"source.uri={synthetic_root}", "source.split=train",
             f"build_db.out={out}", "build_db.images_per_shard=3", "ray.images_per_block=3",
             "build_db.masks=gt", "build_db.min_segment_area=0", "ray.num_cpus=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, tiny_cfg_path, *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    manifest = os.path.join(out, "manifest.json")
-    deadline = time.time() + 240
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(manifest) and json.load(open(manifest))["shards"]:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.2)
-    proc.wait()
-    assert killed, "the job finished before it could be killed"
-    done = len(json.load(open(manifest))["shards"])
-    assert done >= 1
+    assert kill_after_first_shard(["-c", KILL_SCRIPT, tiny_cfg_path, *args],
+                                  os.path.join(out, "manifest.json")) >= 1
     run_build_db(load_config(tiny_cfg_path, args[:-1]))
     m, tables = _rows(out)
     got = Counter((i, s, lab) for t in tables for i, s, lab in

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +19,6 @@ from ragseg.errors import UserError
 def world(tmp_path_factory, tiny_cfg_path, ray_local):
     """A bigger synthetic set than the session one, so that retrieval has enough keys per class."""
     from ragseg.index.build import build_index
-
     from ragseg.pipelines.build_db import run_build_db
     from ragseg.sources.synthetic import make_synthetic
 
@@ -102,7 +99,7 @@ def test_outputs_schema_and_cli_eval(world, retrieval_run):
     assert "PQ" in res.stdout
 
 
-def test_rerun_skips_done_and_kill_rerun_identical(world, retrieval_run, tiny_cfg_path):
+def test_rerun_skips_done_and_kill_rerun_identical(world, retrieval_run, tiny_cfg_path, kill_after_first_shard):
     from ragseg.pipelines.label import run_label
 
     ref = _tree_digest(retrieval_run)
@@ -113,19 +110,8 @@ def test_rerun_skips_done_and_kill_rerun_identical(world, retrieval_run, tiny_cf
     args = _label_args(world, out, "label.ensemble.scores=retrieval")
     script = ("import sys\nfrom ragseg.config import load_config\nfrom ragseg.pipelines.label import run_label\n"
               "run_label(load_config(sys.argv[1], sys.argv[2:]))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, tiny_cfg_path, *args, "ray.num_cpus=1"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = os.path.join(out, "manifest.json")
-    deadline, killed = time.time() + 240, False
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(manifest) and json.load(open(manifest))["shards"]:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.2)
-    proc.wait()
-    assert killed
+    kill_after_first_shard(["-c", script, tiny_cfg_path, *args, "ray.num_cpus=1"],
+                                   os.path.join(out, "manifest.json"))
     run_label(load_config(tiny_cfg_path, args))
     got = _tree_digest(out)
     assert got.keys() == ref.keys()

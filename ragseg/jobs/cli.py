@@ -20,8 +20,10 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
 
 
-def _cfg(config: str | None, sets: list[str] | None, extra: list[str] | None = None) -> JobConfig:
-    return load_config(config, list(extra or []) + list(sets or []))
+def _cfg(config: str | None, sets: list[str] | None, options: dict[str, object] | None = None) -> JobConfig:
+    """The config file, then the command's own options (those given), then ``--set`` overrides."""
+    extra = [f"{key}={val}" for key, val in (options or {}).items() if val is not None]
+    return load_config(config, extra + list(sets or []))
 
 
 def _print_json(obj) -> None:
@@ -72,10 +74,7 @@ def build_db_cmd(
     """Source -> (gt masks | detect -> segment) -> embed -> Parquet feature shards + manifest."""
     from ragseg.pipelines.build_db import run_build_db
 
-    extra = [f"build_db.out={out}"] if out else []
-    if address:
-        extra.append(f"ray.address={address}")
-    _print_json(run_build_db(_cfg(config, set_, extra)))
+    _print_json(run_build_db(_cfg(config, set_, {"build_db.out": out, "ray.address": address})))
 
 
 @app.command("build-index")
@@ -92,16 +91,9 @@ def build_index_cmd(
     """Train IVF-PQ on a sample, add shards in parallel, merge on disk, publish a new version."""
     from ragseg.index.build import build_index
 
-    extra = [f"index.out={out}"]
-    if budget_bytes_per_vector is not None:
-        extra.append(f"index.budget_bytes_per_vector={budget_bytes_per_vector}")
-    if factory:
-        extra.append(f"index.factory={factory}")
-    if nprobe is not None:
-        extra.append(f"index.nprobe={nprobe}")
-    if address:
-        extra.append(f"ray.address={address}")
-    _print_json(build_index(db, _cfg(config, set_, extra)))
+    options = {"index.out": out, "index.budget_bytes_per_vector": budget_bytes_per_vector,
+               "index.factory": factory, "index.nprobe": nprobe, "ray.address": address}
+    _print_json(build_index(db, _cfg(config, set_, options)))
 
 
 @app.command("refresh")
@@ -116,10 +108,8 @@ def refresh_cmd(
     """Add the DB's new shards to a new index version (retrain on drift or when forced)."""
     from ragseg.index.build import refresh_index
 
-    extra = [f"index.out={index}"]
-    if address:
-        extra.append(f"ray.address={address}")
-    _print_json(refresh_index(db, _cfg(config, set_, extra), force_retrain=force_retrain))
+    cfg = _cfg(config, set_, {"index.out": index, "ray.address": address})
+    _print_json(refresh_index(db, cfg, force_retrain=force_retrain))
 
 
 @app.command("search")
@@ -165,16 +155,11 @@ def label_cmd(
     """Panoptic pseudo-labels for a corpus: proposals -> masked CLIP -> retrieval + CLIP -> merge."""
     from ragseg.pipelines.label import run_label
 
-    extra = []
+    options: dict[str, object] = {"label.vocab": vocab, "label.index": index, "label.fallback_index": fallback_index,
+                                  "label.out": out, "label.proposals": proposals, "ray.address": address}
     if images:
-        extra += ["label.images.kind=folder", f"label.images.uri={images}"]
-    for key, val in (("vocab", vocab), ("index", index), ("fallback_index", fallback_index), ("out", out),
-                     ("proposals", proposals)):
-        if val:
-            extra.append(f"label.{key}={val}")
-    if address:
-        extra.append(f"ray.address={address}")
-    _print_json(run_label(_cfg(config, set_, extra)))
+        options.update({"label.images.kind": "folder", "label.images.uri": images})
+    _print_json(run_label(_cfg(config, set_, options)))
 
 
 @app.command("visualize")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -125,3 +126,44 @@ def test_query_index_model_mismatch_refused(world, tiny_cfg_path, tmp_path):
     with pytest.raises(UserError, match="same CLIP model and mode"):
         run_label(cfg)
     assert not os.path.exists(tmp_path / "x")
+
+
+def _filtered_db(src: str, dst: str, drop: set[str]) -> None:
+    """A copy of a feature DB without the segments of some classes (real Parquet + manifest)."""
+    import pyarrow.compute as pc
+
+    with open(os.path.join(src, "manifest.json")) as f:
+        m = json.load(f)
+    os.makedirs(os.path.join(dst, "features"))
+    for s in m["shards"]:
+        t = pq.read_table(os.path.join(src, s["path"]))
+        t = t.filter(pc.invert(pc.is_in(t["label"].cast("string"), value_set=pa.array(sorted(drop)))))
+        pq.write_table(t, os.path.join(dst, s["path"]))
+        s["rows"] = t.num_rows
+    with open(os.path.join(dst, "manifest.json"), "w") as f:
+        json.dump(m, f)
+
+
+def test_fallback_index_covers_classes_missing_from_primary(world, tiny_cfg_path):
+    """METHOD.md stage 6: vocabulary classes absent from the primary DB are retrieved from the fallback."""
+    from ragseg.index.build import build_index
+    from ragseg.pipelines.label import run_label
+
+    drop = {"sky", "ball"}
+    db, index = str(world["root"] / "db_primary"), str(world["root"] / "index_primary")
+    _filtered_db(world["db"], db, drop)
+    build_index(db, load_config(tiny_cfg_path, [f"index.out={index}", "index.min_recall_at_10=0"]))
+
+    def pq_of(out, *extra):
+        args = _label_args(world, out, "label.ensemble.scores=retrieval", *extra)
+        args = [a if not a.startswith("label.index=") else f"label.index={index}" for a in args]
+        run_label(load_config(tiny_cfg_path, args))
+        return {c["name"]: c for c in _pq(world, out)["per_class"]}
+
+    without = pq_of(str(world["root"] / "lab_primary_only"))
+    with_fb = pq_of(str(world["root"] / "lab_fallback"), f"label.fallback_index={world['index']}")
+    assert any(without[name]["present"] for name in drop)
+    for name in drop:
+        if without[name]["present"]:
+            assert without[name]["tp"] == 0  # never predicted: the primary DB has no such key
+            assert with_fb[name]["tp"] > 0, with_fb[name]

@@ -119,14 +119,16 @@ class Classify:
                                            set(self.index.labels_vocab))
         return np.asarray(sims, np.float32), np.asarray(labels, dtype=object)
 
-    def score(self, q: np.ndarray, iv_logits: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """All scores of one image's (n, d) queries -> the per-proposal output columns."""
+    def score(self, q: np.ndarray, iv_logits: np.ndarray | None = None,
+              hits: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """All scores of one image's (n, d) queries -> the per-proposal output columns. ``hits``:
+        the queries' neighbours (sims, labels) when already searched (a batch searches once)."""
         n = q.shape[0]
         C = len(self.vocab)
         if n == 0:
             return _empty_outputs()
         if self.index is not None:
-            sims, labels = self._search(q)
+            sims, labels = hits if hits is not None else self._search(q)
             s_ret, support = retrieval_scores(sims, labels, self.vocab, self.ens.retrieval_temperature)
         else:
             s_ret, support = np.zeros((n, C), np.float32), np.zeros(n, bool)
@@ -157,28 +159,49 @@ class Classify:
                 "s_clip": pick(s_clip, self.text_emb is not None),
                 "s_iv": pick(s_iv, s_iv is not None)}
 
+    def _query(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Row ``i``'s checked (n, d) queries and optional in-vocabulary logits."""
+        q = np.asarray(batch["embeddings"][i], dtype=np.float32)
+        if q.ndim == 1 and q.size == 0:
+            q = q.reshape(0, self.dim or 0)
+        if q.ndim != 2:
+            raise ValueError(f"embeddings must be (n, d), got shape {q.shape}")
+        if q.shape[0] and self.dim is not None and q.shape[1] != self.dim:
+            raise ValueError(f"query embeddings have dim {q.shape[1]}, the index/text dim is {self.dim}")
+        if "seg_masks_rle" in batch and len(batch["seg_masks_rle"][i]) != q.shape[0]:
+            raise ValueError(f"{len(batch['seg_masks_rle'][i])} masks but {q.shape[0]} embeddings")
+        iv_col = batch.get("seg_iv_logits")
+        iv = None
+        if iv_col is not None and iv_col[i] is not None and np.size(iv_col[i]) > 0:
+            iv = np.asarray(iv_col[i], dtype=np.float32)
+        return q, iv
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["error"])
         errors = np.asarray(batch["error"], dtype=object).copy()
         cols = {k: np.empty(n, dtype=object) for k in OUT_COLUMNS}
-        iv_col = batch.get("seg_iv_logits")
+        queries: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         for i in range(n):
-            out = _empty_outputs()
             if not errors[i]:
                 try:
-                    q = np.asarray(batch["embeddings"][i], dtype=np.float32)
-                    if q.ndim == 1 and q.size == 0:
-                        q = q.reshape(0, self.dim or 0)
-                    if q.ndim != 2:
-                        raise ValueError(f"embeddings must be (n, d), got shape {q.shape}")
-                    if q.shape[0] and self.dim is not None and q.shape[1] != self.dim:
-                        raise ValueError(f"query embeddings have dim {q.shape[1]}, the index/text dim is {self.dim}")
-                    if "seg_masks_rle" in batch and len(batch["seg_masks_rle"][i]) != q.shape[0]:
-                        raise ValueError(f"{len(batch['seg_masks_rle'][i])} masks but {q.shape[0]} embeddings")
-                    iv = None
-                    if iv_col is not None and iv_col[i] is not None and np.size(iv_col[i]) > 0:
-                        iv = np.asarray(iv_col[i], dtype=np.float32)
-                    out = self.score(q, iv)
+                    queries[i] = self._query(batch, i)
+                except Exception as e:  # noqa: BLE001 - one bad row never stops the job
+                    errors[i] = error_text(STAGE, e)
+        # one index search for every query of the batch, then split per image
+        hits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        rows = [i for i, (q, _) in queries.items() if q.shape[0]]
+        if self.index is not None and rows:
+            sims, labels = self._search(np.concatenate([queries[i][0] for i in rows]))
+            start = 0
+            for i in rows:
+                stop = start + queries[i][0].shape[0]
+                hits[i] = (sims[start:stop], labels[start:stop])
+                start = stop
+        for i in range(n):
+            out = _empty_outputs()
+            if i in queries and not errors[i]:
+                try:
+                    out = self.score(*queries[i], hits=hits.get(i))
                 except Exception as e:  # noqa: BLE001 - one bad row never stops the job
                     errors[i] = error_text(STAGE, e)
                     out = _empty_outputs()

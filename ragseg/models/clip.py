@@ -255,7 +255,10 @@ def image_tensor(image: np.ndarray, bundle: ClipBundle):
         img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] < 3:
         raise ValueError(f"image must be HxWx3, got shape {img.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(img[:, :, :3])).to(bundle.device)
+    rgb = img[:, :, :3]
+    if not (rgb.flags.writeable and rgb.flags.c_contiguous):  # Ray hands out read-only views
+        rgb = np.array(rgb, order="C")
+    x = torch.from_numpy(rgb).to(bundle.device)
     x = x.permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(bundle.mean, device=bundle.device).view(3, 1, 1)
     std = torch.tensor(bundle.std, device=bundle.device).view(3, 1, 1)

@@ -36,8 +36,10 @@ class RayConfig(Strict):
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1)
     object_store_memory: int | None = Field(default=None, ge=50 * 1024 * 1024)
-    # actors per model stage (each holds one copy of the model); GPUs per actor when CUDA exists
-    model_actors: int = Field(default=1, ge=1)
+    # actors per model stage (each holds one copy of the model); GPUs per actor when CUDA exists.
+    # "auto": an autoscaling pool of 1 .. (cluster GPUs / gpus_per_actor, or on a CPU-only cluster
+    # cluster CPUs / cpus_per_actor) actors; an int: a fixed pool of that size
+    model_actors: int | Literal["auto"] = "auto"
     gpus_per_actor: float = Field(default=1.0, gt=0)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     # rows per block read from a source; smaller blocks stream more evenly

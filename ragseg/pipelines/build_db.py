@@ -107,17 +107,17 @@ def build_graph(cfg: JobConfig, rows: list[dict]):
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     per_block = cfg.ray.images_per_block
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
+    model = functools.partial(add_stage, cfg=cfg, actor=True, gpu=True,
+                              model_stages=1 if cfg.build_db.masks == "gt" else 3)
     if cfg.build_db.masks == "gt":
         ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
     else:
         from ragseg.stages.detect import Detect
         from ragseg.stages.segment import Segment
 
-        ds = add_stage(ds, functools.partial(Detect, cfg), "detect", cfg, actor=True,
-                       batch_size=cfg.models.gdino.batch_size, gpu=True)
-        ds = add_stage(ds, functools.partial(Segment, cfg), "segment", cfg, actor=True,
-                       batch_size=per_block, gpu=True)
-    ds = add_stage(ds, functools.partial(Embed, cfg), "embed", cfg, actor=True, batch_size=per_block, gpu=True)
+        ds = model(ds, functools.partial(Detect, cfg), "detect", batch_size=cfg.models.gdino.batch_size)
+        ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block)
+    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block)
     return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
 
 

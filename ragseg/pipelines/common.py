@@ -57,15 +57,32 @@ def _stage_task(batch: dict[str, np.ndarray], factory: Callable[[], Callable], n
     return _timed_call(fn, name, batch)
 
 
+def actor_pool(cfg: JobConfig, num_gpus: float, model_stages: int = 1):
+    """A fixed pool of ``ray.model_actors`` actors, or ("auto") a pool that starts with this stage's
+    share of the cluster (its GPUs for GPU stages, else its CPUs, split evenly over the graph's
+    ``model_stages`` actor stages) and may grow to the whole of it when the others are idle."""
+    import ray
+
+    n = cfg.ray.model_actors
+    if n != "auto":
+        return ray.data.ActorPoolStrategy(size=n)
+    res = ray.cluster_resources()
+    if num_gpus > 0:
+        units = int(res.get("GPU", 0) // num_gpus)
+    else:
+        units = int(res.get("CPU", 1) // cfg.ray.cpus_per_actor)
+    share = max(1, units // max(1, model_stages))
+    return ray.data.ActorPoolStrategy(min_size=share, max_size=max(share, units))
+
+
 def add_stage(ds, factory: Callable[[], Callable], name: str, cfg: JobConfig, *, actor: bool,
-              batch_size: int, gpu: bool = False):
-    """Append a stage to a Ray Dataset: a CPU task, or an actor pool (``cfg.ray.model_actors``
-    actors, ``gpus_per_actor`` GPUs each when the cluster has GPUs)."""
+              batch_size: int, gpu: bool = False, model_stages: int = 1):
+    """Append a stage to a Ray Dataset: a CPU task, or an actor pool (:func:`actor_pool`;
+    ``gpus_per_actor`` GPUs each when the cluster has GPUs)."""
     if not actor:
         token = uuid.uuid4().hex
         return ds.map_batches(_stage_task, fn_kwargs={"factory": factory, "name": name, "token": token},
                               batch_size=batch_size, num_cpus=1)
-    import ray
 
     from ragseg.runtime import cluster_gpus
 
@@ -74,7 +91,7 @@ def add_stage(ds, factory: Callable[[], Callable], name: str, cfg: JobConfig, *,
         StageActor,
         fn_constructor_kwargs={"factory": factory, "name": name},
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
+        compute=actor_pool(cfg, num_gpus, model_stages),
         num_cpus=cfg.ray.cpus_per_actor,
         num_gpus=num_gpus,
     )

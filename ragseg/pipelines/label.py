@@ -113,22 +113,24 @@ def build_graph(cfg: JobConfig, rows: list[dict], vocab):
     n_blocks = max(1, min(len(rows), -(-len(rows) // per_block)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
+    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3}[lc.proposals]  # actor stages in this graph
+    model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
     if lc.proposals == "gt":
         ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
     elif lc.proposals == "gdino-sam":
         from ragseg.stages.detect import Detect
         from ragseg.stages.segment import Segment
 
-        ds = add_stage(ds, functools.partial(Detect, cfg, vocab=list(vocab.names)), "detect", cfg, actor=True,
-                       batch_size=cfg.models.gdino.batch_size, gpu=True)
-        ds = add_stage(ds, functools.partial(Segment, cfg), "segment", cfg, actor=True, batch_size=per_block, gpu=True)
+        ds = model(ds, functools.partial(Detect, cfg, vocab=list(vocab.names)), "detect",
+                   batch_size=cfg.models.gdino.batch_size, gpu=True)
+        ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block, gpu=True)
     else:
         from ragseg.stages.segment import SamGrid
 
-        ds = add_stage(ds, functools.partial(SamGrid, cfg), "sam_grid", cfg, actor=True, batch_size=per_block, gpu=True)
-    ds = add_stage(ds, functools.partial(Embed, cfg), "embed", cfg, actor=True, batch_size=per_block, gpu=True)
-    ds = add_stage(ds, functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), "classify", cfg,
-                   actor=True, batch_size=per_block)
+        ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
+    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
+    ds = model(ds, functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), "classify",
+               batch_size=per_block)
     ds = add_stage(ds, functools.partial(PanopticMerge, cfg, vocab), "merge", cfg, actor=False, batch_size=per_block)
     ds = add_stage(ds, functools.partial(WritePanoptic, lc.out), "write", cfg, actor=False, batch_size=per_block)
     return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)

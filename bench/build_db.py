@@ -124,7 +124,7 @@ def child_loop(config: str, data: str, n: int, masks: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--config", default=str(ROOT / "configs" / "test-tiny.yaml"))
     ap.add_argument("--masks", default="gt", choices=["gt", "detector"])
     ap.add_argument("--size", type=int, default=160)

@@ -71,3 +71,9 @@ def test_help_lists_commands():
     for cmd in ("make-synthetic", "build-db", "build-index", "refresh", "search", "info", "label", "eval",
                 "visualize", "demo"):
         assert cmd in res.stdout
+
+
+def test_usage_error_is_short():
+    res = run("build-db", "--no-such-option")
+    assert res.returncode == 2
+    assert "No such option" in res.stderr and "Traceback" not in res.stderr

@@ -167,3 +167,18 @@ def test_fallback_index_covers_classes_missing_from_primary(world, tiny_cfg_path
         if without[name]["present"]:
             assert without[name]["tp"] == 0  # never predicted: the primary DB has no such key
             assert with_fb[name]["tp"] > 0, with_fb[name]
+
+
+def test_search_region_with_the_real_embedder(world, tiny_cfg_path):
+    """`ragseg search`: a box of a val image, embedded by the tiny real CLIP, against the real index."""
+    from ragseg.index.search import search_region
+
+    images = sorted(os.listdir(world["syn"]["splits"]["val"]["images"]))
+    img = os.path.join(world["syn"]["splits"]["val"]["images"], images[0])
+    hits = search_region(world["index"], img, box="8,8,60,60", k=3, cfg=load_config(tiny_cfg_path))
+    assert len(hits) == 3
+    assert all(h["label"] in world["syn"]["classes"] for h in hits)
+    assert hits[0]["sim"] >= hits[1]["sim"] >= hits[2]["sim"]
+    with pytest.raises(UserError, match="mode"):
+        search_region(world["index"], img, box="8,8,60,60", k=3,
+                      cfg=load_config(tiny_cfg_path, ["models.clip.mode=crop"]))

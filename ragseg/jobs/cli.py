@@ -118,7 +118,7 @@ def search_cmd(
     image: Annotated[str, typer.Option(help="Query image URI.")],
     box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 region.")] = None,
     mask: Annotated[str | None, typer.Option(help="Mask PNG (non-zero = inside).")] = None,
-    k: Annotated[int, typer.Option(help="Neighbours.")] = 10,
+    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours.")] = 10,
     nprobe: Annotated[int | None, typer.Option(help="Lists probed.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -193,19 +193,18 @@ def main() -> None:
     except FileNotFoundError as e:
         typer.echo(f"error: file not found: {e.filename or e}", err=True)
         sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", None) if isinstance(e, typer.Exit) else e.code
         sys.exit(code or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
-
+    except typer.TyperException as e:  # usage errors: unknown option, missing argument, bad value
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {e}", err=True)
+        sys.exit(getattr(e, "exit_code", 2) or 2)
 
 if __name__ == "__main__":
     main()

@@ -18,42 +18,16 @@ from ragseg.errors import error_text
 from ragseg.io import read_bytes
 from ragseg.masks import encode_rle
 from ragseg.sources.gt import load_gt_segments
+from ragseg.stages.batch import as_list, batch_len, errors_of, object_column
 
 EMPTY_IMAGE_SHAPE = (0, 0, 3)
-
-
-def _errors(batch: dict[str, np.ndarray], n: int) -> list[str]:
-    if "error" not in batch:
-        return [""] * n
-    return ["" if e is None else str(e) for e in batch["error"]]
-
-
-def _obj(values: list[Any]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
-def _batch_len(batch: dict[str, np.ndarray]) -> int:
-    for v in batch.values():
-        return len(v)
-    return 0
-
-
-def _as_list(v: Any) -> list:
-    if v is None:
-        return []
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return list(v)
 
 
 def _tidy_labels(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Numpy batches give ``labels`` cells as arrays of strings; hand them back as lists so that Arrow
     stores a list<string> column instead of pickled objects."""
     if "labels" in out:
-        out["labels"] = _obj([[str(x) for x in _as_list(v)] for v in out["labels"]])
+        out["labels"] = object_column([[str(x) for x in as_list(v)] for v in out["labels"]])
     return out
 
 
@@ -80,8 +54,8 @@ class DecodeImages:
         self.cfg = cfg
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = _batch_len(batch)
-        errors = _errors(batch, n)
+        n = batch_len(batch)
+        errors = errors_of(batch, n)
         images, hs, ws = [], [], []
         for i in range(n):
             img = np.zeros(EMPTY_IMAGE_SHAPE, np.uint8)
@@ -98,7 +72,7 @@ class DecodeImages:
             hs.append(img.shape[0])
             ws.append(img.shape[1])
         out = dict(batch)
-        out["image"] = _obj(images)
+        out["image"] = object_column(images)
         out["height"] = np.asarray(hs, dtype=np.int64)
         out["width"] = np.asarray(ws, dtype=np.int64)
         out["error"] = np.asarray(errors, dtype=object)
@@ -143,8 +117,8 @@ class LoadGroundTruth:
                 "seg_scores": scores}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = _batch_len(batch)
-        errors = _errors(batch, n)
+        n = batch_len(batch)
+        errors = errors_of(batch, n)
         cols: dict[str, list] = {k: [] for k in ("seg_masks_rle", "seg_labels", "seg_ids", "seg_isthing",
                                                  "seg_scores")}
         keys = ("image_id", "uri", "gt_format", "gt_png_uri", "gt_segments")
@@ -161,6 +135,6 @@ class LoadGroundTruth:
                 cols[k].append(res[k])
         out = dict(batch)
         for k, v in cols.items():
-            out[k] = _obj(v)
+            out[k] = object_column(v)
         out["error"] = np.asarray(errors, dtype=object)
         return _tidy_labels(out)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ragseg.config import JobConfig
 from ragseg.errors import error_text
+from ragseg.stages.batch import as_list, as_rgb, errors_of, object_column
 
 log = logging.getLogger(__name__)
 
@@ -142,46 +143,6 @@ def merge_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
     keep = batched_nms(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(c), float(nms_iou)).numpy()
     keep = np.sort(keep)[:max_boxes]  # already score-sorted input: sorting indices keeps score order
     return b[keep], s[keep], c[keep]
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers for Ray Data batches
-# ----------------------------------------------------------------------------------------------
-def as_list(value) -> list:
-    """A per-row list cell (list, numpy array, None) -> python list."""
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
-def as_rgb(image) -> np.ndarray:
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    if img.ndim != 3 or img.shape[2] < 3 or img.shape[0] < 1 or img.shape[1] < 1:
-        raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
-    img = img[:, :, :3]
-    if img.dtype != np.uint8:
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(img)
-
-
-def errors_of(batch: dict, n: int) -> list[str]:
-    err = batch.get("error")
-    if err is None:
-        return [""] * n
-    return ["" if e is None else str(e) for e in as_list(err)]
-
-
-def object_column(values: list) -> np.ndarray:
-    col = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        col[i] = v
-    return col
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,24 +17,16 @@ one so only the guilty row is marked.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text
+from ragseg.stages.batch import as_list
 
 log = logging.getLogger(__name__)
 
 STAGE = "embed"
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray):
-        return list(value.tolist()) if value.dtype != object else list(value)
-    return list(value)
 
 
 def decode_masks(rles: list, hw: tuple[int, int]) -> np.ndarray:
@@ -92,7 +84,7 @@ class Embed:
                     img = np.asarray(img.tolist(), dtype=np.uint8)
                 if img.ndim not in (2, 3):
                     raise ValueError(f"image must be HxWx3, got shape {img.shape}")
-                masks = decode_masks(_as_list(rles[i] if rles is not None else None), img.shape[:2])
+                masks = decode_masks(as_list(rles[i] if rles is not None else None), img.shape[:2])
                 if len(masks):
                     prepared[i] = (img, masks)
             except Exception as e:  # noqa: BLE001 - one bad row never stops the batch

@@ -13,7 +13,7 @@ import numpy as np
 from ragseg.config import JobConfig
 from ragseg.errors import error_text
 from ragseg.masks import encode_rle
-from ragseg.stages.detect import as_list, as_rgb, errors_of, object_column
+from ragseg.stages.batch import as_list, as_rgb, errors_of, object_column
 
 log = logging.getLogger(__name__)
 

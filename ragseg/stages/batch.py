@@ -1,0 +1,51 @@
+"""Helpers for Ray Data numpy batches shared by every stage: per-row list cells, the ``error``
+column, object columns of ragged values."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def batch_len(batch: dict[str, np.ndarray]) -> int:
+    for v in batch.values():
+        return len(v)
+    return 0
+
+
+def as_list(value) -> list:
+    """A per-row list cell (list, numpy array, None) -> python list."""
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def as_rgb(image) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[2] < 3 or img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+    img = img[:, :, :3]
+    if img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def errors_of(batch: dict, n: int) -> list[str]:
+    err = batch.get("error")
+    if err is None:
+        return [""] * n
+    return ["" if e is None else str(e) for e in as_list(err)]
+
+
+def object_column(values: list) -> np.ndarray:
+    col = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        col[i] = v
+    return col
+
+

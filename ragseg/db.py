@@ -79,8 +79,17 @@ def write_manifest(db: str, m: dict) -> None:
     io.write_json_atomic(manifest_uri(db), m)
 
 
+def write_shard_inputs(root: str, shard: str, rows: list[dict]) -> str:
+    """Record which images an input shard covers (before any of its outputs); returns the relative
+    path to store in the manifest entry. Used by build-db and label alike."""
+    rel = shard_paths(shard)["inputs"]
+    io.write_json_atomic(io.join(root, rel), {"image_ids": [str(r["image_id"]) for r in rows],
+                                              "uris": [str(r["uri"]) for r in rows]})
+    return rel
+
+
 def covered_image_ids(db: str, m: dict) -> set[str]:
-    """Image ids of every shard the manifest lists (the input files say which)."""
+    """Image ids of every shard the manifest lists (their input files say which)."""
     done: set[str] = set()
     for s in m["shards"]:
         uri = io.join(db, s["inputs"])

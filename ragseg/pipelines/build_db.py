@@ -150,9 +150,7 @@ def run_build_db(cfg: JobConfig) -> dict[str, Any]:
         todo = []
         sizes: dict[str, int] = {}
         for name, chunk in shards:
-            paths = dblib.shard_paths(name)
-            io.write_json_atomic(io.join(out, paths["inputs"]),
-                                 {"image_ids": [str(r["image_id"]) for r in chunk], "uris": [r["uri"] for r in chunk]})
+            dblib.write_shard_inputs(out, name, chunk)
             sizes[name] = len(chunk)
             todo.extend({**r, "shard": name} for r in chunk)
 

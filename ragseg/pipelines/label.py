@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ragseg import db as dblib
 from ragseg import io
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text, failed_rows_table
@@ -168,9 +169,7 @@ def run_label(cfg: JobConfig) -> dict[str, Any]:
 
     source_errors: list[dict] = []
     rows = list_rows(lc.images, errors=source_errors)
-    covered: set[str] = set()
-    for s in manifest["shards"]:
-        covered.update(s["image_ids"])
+    covered = dblib.covered_image_ids(out, manifest)
     pending = [r for r in rows if str(r["image_id"]) not in covered]
     shards = make_shards(pending, lc.images_per_shard, start_index=len(manifest["shards"]))
     stats = RunStats(shards_skipped=len(manifest["shards"]))
@@ -179,10 +178,10 @@ def run_label(cfg: JobConfig) -> dict[str, Any]:
     if shards:
         init_ray(cfg.ray)
         sizes = {name: len(chunk) for name, chunk in shards}
-        ids = {name: [str(r["image_id"]) for r in chunk] for name, chunk in shards}
+        inputs = {name: dblib.write_shard_inputs(out, name, chunk) for name, chunk in shards}
         todo = [{**r, "shard": name} for name, chunk in shards for r in chunk]
         collect_shards(build_graph(cfg, todo, vocab), sizes, RESULT_COLUMNS,
-                       lambda name, rows: _write_shard(out, manifest, name, ids[name], rows, vocab, stats),
+                       lambda name, rows: _write_shard(out, manifest, name, inputs[name], rows, vocab, stats),
                        stats, "label", cfg.ray.progress)
 
     assemble_panoptic_json(out, manifest, vocab)
@@ -191,7 +190,7 @@ def run_label(cfg: JobConfig) -> dict[str, Any]:
     return summary
 
 
-def _write_shard(out: str, manifest: dict, name: str, image_ids: list[str], rows: list[dict], vocab,
+def _write_shard(out: str, manifest: dict, name: str, inputs: str, rows: list[dict], vocab,
                  stats: RunStats) -> None:
     from ragseg.masks import rle_bbox_xyxy
 
@@ -223,7 +222,7 @@ def _write_shard(out: str, manifest: dict, name: str, image_ids: list[str], rows
     io.write_json_atomic(io.join(out, "parts", f"{name}.json"), {"annotations": anns})
     if bad:
         io.write_parquet_atomic(io.join(out, "errors", f"{name}.parquet"), failed_rows_table(bad))
-    manifest["shards"].append({"name": name, "image_ids": image_ids, "images": len(rows),
+    manifest["shards"].append({"name": name, "inputs": inputs, "images": len(rows),
                                "segments": table.num_rows, "errors": len(bad)})
     io.write_json_atomic(io.join(out, MANIFEST), manifest)
     stats.images += len(rows)

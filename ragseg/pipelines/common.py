@@ -179,7 +179,7 @@ class RunStats:
     stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     t0: float = field(default_factory=time.perf_counter)
 
-    def add_times(self, batch: dict[str, np.ndarray], ok: np.ndarray | None = None) -> None:
+    def add_times(self, batch: dict[str, np.ndarray]) -> None:
         for k, v in batch.items():
             if k.startswith(TIME_PREFIX):
                 self.stage_seconds[k[len(TIME_PREFIX):]] += float(np.sum(v))

@@ -146,6 +146,43 @@ def remove(uri: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
+COMPLETE_MARK = ".complete"
+
+
+def cached_dir_complete(dest: str) -> bool:
+    """True when ``dest`` was filled completely by :func:`download_dir`."""
+    return os.path.exists(os.path.join(dest, COMPLETE_MARK))
+
+
+def download_dir(uri: str, names: list[str] | tuple[str, ...], dest: str) -> list[str]:
+    """Copy the files ``names`` (relative paths) of the folder ``uri`` (any fsspec URI) into the local
+    folder ``dest``, whole or not at all: into a temporary sibling first, marked complete, then renamed
+    into place. A name the source lacks is skipped; returns the names copied."""
+    import shutil
+
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = f"{dest}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    got: list[str] = []
+    try:
+        for name in names:
+            out = os.path.join(tmp, *name.split("/"))
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            try:
+                with fsspec.open(uri.rstrip("/") + "/" + name, "rb") as f, open(out, "wb") as g:
+                    shutil.copyfileobj(f, g, 1 << 22)
+                got.append(name)
+            except FileNotFoundError:
+                if os.path.exists(out):
+                    os.remove(out)
+        open(os.path.join(tmp, COMPLETE_MARK), "w").close()
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return got
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -167,7 +167,9 @@ def prune(uri: str, keep: int, grace_s: float = 600.0, now: float | None = None)
 # Reading
 # ----------------------------------------------------------------------------------------------
 def cache_root() -> str:
-    return os.environ.get("RAGSEG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ragseg")
+    from ragseg.models.weights import cache_root as weights_cache_root
+
+    return str(weights_cache_root())
 
 
 def local_version_dir(uri: str, version: str) -> str:
@@ -176,22 +178,11 @@ def local_version_dir(uri: str, version: str) -> str:
         return os.path.join(local_path(uri), version)
     key = hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
     dest = os.path.join(cache_root(), "index", key, version)
-    done = os.path.join(dest, ".complete")
-    if os.path.exists(done):
-        return dest
-    tmp = dest + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    fs, base = rio.fs_and_path(rio.join(uri, version))
-    for name in READ_FILES:
-        src = f"{base}/{name}"
-        if name == IVFDATA and not fs.exists(src):
-            continue
-        fs.get(src, os.path.join(tmp, name))
-    open(os.path.join(tmp, ".complete"), "w").close()
-    shutil.rmtree(dest, ignore_errors=True)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    os.replace(tmp, dest)
+    if not rio.cached_dir_complete(dest):
+        got = rio.download_dir(rio.join(uri, version), READ_FILES, dest)
+        missing = [n for n in READ_FILES if n not in got and n != IVFDATA]  # IVFDATA: absent for flat codes
+        if missing:
+            raise UserError(f"index version {rio.join(uri, version)} lacks {missing}")
     return dest
 
 

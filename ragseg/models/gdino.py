@@ -24,9 +24,9 @@ import os
 import posixpath
 import shutil
 import string
-import uuid
 from typing import Any
 
+from ragseg import io as rio
 from ragseg.config import GroundingDinoConfig, ModelsConfig, WeightsConfig
 from ragseg.errors import UserError
 
@@ -122,51 +122,23 @@ _MODEL_DIR_FILES = (
 
 def fetch_model_dir(uri: str, weights_cfg: WeightsConfig | None = None) -> str:
     """Copy a remote saved-model directory (bucket or URL) into the cache once; return the local dir."""
-    import fsspec
     from fsspec.core import url_to_fs
 
     dest = os.path.join(cache_root(weights_cfg), "gdino", _key(uri))
-    if os.path.exists(os.path.join(dest, ".complete")):
+    if rio.cached_dir_complete(dest):
         return dest
     if weights_cfg is not None and weights_cfg.offline:
         raise UserError(f"Grounding DINO model {uri} is not in the cache ({dest}) and weights.offline is set")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
+    fs, root = url_to_fs(uri)
     try:
-        fs, root = url_to_fs(uri)
-        names: list[str] = []
-        try:
-            names = [
-                posixpath.relpath(p, root.rstrip("/"))
-                for p in fs.find(root)
-                if not posixpath.basename(p).startswith(".")
-            ]
-        except Exception:  # noqa: BLE001 - http servers cannot list; try the known file names
-            names = []
-        if not names:
-            names = list(_MODEL_DIR_FILES)
-        got = 0
-        for name in names:
-            src = uri.rstrip("/") + "/" + name
-            out = os.path.join(tmp, *name.split("/"))
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            try:
-                with fsspec.open(src, "rb") as f, open(out, "wb") as g:
-                    shutil.copyfileobj(f, g, 1 << 22)
-                got += 1
-            except FileNotFoundError:
-                if os.path.exists(out):
-                    os.remove(out)
-        if not os.path.exists(os.path.join(tmp, "config.json")):
-            raise UserError(f"Grounding DINO model dir {uri} has no config.json ({got} files found)")
-        open(os.path.join(tmp, ".complete"), "w").close()
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        names = [posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root)
+                 if not posixpath.basename(p).startswith(".")]
+    except Exception:  # noqa: BLE001 - http servers cannot list; try the known file names
+        names = []
+    got = rio.download_dir(uri, names or list(_MODEL_DIR_FILES), dest)
+    if "config.json" not in got:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise UserError(f"Grounding DINO model dir {uri} has no config.json ({len(got)} files found)")
     return dest
 
 
@@ -203,11 +175,7 @@ def _tiny_tokenizer(weights_cfg: WeightsConfig | None):
     d = os.path.join(cache_root(weights_cfg), "gdino-tiny")
     path = os.path.join(d, f"vocab-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt")
     if not os.path.exists(path):
-        os.makedirs(d, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        rio.write_text_atomic(path, text)
     with open(path, encoding="utf-8") as f:
         mapping = {line.rstrip("\n"): i for i, line in enumerate(f) if line.rstrip("\n")}
     tok = BertTokenizerFast(vocab=mapping, do_lower_case=True)

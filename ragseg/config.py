@@ -34,6 +34,8 @@ class RayConfig(Strict):
     local Ray is started with the CPU and object-store caps below."""
 
     address: str | None = None
+    # the address a fresh local instance binds to (with no address / RAY_ADDRESS)
+    node_ip_address: str = "127.0.0.1"
     num_cpus: int | None = Field(default=None, ge=1)
     object_store_memory: int | None = Field(default=None, ge=50 * 1024 * 1024)
     # actors per model stage (each holds one copy of the model); GPUs per actor when CUDA exists.
@@ -240,6 +242,22 @@ class LabelConfig(Strict):
     ensemble: EnsembleConfig = EnsembleConfig()
     merge: MergeConfig = MergeConfig()
     images_per_shard: int = Field(default=64, ge=1)
+    # OUT/panoptic.json, merged from the per-piece parts at the end: always, never, or (auto) when
+    # the output holds at most panoptic_json_max_images images (a 10M-image JSON helps nobody)
+    panoptic_json: Literal["auto", "always", "never"] = "auto"
+    panoptic_json_max_images: int = Field(default=200_000, ge=0)
+
+
+class CommitConfig(Strict):
+    """How a job commits its output pieces (ragseg.ledger): the driver folds the workers' commit
+    records into a manifest segment every ``compact_every`` pieces or ``compact_seconds`` seconds;
+    at start, more than ``max_segments`` segments are consolidated into one. ``lease_ttl_s``: a
+    writer's lease on its output folder expires this long after its last renewal."""
+
+    compact_every: int = Field(default=1000, ge=1)
+    compact_seconds: float = Field(default=60.0, gt=0)
+    max_segments: int = Field(default=64, ge=1)
+    lease_ttl_s: float = Field(default=120.0, ge=3)
 
 
 class DemoConfig(Strict):
@@ -258,6 +276,7 @@ class JobConfig(Strict):
     build_db: BuildDbConfig = BuildDbConfig()
     index: IndexConfig = IndexConfig()
     label: LabelConfig = LabelConfig()
+    commit: CommitConfig = CommitConfig()
     demo: DemoConfig = DemoConfig()
 
     def hash(self, *sections: str) -> str:

@@ -1,72 +1,47 @@
 """The feature database layout (output of build-db, input of build-index / refresh).
 
 ```
-<db>/manifest.json            shards done, rows, config hash, models, embedding model/mode/dim
-<db>/inputs/<shard>.json      the image ids (and URIs) an input shard covers, written before its features
-<db>/features/<shard>.parquet one row per segment (ragseg.schema.feature_schema)
-<db>/errors/<shard>.parquet   bad inputs of that shard (ragseg.errors.ERRORS_SCHEMA)
+<db>/manifest.json               header: format 2, embedding model/mode/dim, models, runs, segments
+<db>/_manifest/seg-*.parquet     compacted commit records (ragseg.ledger.RECORD_SCHEMA)
+<db>/_commits/<piece>.json       commit records not compacted yet
+<db>/features/<piece>.parquet    one row per segment (ragseg.schema.feature_schema)
+<db>/errors/<piece>.parquet      bad inputs of that piece (ragseg.errors.ERRORS_SCHEMA)
+<db>/_lease.json                 the running writer's lease
 ```
 
-Exactly-once: a shard's files are written atomically under names derived from its content and only
-then recorded in the manifest (itself replaced atomically). A rerun after a kill recomputes the
-pending images, which chunk into the same shards, and overwrites any unrecorded leftovers; readers
-only trust what the manifest lists.
+Exactly-once (ragseg.ledger): a worker writes a piece's files, then its commit record; readers only
+trust committed pieces. A rerun after a kill recomputes the images no committed piece covers.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from ragseg import io
+import pyarrow as pa
+
+from ragseg import io, ledger
 from ragseg.errors import UserError
 
-MANIFEST = "manifest.json"
-FORMAT = 1
+KIND = "db"
 
 
-def manifest_uri(db: str) -> str:
-    return io.join(db, MANIFEST)
+def piece_paths(name: str) -> dict[str, str]:
+    return {"features": f"features/{name}.parquet", "errors": f"errors/{name}.parquet"}
 
 
-def shard_paths(shard: str) -> dict[str, str]:
-    return {
-        "inputs": f"inputs/{shard}.json",
-        "features": f"features/{shard}.parquet",
-        "errors": f"errors/{shard}.parquet",
-    }
+def open_db(db: str) -> ledger.Ledger | None:
+    """Header and committed pieces of a DB; None for a DB that does not exist yet."""
+    return ledger.load(db, KIND)
 
 
-def read_manifest(db: str) -> dict[str, Any] | None:
-    uri = manifest_uri(db)
-    if not io.exists(uri):
-        return None
-    try:
-        m = io.read_json(uri)
-    except ValueError as e:
-        raise UserError(f"DB manifest {uri} is not valid JSON: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
-        raise UserError(f"DB manifest {uri} is not a ragseg feature-DB manifest (format {FORMAT})")
-    return m
+def new_header(embed_model: str, embed_mode: str, dim: int, models_hash: str, models: dict) -> dict:
+    return ledger.new_header(KIND, embed_model=embed_model, embed_mode=embed_mode, dim=int(dim),
+                             models_hash=models_hash, models=models)
 
 
-def new_manifest(embed_model: str, embed_mode: str, dim: int, models_hash: str, models: dict) -> dict:
-    return {
-        "format": FORMAT,
-        "embed_model": embed_model,
-        "embed_mode": embed_mode,
-        "dim": int(dim),
-        "models_hash": models_hash,
-        "models": models,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "runs": [],
-        "shards": [],
-    }
-
-
-def check_compatible(m: dict, embed_model: str, embed_mode: str, dim: int, db: str) -> None:
+def check_compatible(h: dict, embed_model: str, embed_mode: str, dim: int, db: str) -> None:
     """A DB holds one embedding space: a different model, mode or dim is refused."""
-    have = (m["embed_model"], m["embed_mode"], int(m["dim"]))
+    have = (h["embed_model"], h["embed_mode"], int(h["dim"]))
     want = (embed_model, embed_mode, int(dim))
     if have != want:
         raise UserError(
@@ -75,26 +50,68 @@ def check_compatible(m: dict, embed_model: str, embed_mode: str, dim: int, db: s
         )
 
 
-def write_manifest(db: str, m: dict) -> None:
-    io.write_json_atomic(manifest_uri(db), m)
+def write_db(db: str, dim: int, pieces: dict[str, pa.Table], embed_model: str = "test",
+             embed_mode: str = "pool") -> None:
+    """Write a complete DB from ready feature tables (benchmarks and tests that feed realistic rows
+    into the index without running models): each table becomes one committed piece."""
+    header = new_header(embed_model, embed_mode, dim, "", {})
+    ledger.write_header(db, header)
+    comp = ledger.Compactor(db, header, every=len(pieces) or 1, seconds=float("inf"))
+    for name, table in pieces.items():
+        paths = piece_paths(name)
+        io.write_parquet_atomic(io.join(db, paths["features"]), table)
+        ids = sorted({str(v) for v in table.column("image_id").to_pylist()}) if "image_id" in table.column_names else []
+        rec = ledger.new_record(name, ids, images=len(ids), segments=table.num_rows, errors=0, empty_images=0,
+                                data_path=paths["features"], errors_path=None, parts_path=None, stage_seconds={})
+        ledger.write_commit(db, rec)
+        comp.add(rec)
+    comp.flush()
 
 
-def write_shard_inputs(root: str, shard: str, rows: list[dict]) -> str:
-    """Record which images an input shard covers (before any of its outputs); returns the relative
-    path to store in the manifest entry. Used by build-db and label alike."""
-    rel = shard_paths(shard)["inputs"]
-    io.write_json_atomic(io.join(root, rel), {"image_ids": [str(r["image_id"]) for r in rows],
-                                              "uris": [str(r["uri"]) for r in rows]})
-    return rel
+def migrate_v1(root: str, kind: str) -> dict[str, Any]:
+    """Upgrade a format-1 folder (one ``manifest.json`` listing every shard, ``inputs/<shard>.json``)
+    to format 2 in place: one segment with a record per listed shard, then the new header. The inputs
+    files are read with one bulk (concurrent) read. Idempotent: a format-2 folder is left as is."""
+    import json
 
-
-def covered_image_ids(db: str, m: dict) -> set[str]:
-    """Image ids of every shard the manifest lists (their input files say which)."""
-    done: set[str] = set()
-    for s in m["shards"]:
-        uri = io.join(db, s["inputs"])
-        try:
-            done.update(io.read_json(uri)["image_ids"])
-        except FileNotFoundError:
-            raise UserError(f"DB {db}: manifest lists shard {s['name']} but {uri} is missing") from None
-    return done
+    uri = ledger.manifest_uri(root)
+    try:
+        old = io.read_json(uri)
+    except FileNotFoundError:
+        raise UserError(f"{uri} not found: {root} is not a ragseg output folder") from None
+    if old.get("format") == ledger.FORMAT:
+        return {"migrated": False, "message": f"{root} is already format {ledger.FORMAT}"}
+    if old.get("format") != 1 or not isinstance(old.get("shards"), list):
+        raise UserError(f"{uri} is not a ragseg manifest of format 1 or {ledger.FORMAT}")
+    shards = old["shards"]
+    inputs = ledger._cat([io.join(root, s["inputs"]) for s in shards])
+    records = []
+    for s in shards:
+        data = inputs[io.join(root, s["inputs"])]
+        if isinstance(data, Exception):
+            raise UserError(f"{root}: manifest lists shard {s['name']} but {s['inputs']} is unreadable ({data})")
+        ids = json.loads(data)["image_ids"]
+        if kind == KIND:
+            data_path, parts = s["path"], None
+            segs = int(s["rows"])
+        else:
+            data_path, parts = f"segments/{s['name']}.parquet", f"parts/{s['name']}.json"
+            segs = int(s.get("segments", 0))
+        errs = int(s.get("errors", 0))
+        rec = ledger.new_record(s["name"], ids, images=int(s.get("images", len(ids))), segments=segs, errors=errs,
+                                empty_images=int(s.get("empty_images", 0)), data_path=data_path,
+                                errors_path=(s.get("errors_path") or f"errors/{s['name']}.parquet") if errs else None,
+                                parts_path=parts, stage_seconds={})
+        records.append(rec)
+    fields = {k: v for k, v in old.items() if k not in ("format", "shards", "runs", "created")}
+    header = ledger.new_header(kind, **fields)
+    header["runs"] = old.get("runs", [])
+    header["migrated_from"] = 1
+    # the new header is written last: until then the folder still reads as format 1
+    comp = ledger.Compactor(root, header, every=max(1, len(records)), seconds=float("inf"))
+    comp.header = header
+    if records:
+        comp._write(records, [])
+    else:
+        ledger.write_header(root, header)
+    return {"migrated": True, "pieces": len(records), "message": f"{root}: {len(records)} shards migrated to format 2"}

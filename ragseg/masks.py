@@ -7,12 +7,27 @@ import json
 import numpy as np
 from pycocotools import mask as mask_utils
 
+# The per-image segment columns every mask-making stage outputs (lists, one entry per segment):
+# RLE json, label, id, isthing, score, area (pixels) and tight xyxy box, the last two computed
+# from the mask where it is made (encode_rle_stats).
+SEG_COLUMNS = ("seg_masks_rle", "seg_labels", "seg_ids", "seg_isthing", "seg_scores", "seg_areas", "seg_boxes")
+
 
 def encode_rle(mask: np.ndarray) -> str:
     """HxW bool/uint8 mask -> compact COCO RLE as a JSON string ``{"size": [h, w], "counts": str}``."""
     m = np.asfortranarray(np.asarray(mask, dtype=np.uint8))
     rle = mask_utils.encode(m)
     return json.dumps({"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")})
+
+
+def encode_rle_stats(mask: np.ndarray) -> tuple[str, int, list[float]]:
+    """Encode a mask once and read its area and tight xyxy box from the same RLE, where the mask is
+    made: no later step needs to decode it again for them."""
+    m = np.asfortranarray(np.asarray(mask, dtype=np.uint8))
+    rle = mask_utils.encode(m)
+    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+    text = json.dumps({"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")})
+    return text, int(mask_utils.area(rle)), [x, y, x + w, y + h]
 
 
 def _as_rle(rle: str | dict) -> dict:

@@ -6,13 +6,20 @@ import logging
 import os
 
 from ragseg.config import DeviceConfig, RayConfig
+from ragseg.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:
-    """Join a cluster (``address`` argument, then ``cfg.address``, then ``RAY_ADDRESS``) or start a
-    local Ray capped at ``cfg.num_cpus`` CPUs and ``cfg.object_store_memory`` bytes of object store."""
+    """Join a cluster or start a fresh local Ray.
+
+    The address comes from the ``address`` argument, then ``cfg.address``, then ``RAY_ADDRESS``
+    (``auto`` joins the cluster this machine belongs to). Without one a *new* local instance is
+    started (``address="local"``: a stale cluster file from a crashed ``ray start`` is ignored), capped
+    at ``cfg.num_cpus`` CPUs and ``cfg.object_store_memory`` bytes, bound to ``cfg.node_ip_address``
+    (127.0.0.1 by default: nothing but this machine talks to a local instance). A cluster that
+    cannot be reached is a :class:`UserError` (one line, exit code 2)."""
     # Ray Data's per-dataset INFO lines and its own progress bars would fight with ours
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     import ray
@@ -21,18 +28,25 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     addr = address or cfg.address or os.environ.get("RAY_ADDRESS")
-    # ship the working package to cluster workers unless it is installed there
-    if addr:
-        ray.init(address=addr, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            object_store_memory=cfg.object_store_memory,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level=logging.WARNING,
-        )
+    try:
+        if addr and addr != "local":
+            ray.init(address=addr, log_to_driver=True, logging_level=logging.WARNING)
+        else:
+            os.environ.pop("RAY_ADDRESS", None)  # "local" must not be overridden by the environment
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus,
+                object_store_memory=cfg.object_store_memory,
+                _node_ip_address=cfg.node_ip_address,
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level=logging.WARNING,
+            )
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+        msg = " ".join(str(e).split())[:300]
+        where = f"the Ray cluster at {addr!r}" if addr and addr != "local" else "a local Ray instance"
+        raise UserError(f"could not start or reach {where}: {type(e).__name__}: {msg}") from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ragseg draws one bar over images (ray.progress)
     ctx.max_errored_blocks = cfg.max_errored_blocks

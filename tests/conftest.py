@@ -69,10 +69,28 @@ def kill_after_first_shard():
     return run_and_kill_after_first_shard
 
 
-def run_and_kill_after_first_shard(args: list[str], manifest: str, timeout: float = 240.0) -> int:
+def committed_pieces(out: str) -> int:
+    """Pieces committed in a local output folder (commit objects + compacted segments)."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    commits = os.path.join(out, "_commits")
+    if os.path.isdir(commits):
+        n += sum(1 for f in os.listdir(commits) if f.endswith(".json") and not f.startswith(".tmp-"))
+    try:
+        import json
+
+        with open(os.path.join(out, "manifest.json")) as f:
+            segs = json.load(f).get("segments", [])
+        n += sum(pq.read_metadata(os.path.join(out, s)).num_rows for s in segs)
+    except (FileNotFoundError, ValueError, OSError):
+        pass
+    return n
+
+
+def run_and_kill_after_first_shard(args: list[str], out: str, timeout: float = 240.0) -> int:
     """Start ``python -c SCRIPT args`` in its own process group and SIGKILL the whole group as soon as
-    ``manifest`` records a shard; returns how many shards it had recorded. Fails if it finished first."""
-    import json
+    the output folder ``out`` has a committed piece; returns how many it had. Fails if it finished first."""
     import signal
     import subprocess
     import sys
@@ -83,12 +101,10 @@ def run_and_kill_after_first_shard(args: list[str], manifest: str, timeout: floa
     deadline = time.time() + timeout
     done = 0
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(manifest):
-            with open(manifest) as f:
-                done = len(json.load(f)["shards"])
-            if done:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
+        done = committed_pieces(out)
+        if done:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
         time.sleep(0.2)
     proc.wait()
     assert done, "the job finished (or failed) before it could be killed"

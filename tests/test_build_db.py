@@ -23,8 +23,12 @@ def _cfg(tiny_cfg_path, synthetic_root, out, *extra):
 
 
 def _rows(db):
-    m = json.load(open(os.path.join(db, "manifest.json")))
-    tables = [pq.read_table(os.path.join(db, s["path"])) for s in m["shards"]]
+    """(header + totals, feature tables of the committed pieces), read through the ledger."""
+    from ragseg.db import open_db
+
+    led = open_db(db)
+    m = {**led.header, "pieces": led.records.to_pylist()}
+    tables = [pq.read_table(os.path.join(db, p["data_path"])) for p in m["pieces"]]
     return m, tables
 
 
@@ -55,7 +59,11 @@ def test_gt_mode_rows_labels_norms(gt_db, synthetic_root):
     db, summary = gt_db
     m, tables = _rows(db)
     total = sum(t.num_rows for t in tables)
-    assert total == summary["segments"] == sum(s["rows"] for s in m["shards"]) > 0
+    assert total == summary["segments"] == sum(p["segments"] for p in m["pieces"]) > 0
+    # the writer's identity is in every record; the pieces cover each image exactly once
+    ids = [i for p in m["pieces"] for i in p["image_ids"]]
+    assert len(ids) == len(set(ids)) == summary["images"]
+    assert all(p["pid"] > 0 and p["host"] for p in m["pieces"])
     assert summary["errors"] == 0
     gt, rows = _gt_segments(synthetic_root)
     assert summary["images"] == len(rows)
@@ -69,7 +77,7 @@ def test_gt_mode_rows_labels_norms(gt_db, synthetic_root):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
     t = tables[0]
     assert set(t["label_source"].to_pylist()) == {"gt"}
-    assert t.schema.field("embedding").type.value_type == pq.read_schema(os.path.join(db, m["shards"][0]["path"])).field("embedding").type.value_type
+    assert t.schema.field("embedding").type.value_type == pq.read_schema(os.path.join(db, m["pieces"][0]["data_path"])).field("embedding").type.value_type
     # ids unique within the DB
     keys = [(i, s) for tt in tables for i, s in zip(tt["image_id"].to_pylist(), tt["segment_id"].to_pylist())]
     assert len(keys) == len(set(keys))
@@ -87,10 +95,10 @@ def test_rerun_is_noop_and_other_model_refused(gt_db, tiny_cfg_path, synthetic_r
     from ragseg.pipelines.build_db import run_build_db
 
     db, _ = gt_db
-    before = json.load(open(os.path.join(db, "manifest.json")))["shards"]
+    before = _rows(db)[0]["pieces"]
     s = run_build_db(_cfg(tiny_cfg_path, synthetic_root, db, "build_db.masks=gt", "build_db.min_segment_area=0"))
     assert s["shards_written"] == 0 and s["images"] == 0
-    assert json.load(open(os.path.join(db, "manifest.json")))["shards"] == before
+    assert _rows(db)[0]["pieces"] == before
     with pytest.raises(UserError, match="mode=crop"):
         run_build_db(_cfg(tiny_cfg_path, synthetic_root, db, "models.clip.mode=crop"))
 
@@ -151,8 +159,7 @@ def test_kill_and_rerun_equals_uninterrupted(tmp_path, tiny_cfg_path, synthetic_
     args = ["source.kind=synthetic", f"source.uri={synthetic_root}", "source.split=train",
             f"build_db.out={out}", "build_db.images_per_shard=3", "ray.images_per_block=3",
             "build_db.masks=gt", "build_db.min_segment_area=0", "ray.num_cpus=1"]
-    assert kill_after_first_shard(["-c", KILL_SCRIPT, tiny_cfg_path, *args],
-                                  os.path.join(out, "manifest.json")) >= 1
+    assert kill_after_first_shard(["-c", KILL_SCRIPT, tiny_cfg_path, *args], out) >= 1
     run_build_db(load_config(tiny_cfg_path, args[:-1]))
     m, tables = _rows(out)
     got = Counter((i, s, lab) for t in tables for i, s, lab in

@@ -46,16 +46,22 @@ def _pq(world, out):
 
 
 def _tree_digest(out):
+    """The output's content, independent of how images were grouped into pieces: every PNG's bytes,
+    the multiset of segment rows and of part lines, and panoptic.json with its lists sorted."""
+    from ragseg.labels_out import iter_images
+
     h = {}
-    for sub in ("panoptic", "parts", "segments"):
-        d = os.path.join(out, sub)
-        for f in sorted(os.listdir(d)):
-            if ".tmp-" not in f:
-                data = open(os.path.join(d, f), "rb").read()
-                if f.endswith(".parquet"):
-                    data = json.dumps(pq.read_table(os.path.join(d, f)).to_pylist(), sort_keys=True).encode()
-                h[f"{sub}/{f}"] = hashlib.sha256(data).hexdigest()
-    h["panoptic.json"] = hashlib.sha256(open(os.path.join(out, "panoptic.json"), "rb").read()).hexdigest()
+    d = os.path.join(out, "panoptic")
+    for f in sorted(os.listdir(d)):
+        if ".tmp-" not in f:
+            h[f"panoptic/{f}"] = hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+    seg = pq.read_table(os.path.join(out, "segments")).to_pylist()
+    h["segments"] = sorted(json.dumps(r, sort_keys=True) for r in seg)
+    h["parts"] = sorted(json.dumps(a, sort_keys=True) for a in iter_images(out))
+    doc = json.load(open(os.path.join(out, "panoptic.json")))
+    for k in ("images", "annotations"):
+        doc[k] = sorted(doc[k], key=lambda a: str(a.get("id", a.get("image_id"))))
+    h["panoptic.json"] = doc
     return h
 
 
@@ -111,8 +117,7 @@ def test_rerun_skips_done_and_kill_rerun_identical(world, retrieval_run, tiny_cf
     args = _label_args(world, out, "label.ensemble.scores=retrieval")
     script = ("import sys\nfrom ragseg.config import load_config\nfrom ragseg.pipelines.label import run_label\n"
               "run_label(load_config(sys.argv[1], sys.argv[2:]))\n")
-    kill_after_first_shard(["-c", script, tiny_cfg_path, *args, "ray.num_cpus=1"],
-                                   os.path.join(out, "manifest.json"))
+    kill_after_first_shard(["-c", script, tiny_cfg_path, *args, "ray.num_cpus=1"], out)
     run_label(load_config(tiny_cfg_path, args))
     got = _tree_digest(out)
     assert got.keys() == ref.keys()
@@ -129,19 +134,17 @@ def test_query_index_model_mismatch_refused(world, tiny_cfg_path, tmp_path):
 
 
 def _filtered_db(src: str, dst: str, drop: set[str]) -> None:
-    """A copy of a feature DB without the segments of some classes (real Parquet + manifest)."""
+    """A copy of a feature DB without the segments of some classes (real Parquet, committed pieces)."""
     import pyarrow.compute as pc
 
-    with open(os.path.join(src, "manifest.json")) as f:
-        m = json.load(f)
-    os.makedirs(os.path.join(dst, "features"))
-    for s in m["shards"]:
-        t = pq.read_table(os.path.join(src, s["path"]))
-        t = t.filter(pc.invert(pc.is_in(t["label"].cast("string"), value_set=pa.array(sorted(drop)))))
-        pq.write_table(t, os.path.join(dst, s["path"]))
-        s["rows"] = t.num_rows
-    with open(os.path.join(dst, "manifest.json"), "w") as f:
-        json.dump(m, f)
+    from ragseg.db import open_db, write_db
+
+    led = open_db(src)
+    pieces = {}
+    for p in led.records.to_pylist():
+        t = pq.read_table(os.path.join(src, p["data_path"]))
+        pieces[p["name"]] = t.filter(pc.invert(pc.is_in(t["label"].cast("string"), value_set=pa.array(sorted(drop)))))
+    write_db(dst, int(led.header["dim"]), pieces, led.header["embed_model"], led.header["embed_mode"])
 
 
 def test_fallback_index_covers_classes_missing_from_primary(world, tiny_cfg_path):

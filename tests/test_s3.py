@@ -76,12 +76,17 @@ def test_build_db_from_and_to_s3(s3_env, synthetic_root, tiny_cfg_path):
     assert summary["images"] == 4 and summary["errors"] == 0 and summary["segments"] > 0
 
     fs.invalidate_cache()
-    manifest = json.loads(fs.cat("ragseg-test/db/manifest.json"))
-    assert len(manifest["shards"]) == 2
     import pyarrow.parquet as pq
 
-    rows = sum(pq.read_table(f"ragseg-test/db/{s['path']}", filesystem=fs).num_rows for s in manifest["shards"])
+    from ragseg.db import open_db
+
+    led = open_db("s3://ragseg-test/db")
+    pieces = led.records.to_pylist()
+    assert len(pieces) == 2 and sum(p["images"] for p in pieces) == 4
+    assert not led.uncompacted  # the end of the run compacted every commit record into the manifest
+    rows = sum(pq.read_table(f"ragseg-test/db/{p['data_path']}", filesystem=fs).num_rows for p in pieces)
     assert rows == summary["segments"]
+    assert not fs.exists("ragseg-test/db/_lease.json")  # released
     # no temporary litter left in the bucket
     assert not [p for p in fs.find("ragseg-test/db") if ".tmp-" in p]
 

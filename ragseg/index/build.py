@@ -1,8 +1,9 @@
 """Build and refresh index versions from a feature DB (see store.py for the version layout).
 
 build_index:
-  1. read ``<db>/manifest.json`` and check every listed shard (file exists, is Parquet, row count
-     and embedding dim match the manifest) -> UserError naming the file otherwise;
+  1. read the DB's committed pieces (ragseg.ledger, bulk reads) and check with one listing that
+     every piece's file exists (row counts and dims are checked where each file is read)
+     -> UserError naming the file otherwise;
   2. choose parameters (params.choose_params) from N, dim and the budget;
   3. draw the training sample and the recall queries: row positions chosen uniformly over all rows
      with ``numpy.random.default_rng(cfg.index.seed)``, read by one Ray task per shard;
@@ -93,31 +94,24 @@ class FeatureDb:
 
 
 def load_db(db_uri: str, check_files: bool = True) -> FeatureDb:
-    """Read and check ``<db>/manifest.json`` and the shard files it lists."""
-    mpath = rio.join(db_uri, "manifest.json")
-    if not rio.exists(mpath):
-        raise UserError(f"feature DB manifest not found: {mpath} (run build-db first)")
-    try:
-        man = rio.read_json(mpath)
-    except ValueError as e:
-        raise UserError(f"feature DB manifest {mpath} is not valid JSON: {e}") from None
-    try:
-        dim = int(man["dim"])
-        shards_raw = man["shards"]
-        shards = tuple(
-            DbShard(str(s["name"]), rio.join(db_uri, s["path"]), int(s["rows"]), str(s.get("input_key", "")))
-            for s in shards_raw
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"feature DB manifest {mpath} is malformed ({type(e).__name__}: {e})") from None
-    names = [s.name for s in shards]
-    if len(set(names)) != len(names):
-        raise UserError(f"feature DB manifest {mpath} lists a shard name twice")
-    db = FeatureDb(db_uri, dim, str(man.get("embed_model", "")), str(man.get("embed_mode", "")),
-                   str(man.get("config_hash", "")), shards)
-    if check_files:
+    """The committed pieces of a feature DB (ragseg.ledger: header + segments + commit records, read
+    in bulk). ``check_files``: one listing of ``features/`` confirms every piece's file is there;
+    row counts and dims are checked by the per-shard tasks that read them."""
+    from ragseg import db as dblib
+
+    led = dblib.open_db(db_uri)
+    if led is None:
+        raise UserError(f"feature DB manifest not found: {rio.join(db_uri, 'manifest.json')} (run build-db first)")
+    h = led.header
+    t = led.records.select(["name", "data_path", "segments"]).to_pydict()
+    shards = tuple(DbShard(n, rio.join(db_uri, p), int(r)) for n, p, r in zip(t["name"], t["data_path"], t["segments"]))
+    db = FeatureDb(db_uri, int(h["dim"]), str(h.get("embed_model", "")), str(h.get("embed_mode", "")),
+                   str(h.get("models_hash", "")), shards)
+    if check_files and shards:
+        present = set(rio.list_dir(rio.join(db_uri, "features")))
         for s in shards:
-            check_shard_file(s, dim)
+            if s.uri not in present:
+                raise UserError(f"feature shard {s.uri} is committed in the DB but missing")
     return db
 
 

@@ -1,9 +1,10 @@
 """build-db: source -> decode -> (ground-truth masks | detect -> segment) -> embed -> feature shards.
 
 The Ray Data graph streams image rows through the stages (decode and ground truth as CPU tasks, the
-model stages as actor pools, GPUs when the cluster has them); only per-segment results (RLE +
-embedding, never pixels) come back to the driver, which writes each input shard atomically once all
-of its images are through, then records it in the manifest (see :mod:`ragseg.db`).
+model stages as actor pools, GPUs when the cluster has them) into a writer task that writes each
+piece (a batch of ``build_db.images_per_shard`` images) next to the data and commits it
+(:mod:`ragseg.ledger`). Only the commit records, a few hundred bytes per piece, reach the driver,
+which folds them into the manifest every ``commit.compact_every`` pieces; it touches no segment.
 """
 
 from __future__ import annotations
@@ -17,26 +18,31 @@ import numpy as np
 import pyarrow as pa
 
 from ragseg import db as dblib
-from ragseg import io
+from ragseg import io, ledger
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, failed_rows_table
-from ragseg.masks import rle_area, rle_bbox_xyxy
 from ragseg.pipelines.common import (
+    Executor,
     RunStats,
     add_stage,
-    collect_shards,
-    make_shards,
+    drain_records,
+    empty_record_batch,
+    pending_rows,
     print_summary,
+    ray_executor,
+    record_batch,
     select_columns,
+    stage_seconds,
     write_source_errors,
 )
 from ragseg.schema import embeddings_to_arrow, feature_schema
+from ragseg.stages.batch import as_list
 
 log = logging.getLogger(__name__)
 
 # columns that travel to the driver (pixels never do)
-RESULT_COLUMNS = ["image_id", "uri", "shard", "error", "seg_masks_rle", "seg_labels", "seg_ids",
-                  "seg_scores", "embeddings"]
+RESULT_COLUMNS = ["image_id", "uri", "error", "seg_masks_rle", "seg_labels", "seg_ids", "seg_scores",
+                  "seg_areas", "seg_boxes", "embeddings"]
 
 
 def embed_identity(cfg: JobConfig) -> tuple[str, str, int]:
@@ -51,24 +57,24 @@ def embed_identity(cfg: JobConfig) -> tuple[str, str, int]:
     return f"open_clip:{c.model}/{c.pretrained or 'random'}", c.mode, int(arch["embed_dim"])
 
 
-def _segments_table(rows: list[dict], label_source: str, model_id: str, mode: str, dim: int) -> pa.Table:
+def segments_table(batch: dict[str, np.ndarray], rows: np.ndarray, label_source: str, model_id: str, mode: str,
+                   dim: int) -> pa.Table:
+    """The feature rows of the given (ok) rows of a batch: columns straight from the stages' lists,
+    area and box as the mask-making stage computed them (no RLE is decoded here)."""
     cols: dict[str, list] = defaultdict(list)
     embs = []
-    for r in rows:
-        n = len(r["seg_masks_rle"])
+    for i in rows:
+        n = len(batch["seg_masks_rle"][i])
         if n == 0:
             continue
-        emb = np.asarray(r["embeddings"], dtype=np.float16).reshape(n, dim)
-        embs.append(emb)
-        for j in range(n):
-            rle = r["seg_masks_rle"][j]
-            cols["image_id"].append(str(r["image_id"]))
-            cols["segment_id"].append(int(r["seg_ids"][j]))
-            cols["label"].append(str(r["seg_labels"][j]))
-            cols["score"].append(float(r["seg_scores"][j]))
-            cols["box"].append([float(v) for v in rle_bbox_xyxy(rle)])
-            cols["area"].append(rle_area(rle))
-            cols["mask_rle"].append(str(rle))
+        embs.append(np.asarray(batch["embeddings"][i], dtype=np.float16).reshape(n, dim))
+        cols["image_id"].extend([str(batch["image_id"][i])] * n)
+        cols["segment_id"].extend(as_list(batch["seg_ids"][i]))
+        cols["label"].extend(as_list(batch["seg_labels"][i]))
+        cols["score"].extend(as_list(batch["seg_scores"][i]))
+        cols["box"].extend(as_list(batch["seg_boxes"][i]))
+        cols["area"].extend(as_list(batch["seg_areas"][i]))
+        cols["mask_rle"].extend(as_list(batch["seg_masks_rle"][i]))
     schema = feature_schema(dim)
     n_rows = len(cols["image_id"])
     arrays = {
@@ -77,7 +83,7 @@ def _segments_table(rows: list[dict], label_source: str, model_id: str, mode: st
         "label": pa.array(cols["label"], pa.string()).dictionary_encode(),
         "label_source": pa.array([label_source] * n_rows, pa.string()).dictionary_encode(),
         "score": pa.array(cols["score"], pa.float32()),
-        "box": pa.array(cols["box"], pa.list_(pa.float32(), 4)),
+        "box": pa.array([np.asarray(b, np.float32) for b in cols["box"]], pa.list_(pa.float32(), 4)),
         "area": pa.array(cols["area"], pa.int64()),
         "mask_rle": pa.array(cols["mask_rle"], pa.string()),
         "embedding": embeddings_to_arrow(np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)),
@@ -86,6 +92,37 @@ def _segments_table(rows: list[dict], label_source: str, model_id: str, mode: st
     }
     table = pa.table([arrays[f.name] for f in schema], schema=schema)
     return table.sort_by([("image_id", "ascending"), ("segment_id", "ascending")])
+
+
+class WriteDbPiece:
+    """Last stage of build-db, on a worker: writes one piece (this batch of images) of the DB, its
+    feature Parquet and errors table, then its commit record (ragseg.ledger), and returns only that
+    record (one row) to the driver."""
+
+    def __init__(self, out: str, label_source: str, model_id: str, mode: str, dim: int):
+        self.out, self.label_source, self.model_id, self.mode, self.dim = out, label_source, model_id, mode, dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(v) for v in batch["image_id"]]
+        if not ids:
+            return empty_record_batch()
+        errors = [str(e) if e else "" for e in batch["error"]]
+        ok = np.array([i for i, e in enumerate(errors) if not e], dtype=np.int64)
+        bad = [i for i, e in enumerate(errors) if e]
+        name = ledger.piece_name(ids)
+        paths = dblib.piece_paths(name)
+        table = segments_table(batch, ok, self.label_source, self.model_id, self.mode, self.dim)
+        io.write_parquet_atomic(io.join(self.out, paths["features"]), table)
+        if bad:
+            rows = [{"uri": batch["uri"][i], "image_id": ids[i], "error": errors[i]} for i in bad]
+            io.write_parquet_atomic(io.join(self.out, paths["errors"]), failed_rows_table(rows))
+        empty = int(sum(1 for i in ok if len(batch["seg_masks_rle"][i]) == 0))
+        rec = ledger.new_record(name, ids, images=len(ids), segments=table.num_rows, errors=len(bad),
+                                empty_images=empty, data_path=paths["features"],
+                                errors_path=paths["errors"] if bad else None, parts_path=None,
+                                stage_seconds=stage_seconds(batch))
+        ledger.write_commit(self.out, rec)
+        return record_batch(rec)
 
 
 def _source_rows(cfg: JobConfig, source_errors: list[dict]) -> list[dict]:
@@ -121,70 +158,44 @@ def build_graph(cfg: JobConfig, rows: list[dict]):
     return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
 
 
-def run_build_db(cfg: JobConfig) -> dict[str, Any]:
-    from ragseg.runtime import init_ray
-
+def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]:
+    """build-db into ``cfg.build_db.out``; ``execute`` replaces the model graph (tests, benchmarks)."""
     out = cfg.build_db.out
     model_id, mode, dim = embed_identity(cfg)
-    manifest = dblib.read_manifest(out)
-    if manifest is not None:
-        dblib.check_compatible(manifest, model_id, mode, dim, out)
-    else:
-        manifest = dblib.new_manifest(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json"))
+    with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db"):
+        led = dblib.open_db(out)
+        if led is not None:
+            header = led.header
+            dblib.check_compatible(header, model_id, mode, dim, out)
+        else:
+            header = dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"),
+                                      cfg.models.model_dump(mode="json"))
+            ledger.write_header(out, header)
+        comp = ledger.Compactor(out, header, cfg.commit.compact_every, cfg.commit.compact_seconds)
+        if led is not None:
+            comp.adopt(led)
+            comp.consolidate(cfg.commit.max_segments)
 
-    source_errors: list[dict] = []
-    rows = _source_rows(cfg, source_errors)
-    covered = dblib.covered_image_ids(out, manifest)
-    pending = [r for r in rows if str(r["image_id"]) not in covered]
-    shards = make_shards(pending, cfg.build_db.images_per_shard, start_index=len(manifest["shards"]))
-    stats = RunStats(shards_skipped=len(manifest["shards"]))
-    label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
+        source_errors: list[dict] = []
+        rows = _source_rows(cfg, source_errors)
+        pending = pending_rows(rows, led)
+        stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
+        label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
+        run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
+                    "config_hash": cfg.hash(), "listed": len(rows), "pending": len(pending),
+                    "source_errors": len(source_errors)}
+        stats.errors += write_source_errors(out, source_errors)
+        del rows
 
-    run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
-                "config_hash": cfg.hash(), "listed": len(rows), "pending": len(pending),
-                "source_errors": len(source_errors)}
-    stats.errors += write_source_errors(out, source_errors)
+        if pending:
+            execute = execute or ray_executor(functools.partial(build_graph, cfg))
+            writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim)
+            records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
+            drain_records(records, comp, stats, len(pending), "build-db", cfg.ray.progress)
 
-    if shards:
-        init_ray(cfg.ray)
-        todo = []
-        sizes: dict[str, int] = {}
-        for name, chunk in shards:
-            dblib.write_shard_inputs(out, name, chunk)
-            sizes[name] = len(chunk)
-            todo.extend({**r, "shard": name} for r in chunk)
-
-        collect_shards(build_graph(cfg, todo), sizes, RESULT_COLUMNS,
-                       lambda name, rows: _write_shard(out, manifest, name, rows, label_source, model_id, mode,
-                                                       dim, stats),
-                       stats, "build-db", cfg.ray.progress)
-
-    manifest["runs"].append({**run_info, "summary": stats.summary()})
-    dblib.write_manifest(out, manifest)
+        header["runs"].append({**run_info, "summary": stats.summary()})
+        ledger.write_header(out, header)
     summary = {"db": out, "embed_model": model_id, "embed_mode": mode, "dim": dim,
-               "shards_total": len(manifest["shards"]), **stats.summary()}
+               "pieces_total": header["totals"]["pieces"], **stats.summary()}
     print_summary("build-db", summary, cfg.ray.progress)
     return summary
-
-
-def _write_shard(out: str, manifest: dict, name: str, rows: list[dict], label_source: str,
-                 model_id: str, mode: str, dim: int, stats: RunStats) -> None:
-    paths = dblib.shard_paths(name)
-    ok = [r for r in rows if not r["error"]]
-    bad = [r for r in rows if r["error"]]
-    table = _segments_table(ok, label_source, model_id, mode, dim)
-    io.write_parquet_atomic(io.join(out, paths["features"]), table)
-    if bad:
-        io.write_parquet_atomic(io.join(out, paths["errors"]), failed_rows_table(bad))
-    empty = sum(1 for r in ok if len(r["seg_masks_rle"]) == 0)
-    manifest["shards"].append({
-        "name": name, "inputs": paths["inputs"], "path": paths["features"],
-        "errors_path": paths["errors"] if bad else None,
-        "rows": table.num_rows, "images": len(rows), "errors": len(bad), "empty_images": empty,
-    })
-    dblib.write_manifest(out, manifest)
-    stats.images += len(rows)
-    stats.segments += table.num_rows
-    stats.errors += len(bad)
-    stats.empty += empty
-    stats.shards_written += 1

@@ -1,5 +1,6 @@
 """Pieces shared by the pipelines: running stages as Ray Data tasks or actor pools with per-stage
-timing, splitting work into deterministic input shards, progress and the closing summary."""
+timing, the pending rows of a resumed job, the driver loop over commit records (ragseg.ledger),
+progress and the closing summary."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import hashlib
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ragseg.config import JobConfig
+from ragseg.stages.batch import batch_len
 
 TIME_PREFIX = "t_"
 
@@ -21,7 +23,7 @@ TIME_PREFIX = "t_"
 def _timed_call(fn: Callable[[dict], dict], name: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     t0 = time.perf_counter()
     out = fn(batch)
-    n = len(out["error"])
+    n = batch_len(out)
     out[TIME_PREFIX + name] = np.full(n, (time.perf_counter() - t0) / max(n, 1), dtype=np.float64)
     return out
 
@@ -98,7 +100,7 @@ def add_stage(ds, factory: Callable[[], Callable], name: str, cfg: JobConfig, *,
 
 
 def select_columns(batch: dict[str, np.ndarray], keep: frozenset[str]) -> dict[str, np.ndarray]:
-    """Keep the named columns and the per-stage timings (pixels never travel to the driver)."""
+    """Keep the named columns and the per-stage timings (drops pixels before the piece writer)."""
     from ragseg.runtime import quiet_ray_data
 
     quiet_ray_data()
@@ -106,29 +108,112 @@ def select_columns(batch: dict[str, np.ndarray], keep: frozenset[str]) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------
-# Input shards
+# Pending work, pieces and the driver loop
 # ----------------------------------------------------------------------------------------------
-def shard_key(rows: list[dict]) -> str:
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(str(r["image_id"]).encode())
-        h.update(b"\0")
-        h.update(str(r["uri"]).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:12]
+def pending_rows(rows: list[dict], ledger) -> list[dict]:
+    """The listed rows whose image no committed piece covers (vectorised: no per-id Python set)."""
+    if ledger is None or ledger.records.num_rows == 0 or not rows:
+        return list(rows)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pa.array([str(r["image_id"]) for r in rows], pa.string())
+    done = pc.is_in(ids, value_set=ledger.covered_image_ids()).to_numpy(zero_copy_only=False)
+    return [rows[i] for i in np.flatnonzero(~done)]
 
 
-def make_shards(rows: list[dict], per_shard: int, start_index: int) -> list[tuple[str, list[dict]]]:
-    """Chunk rows (already in a stable order) into named input shards ``sNNNNN-<key>``."""
-    out = []
-    for j, i in enumerate(range(0, len(rows), per_shard)):
-        chunk = rows[i : i + per_shard]
-        out.append((f"s{start_index + j:05d}-{shard_key(chunk)}", chunk))
+def stage_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """Busy seconds per stage of a batch's rows (the ``t_<stage>`` columns :class:`StageActor` adds)."""
+    return {k[len(TIME_PREFIX):]: float(np.sum(v)) for k, v in batch.items() if k.startswith(TIME_PREFIX)}
+
+
+def record_batch(record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A commit record as the one-row batch a piece writer returns to the driver."""
+    out = {}
+    for k, v in record.items():
+        col = np.empty(1, dtype=object)
+        col[0] = v
+        out[k] = col
+    return out
+
+
+def empty_record_batch() -> dict[str, np.ndarray]:
+    from ragseg.ledger import RECORD_FIELDS
+
+    return {k: np.empty(0, dtype=object) for k in RECORD_FIELDS}
+
+
+# An executor runs the pending rows through a job's stages and its piece writer and yields the commit
+# records: ``execute(cfg, pending_rows, writer_factory, images_per_piece) -> Iterator[record]``.
+Executor = Callable[[JobConfig, list[dict], Callable[[], Callable], int], Iterator[dict]]
+
+
+def ray_executor(graph: Callable[[list[dict]], Any]) -> Executor:
+    """The production executor: the Ray Data graph ``graph(pending)`` (decode, models, ...) then the
+    piece writer as a CPU task stage; only its one-row commit records stream back to the driver."""
+
+    def execute(cfg: JobConfig, pending: list[dict], writer: Callable[[], Callable], per_piece: int):
+        from ragseg.runtime import init_ray
+
+        init_ray(cfg.ray)
+        ds = add_stage(graph(pending), writer, "write", cfg, actor=False, batch_size=per_piece)
+        return ds.iter_rows()
+
+    return execute
+
+
+def inline_executor(results: Callable[[list[dict]], dict[str, np.ndarray]]) -> Executor:
+    """Runs in this process without Ray: ``results(rows)`` makes each piece's result batch (the
+    columns the writer reads), the writer writes and commits it. For the commit-path harness of the
+    tests and benchmarks (no models)."""
+
+    def execute(cfg: JobConfig, pending: list[dict], writer: Callable[[], Callable], per_piece: int):
+        w = writer()
+        for i in range(0, len(pending), per_piece):
+            rec = w(results(pending[i : i + per_piece]))
+            yield {k: v[0] for k, v in rec.items()}
+
+    return execute
+
+
+def drain_records(records: Iterator[dict], compactor, stats: RunStats, expected_images: int, description: str,
+                  progress: bool) -> None:
+    """The driver loop: receive each piece's commit record (the only rows that reach the driver),
+    hand it to the compactor and count it. O(1) per piece, nothing per segment."""
+    bar = Progress(expected_images, description, progress)
+    seen = 0
+    try:
+        for rec in records:
+            rec = _plain_record(rec)
+            compactor.add(rec)
+            stats.add_record(rec)
+            seen += rec["images"]
+            bar.advance(rec["images"])
+    finally:
+        bar.close()
+        compactor.flush()
+    if seen != expected_images:
+        raise RuntimeError(f"the pipeline committed {seen} images but {expected_images} were pending; "
+                           "rerun the job to finish the rest")
+
+
+def _plain_record(rec: dict[str, Any]) -> dict[str, Any]:
+    from ragseg.ledger import RECORD_FIELDS
+
+    out = {}
+    for k in RECORD_FIELDS:
+        v = rec.get(k)
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    out["image_ids"] = [str(x) for x in out["image_ids"]]
     return out
 
 
 def write_source_errors(out: str, errors: list[dict]) -> int:
-    """Listing errors (bad CSV lines, malformed annotation entries) belong to no shard: they go to
+    """Listing errors (bad CSV lines, malformed annotation entries) belong to no piece: they go to
     ``<out>/errors/source-<content hash>.parquet``, so a rerun rewrites the same file, never a twin."""
     if not errors:
         return 0
@@ -139,30 +224,6 @@ def write_source_errors(out: str, errors: list[dict]) -> int:
     key = hashlib.sha256(str(table.to_pylist()).encode()).hexdigest()[:12]
     io.write_parquet_atomic(io.join(out, "errors", f"source-{key}.parquet"), table)
     return len(errors)
-
-
-def collect_shards(ds, sizes: dict[str, int], columns: list[str], on_shard: Callable[[str, list[dict]], None],
-                   stats: RunStats, description: str, progress: bool) -> None:
-    """Stream the pipeline's per-image rows to the driver and hand each input shard to ``on_shard``
-    as soon as all of its images are through (rows carry their ``shard``). A shard is never handed
-    over partially: rows lost inside the pipeline make this raise instead."""
-    buffers: dict[str, list[dict]] = defaultdict(list)
-    bar = Progress(sum(sizes.values()), description, progress)
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            stats.add_times(batch)
-            n = len(batch["error"])
-            for i in range(n):
-                row = {k: batch[k][i] for k in columns}
-                name = row["shard"]
-                buffers[name].append(row)
-                if len(buffers[name]) == sizes[name]:
-                    on_shard(name, buffers.pop(name))
-            bar.advance(n)
-    finally:
-        bar.close()
-    if buffers:
-        raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(buffers)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,10 +240,16 @@ class RunStats:
     stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     t0: float = field(default_factory=time.perf_counter)
 
-    def add_times(self, batch: dict[str, np.ndarray]) -> None:
-        for k, v in batch.items():
-            if k.startswith(TIME_PREFIX):
-                self.stage_seconds[k[len(TIME_PREFIX):]] += float(np.sum(v))
+    def add_record(self, rec: dict[str, Any]) -> None:
+        import json
+
+        self.images += int(rec["images"])
+        self.segments += int(rec["segments"])
+        self.errors += int(rec["errors"])
+        self.empty += int(rec["empty_images"])
+        self.shards_written += 1
+        for k, v in json.loads(rec["stage_seconds"] or "{}").items():
+            self.stage_seconds[k] += float(v)
 
     def summary(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0

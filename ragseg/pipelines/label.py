@@ -1,9 +1,10 @@
 """label: unlabeled images -> proposals -> masked CLIP queries -> retrieval + CLIP ensemble ->
 panoptic merge -> COCO panoptic PNGs + JSON and Parquet segments (layout in docs/interfaces.md).
 
-Resumable like build-db: images are chunked into input shards; a shard's PNGs, JSON part and
-Parquet segments are written atomically and only then recorded in ``OUT/manifest.json``; a rerun
-skips recorded shards and recomputes the rest into the same names, so nothing is duplicated.
+Resumable like build-db: a worker writes each piece's PNGs, COCO part and Parquet segments, then its
+commit record (:mod:`ragseg.ledger`); a rerun skips the images of committed pieces and recomputes the
+rest, so nothing is duplicated. ``OUT/panoptic.json`` is streamed from the parts at the end
+(:mod:`ragseg.labels_out`), only when asked or below ``label.panoptic_json_max_images``.
 """
 
 from __future__ import annotations
@@ -16,22 +17,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ragseg import db as dblib
-from ragseg import io
+from ragseg import io, labels_out, ledger
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text, failed_rows_table
 from ragseg.pipelines.common import (
+    Executor,
     RunStats,
     add_stage,
-    collect_shards,
-    make_shards,
+    drain_records,
+    empty_record_batch,
+    pending_rows,
     print_summary,
+    ray_executor,
+    record_batch,
     select_columns,
+    stage_seconds,
     write_source_errors,
 )
 
-MANIFEST = "manifest.json"
-RESULT_COLUMNS = ["image_id", "uri", "shard", "error", "file_name", "height", "width", "segments_info"]
+# columns the piece writer reads (pixels are dropped before it)
+RESULT_COLUMNS = ["image_id", "uri", "error", "file_name", "height", "width", "segments_info"]
 
 SEGMENTS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
@@ -137,114 +142,130 @@ def build_graph(cfg: JobConfig, rows: list[dict], vocab):
     return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
 
 
-def _read_manifest(out: str) -> dict | None:
-    uri = io.join(out, MANIFEST)
-    return io.read_json(uri) if io.exists(uri) else None
+class WriteLabelPiece:
+    """Last stage of label, on a worker: writes one piece (this batch of images): its segments Parquet
+    (with the per-source scores), its COCO panoptic part (JSON lines, one image a line) and its errors
+    table, then its commit record (ragseg.ledger), and returns only the record to the driver. The
+    panoptic PNGs were written per image by :class:`WritePanoptic` before."""
+
+    def __init__(self, out: str, vocab):
+        self.out = out
+        self.id2name = {int(i): str(n) for i, n in zip(vocab.ids, vocab.names)}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        if n == 0:
+            return empty_record_batch()
+        ids = [str(v) for v in batch["image_id"]]
+        errors = [str(e) if e else "" for e in batch["error"]]
+        name = ledger.piece_name(ids)
+        paths = labels_out.piece_paths(name)
+        lines, seg_rows, empty = [], defaultdict(list), 0
+        for i in sorted((i for i in range(n) if not errors[i]), key=lambda i: ids[i]):
+            infos = json.loads(str(batch["segments_info"][i]))
+            empty += not infos
+            lines.append(json.dumps({
+                "image_id": ids[i], "file_name": str(batch["file_name"][i]), "uri": str(batch["uri"][i]),
+                "height": int(batch["height"][i]), "width": int(batch["width"][i]),
+                "segments_info": [{k: v for k, v in s.items() if k not in ("mask_rle", "s_ret", "s_clip", "s_iv")}
+                                  for s in infos]}, sort_keys=True))
+            for s in infos:
+                x, y, w, h = (float(v) for v in s["bbox"])
+                seg_rows["image_id"].append(ids[i])
+                seg_rows["segment_id"].append(int(s["id"]))
+                seg_rows["label"].append(self.id2name[int(s["category_id"])])
+                seg_rows["category_id"].append(int(s["category_id"]))
+                seg_rows["score"].append(_num(s.get("score")))
+                for k in ("s_ret", "s_clip", "s_iv"):
+                    seg_rows[k].append(_num(s.get(k)))
+                seg_rows["box"].append([x, y, x + w, y + h])
+                seg_rows["area"].append(int(s["area"]))
+                seg_rows["mask_rle"].append(str(s["mask_rle"]))
+        table = pa.table({f.name: pa.array(seg_rows.get(f.name, []), f.type) for f in SEGMENTS_SCHEMA},
+                         schema=SEGMENTS_SCHEMA)
+        io.write_parquet_atomic(io.join(self.out, paths["segments"]), table)
+        io.write_text_atomic(io.join(self.out, paths["parts"]), "".join(line + "\n" for line in lines))
+        bad = [i for i in range(n) if errors[i]]
+        if bad:
+            rows = [{"uri": batch["uri"][i], "image_id": ids[i], "error": errors[i]} for i in bad]
+            io.write_parquet_atomic(io.join(self.out, paths["errors"]), failed_rows_table(rows))
+        rec = ledger.new_record(name, sorted(ids), images=n, segments=table.num_rows, errors=len(bad),
+                                empty_images=empty, data_path=paths["segments"],
+                                errors_path=paths["errors"] if bad else None, parts_path=paths["parts"],
+                                stage_seconds=stage_seconds(batch))
+        ledger.write_commit(self.out, rec)
+        return record_batch(rec)
 
 
-def run_label(cfg: JobConfig) -> dict[str, Any]:
-    from ragseg.runtime import init_ray
+def _num(v) -> float | None:
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+
+
+# label settings that do not change what is labelled (resuming with another value is fine)
+_HASH_EXEMPT = ("out", "panoptic_json", "panoptic_json_max_images")
+
+
+def label_hash(cfg: JobConfig) -> str:
+    """Hash of everything that decides the labels (label section less :data:`_HASH_EXEMPT`, models)."""
+    import hashlib
+
+    data = cfg.model_dump(mode="json")
+    label = {k: v for k, v in data["label"].items() if k not in _HASH_EXEMPT}
+    return hashlib.sha256(json.dumps({"label": label, "models": data["models"]}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]:
+    """label into ``cfg.label.out``; ``execute`` replaces the model graph (tests and benchmarks of the
+    commit path, which then need no index)."""
     from ragseg.sources import list_rows
     from ragseg.vocab import load_vocab
 
     lc = cfg.label
-    for key in ("images", "vocab", "index"):
+    for key in ("images", "vocab", "index") if execute is None else ("images", "vocab"):
         if getattr(lc, key) is None:
             raise UserError(f"label needs label.{key} (config or --{key.replace('_', '-')})")
     vocab = load_vocab(lc.vocab, synonyms=lc.synonyms)
-    meta = _check_index(cfg, lc.index)
-    if lc.fallback_index:
+    meta = _check_index(cfg, lc.index) if execute is None else {}
+    if lc.fallback_index and execute is None:
         _check_index(cfg, lc.fallback_index)
 
     out = lc.out
-    job_hash = cfg.hash("label", "models")
-    manifest = _read_manifest(out)
-    if manifest is not None and manifest.get("config_hash") != job_hash:
-        raise UserError(
-            f"{out} holds labels made with another config (hash {manifest.get('config_hash')} != {job_hash}); "
-            "use a new --out, or the same config to resume"
-        )
-    manifest = manifest or {"format": 1, "config_hash": job_hash, "index_version": meta.get("version"),
-                            "vocab": vocab.categories(), "shards": []}
+    job_hash = label_hash(cfg)
+    with ledger.Lease(out, cfg.commit.lease_ttl_s, "label"):
+        io.remove_tmp_litter(out)
+        led = labels_out.open_labels(out)
+        if led is not None:
+            header = led.header
+            if header.get("config_hash") != job_hash:
+                raise UserError(
+                    f"{out} holds labels made with another config (hash {header.get('config_hash')} != "
+                    f"{job_hash}); use a new --out, or the same config to resume")
+        else:
+            header = ledger.new_header(labels_out.KIND, config_hash=job_hash, index_version=meta.get("version"),
+                                       vocab=vocab.categories())
+            ledger.write_header(out, header)
+        comp = ledger.Compactor(out, header, cfg.commit.compact_every, cfg.commit.compact_seconds)
+        if led is not None:
+            comp.adopt(led)
+            comp.consolidate(cfg.commit.max_segments)
 
-    source_errors: list[dict] = []
-    rows = list_rows(lc.images, errors=source_errors)
-    covered = dblib.covered_image_ids(out, manifest)
-    pending = [r for r in rows if str(r["image_id"]) not in covered]
-    shards = make_shards(pending, lc.images_per_shard, start_index=len(manifest["shards"]))
-    stats = RunStats(shards_skipped=len(manifest["shards"]))
-    stats.errors += write_source_errors(out, source_errors)
+        source_errors: list[dict] = []
+        rows = list_rows(lc.images, errors=source_errors)
+        n_listed = len(rows)
+        pending = pending_rows(rows, led)
+        del rows
+        stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
+        stats.errors += write_source_errors(out, source_errors)
 
-    if shards:
-        init_ray(cfg.ray)
-        sizes = {name: len(chunk) for name, chunk in shards}
-        inputs = {name: dblib.write_shard_inputs(out, name, chunk) for name, chunk in shards}
-        todo = [{**r, "shard": name} for name, chunk in shards for r in chunk]
-        collect_shards(build_graph(cfg, todo, vocab), sizes, RESULT_COLUMNS,
-                       lambda name, rows: _write_shard(out, manifest, name, inputs[name], rows, vocab, stats),
-                       stats, "label", cfg.ray.progress)
+        if pending:
+            execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab))
+            records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
+            drain_records(records, comp, stats, len(pending), "label", cfg.ray.progress)
 
-    assemble_panoptic_json(out, manifest, vocab)
-    summary = {"out": out, "images_listed": len(rows), **stats.summary()}
+        pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
+                                                  lc.panoptic_json_max_images, changed=stats.shards_written > 0)
+        header["runs"].append({"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj})
+        ledger.write_header(out, header)
+    summary = {"out": out, "images_listed": n_listed, "panoptic_json": pj, **stats.summary()}
     print_summary("label", summary, cfg.ray.progress)
     return summary
-
-
-def _write_shard(out: str, manifest: dict, name: str, inputs: str, rows: list[dict], vocab,
-                 stats: RunStats) -> None:
-    from ragseg.masks import rle_bbox_xyxy
-
-    id2name = {int(i): str(n) for i, n in zip(vocab.ids, vocab.names)}
-    ok = sorted((r for r in rows if not r["error"]), key=lambda r: str(r["image_id"]))
-    bad = [r for r in rows if r["error"]]
-    anns, seg_rows = [], defaultdict(list)
-    for r in ok:
-        infos = json.loads(str(r["segments_info"]))
-        anns.append({"image_id": str(r["image_id"]), "file_name": str(r["file_name"]), "uri": str(r["uri"]),
-                     "height": int(r["height"]), "width": int(r["width"]),
-                     "segments_info": [{k: v for k, v in s.items() if k not in ("mask_rle", "s_ret", "s_clip", "s_iv")}
-                                       for s in infos]})
-        for s in infos:
-            seg_rows["image_id"].append(str(r["image_id"]))
-            seg_rows["segment_id"].append(int(s["id"]))
-            seg_rows["label"].append(id2name[int(s["category_id"])])
-            seg_rows["category_id"].append(int(s["category_id"]))
-            seg_rows["score"].append(float(s.get("score", np.nan)))
-            for k in ("s_ret", "s_clip", "s_iv"):
-                v = s.get(k)
-                seg_rows[k].append(None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v))
-            seg_rows["box"].append([float(x) for x in rle_bbox_xyxy(s["mask_rle"])])
-            seg_rows["area"].append(int(s["area"]))
-            seg_rows["mask_rle"].append(str(s["mask_rle"]))
-    table = pa.table({f.name: pa.array(seg_rows.get(f.name, []), f.type) for f in SEGMENTS_SCHEMA},
-                     schema=SEGMENTS_SCHEMA)
-    io.write_parquet_atomic(io.join(out, "segments", f"{name}.parquet"), table)
-    io.write_json_atomic(io.join(out, "parts", f"{name}.json"), {"annotations": anns})
-    if bad:
-        io.write_parquet_atomic(io.join(out, "errors", f"{name}.parquet"), failed_rows_table(bad))
-    manifest["shards"].append({"name": name, "inputs": inputs, "images": len(rows),
-                               "segments": table.num_rows, "errors": len(bad)})
-    io.write_json_atomic(io.join(out, MANIFEST), manifest)
-    stats.images += len(rows)
-    stats.segments += table.num_rows
-    stats.errors += len(bad)
-    stats.empty += sum(1 for a in anns if not a["segments_info"])
-    stats.shards_written += 1
-
-
-def assemble_panoptic_json(out: str, manifest: dict, vocab) -> str:
-    """OUT/panoptic.json from every recorded shard's part, in image-id order."""
-    anns = []
-    for s in manifest["shards"]:
-        anns.extend(io.read_json(io.join(out, "parts", f"{s['name']}.json"))["annotations"])
-    anns.sort(key=lambda a: a["image_id"])
-    images = [{"id": a["image_id"], "file_name": a["uri"].rsplit("/", 1)[-1], "uri": a["uri"],
-               "height": a["height"], "width": a["width"]} for a in anns]
-    for a in anns:
-        for k in ("height", "width", "uri"):
-            a.pop(k, None)
-    doc = {"info": {"description": "ragseg pseudo-labels"}, "images": images, "annotations": anns,
-           "categories": vocab.categories()}
-    uri = io.join(out, "panoptic.json")
-    io.write_json_atomic(uri, doc)
-    return uri

@@ -16,7 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from ragseg.config import JobConfig, SourceConfig
 from ragseg.errors import error_text
 from ragseg.io import read_bytes
-from ragseg.masks import encode_rle
+from ragseg.masks import SEG_COLUMNS, encode_rle_stats
 from ragseg.sources.gt import load_gt_segments
 from ragseg.stages.batch import as_list, batch_len, errors_of, object_column
 
@@ -80,7 +80,8 @@ class DecodeImages:
 
 
 class LoadGroundTruth:
-    """Adds ``seg_masks_rle``, ``seg_labels``, ``seg_ids``, ``seg_isthing``, ``seg_scores`` (1.0) from
+    """Adds ``seg_masks_rle``, ``seg_labels``, ``seg_ids``, ``seg_isthing``, ``seg_scores`` (1.0),
+    ``seg_areas`` and ``seg_boxes`` (xyxy) from
     the row's ground truth (see :mod:`ragseg.sources.gt`). Crowd segments are skipped unless
     ``source.include_crowd``; segments smaller than ``build_db.min_segment_area`` (or empty) are
     dropped. Rows without ground truth get empty lists."""
@@ -101,26 +102,21 @@ class LoadGroundTruth:
         return None
 
     def segments(self, row: dict[str, Any], hw: tuple[int, int] | None) -> dict[str, list]:
-        rles, labels, ids, things, scores = [], [], [], [], []
+        cols: dict[str, list] = {k: [] for k in SEG_COLUMNS}
         for s in load_gt_segments(row, hw):
             if s.iscrowd and not self.include_crowd:
                 continue
-            area = int(s.mask.sum())
+            rle, area, box = encode_rle_stats(s.mask)
             if area == 0 or area < self.min_area:
                 continue
-            rles.append(encode_rle(s.mask))
-            labels.append(s.label)
-            ids.append(int(s.segment_id))
-            things.append(bool(s.isthing))
-            scores.append(1.0)
-        return {"seg_masks_rle": rles, "seg_labels": labels, "seg_ids": ids, "seg_isthing": things,
-                "seg_scores": scores}
+            for k, v in zip(SEG_COLUMNS, (rle, s.label, int(s.segment_id), bool(s.isthing), 1.0, area, box)):
+                cols[k].append(v)
+        return cols
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = batch_len(batch)
         errors = errors_of(batch, n)
-        cols: dict[str, list] = {k: [] for k in ("seg_masks_rle", "seg_labels", "seg_ids", "seg_isthing",
-                                                 "seg_scores")}
+        cols: dict[str, list] = {k: [] for k in SEG_COLUMNS}
         keys = ("image_id", "uri", "gt_format", "gt_png_uri", "gt_segments")
         for i in range(n):
             res = {k: [] for k in cols}

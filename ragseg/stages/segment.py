@@ -1,7 +1,8 @@
 """Segment (SAM masks for detector boxes) and SamGrid (class-agnostic SAM proposals): Ray Data callables.
 
 Both output ``seg_masks_rle`` (list[str] COCO RLE json), ``seg_labels`` (list[str]), ``seg_ids``
-(list[int], 1..n), ``seg_isthing`` (list[bool]) and ``seg_scores`` (list[float]); see docs/interfaces.md.
+(list[int], 1..n), ``seg_isthing`` (list[bool]), ``seg_scores`` (list[float]), ``seg_areas`` (list[int])
+and ``seg_boxes`` (list of xyxy) (:data:`ragseg.masks.SEG_COLUMNS`); see docs/interfaces.md.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import numpy as np
 
 from ragseg.config import JobConfig
 from ragseg.errors import error_text
-from ragseg.masks import encode_rle
+from ragseg.masks import SEG_COLUMNS, encode_rle_stats
 from ragseg.stages.batch import as_list, as_rgb, errors_of, object_column
 
 log = logging.getLogger(__name__)
 
 STAGE = "segment"
-SEG_COLUMNS = ("seg_masks_rle", "seg_labels", "seg_ids", "seg_isthing", "seg_scores")
 
 
 def connected_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,16 +118,19 @@ def as_boxes(value) -> np.ndarray:
 
 
 def _empty_row() -> dict:
-    return {"seg_masks_rle": [], "seg_labels": [], "seg_ids": [], "seg_isthing": [], "seg_scores": []}
+    return {k: [] for k in SEG_COLUMNS}
 
 
 def _row(masks: list[np.ndarray], labels: list[str], scores: list[float]) -> dict:
+    stats = [encode_rle_stats(m) for m in masks]
     return {
-        "seg_masks_rle": [encode_rle(m) for m in masks],
+        "seg_masks_rle": [s[0] for s in stats],
         "seg_labels": [str(x) for x in labels],
         "seg_ids": list(range(1, len(masks) + 1)),
         "seg_isthing": [True] * len(masks),
         "seg_scores": [float(s) for s in scores],
+        "seg_areas": [s[1] for s in stats],
+        "seg_boxes": [s[2] for s in stats],
     }
 
 

@@ -23,6 +23,34 @@ from fsspec.core import url_to_fs
 TMP_MARK = ".tmp-"
 
 
+# Fault injection for the exactly-once tests: with RAGSEG_FAULT_AFTER_WRITES=k and
+# RAGSEG_FAULT_COUNTER=<file>, every write or delete below counts itself in that file (shared by the
+# driver and its workers) and the k-th one, once done, SIGKILLs its whole process group: the job dies
+# right after that step, as a kill -9 would leave it (k=0 only counts).
+FAULT_AFTER = "RAGSEG_FAULT_AFTER_WRITES"
+FAULT_COUNTER = "RAGSEG_FAULT_COUNTER"
+
+
+def _fault_tick() -> None:
+    k = os.environ.get(FAULT_AFTER)
+    if not k:
+        return
+    import fcntl
+    import signal
+
+    with open(os.environ[FAULT_COUNTER], "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        n = int(f.read().strip() or 0) + 1
+        f.seek(0)
+        f.truncate()
+        f.write(str(n))
+        f.flush()
+        os.fsync(f.fileno())
+    if n == int(k):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = url_to_fs(uri)
     return fs, path
@@ -122,6 +150,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
+    _fault_tick()
 
 
 def put_file_atomic(local_path: str, uri: str) -> None:
@@ -137,6 +166,7 @@ def put_file_atomic(local_path: str, uri: str) -> None:
         os.replace(tmp, path)
     else:
         fs.put_file(local_path, path)
+    _fault_tick()
 
 
 def remove_tmp_litter(root: str) -> int:
@@ -177,9 +207,11 @@ def create_exclusive(uri: str, data: bytes) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _fault_tick()
         return True
     try:
         fs.pipe_file(path, data, mode="create")
+        _fault_tick()
         return True
     except FileExistsError:
         return False
@@ -221,6 +253,25 @@ def remove(uri: str, recursive: bool = False) -> None:
     fs, path = fs_and_path(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+        _fault_tick()
+
+
+def remove_many(uris: list[str]) -> None:
+    """Delete many objects of one store in bulk (s3fs: DeleteObjects, 1000 keys a request); ones
+    already gone are fine."""
+    if not uris:
+        return
+    fs, _ = fs_and_path(uris[0])
+    paths = [fs_and_path(u)[1] for u in uris]
+    try:
+        fs.rm(paths)
+    except FileNotFoundError:
+        for p in paths:
+            try:
+                fs.rm_file(p)
+            except FileNotFoundError:
+                pass
+    _fault_tick()
 
 
 COMPLETE_MARK = ".complete"

@@ -319,7 +319,7 @@ class Compactor:
         for k in ("images", "segments", "errors", "empty_images"):
             tot[k] += sum(int(r[k]) for r in records)
         write_header(self.root, self.header)
-        _bulk_remove(uris)
+        io.remove_many(uris)
 
     def consolidate(self, max_segments: int) -> None:
         """Rewrite all segments as one when there are more than ``max_segments`` (once per run, at
@@ -333,22 +333,7 @@ class Compactor:
         io.write_parquet_atomic(io.join(self.root, rel), table)
         self.header["segments"] = [rel]
         write_header(self.root, self.header)
-        _bulk_remove([io.join(self.root, s) for s in segs])
-
-
-def _bulk_remove(uris: list[str]) -> None:
-    if not uris:
-        return
-    fs, _ = io.fs_and_path(uris[0])
-    paths = [io.fs_and_path(u)[1] for u in uris]
-    try:
-        fs.rm(paths)
-    except FileNotFoundError:
-        for p in paths:  # some already gone (a rerun compacting what a killed run had compacted)
-            try:
-                fs.rm_file(p)
-            except FileNotFoundError:
-                pass
+        io.remove_many([io.join(self.root, s) for s in segs])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,10 +62,14 @@ class SourceConfig(Strict):
     masks_dir: str | None = None
     # every kind with ground truth: image folder (defaults per layout)
     images_dir: str | None = None
-    # ade20k (semantic): class list (default <uri>/objectInfo150.csv); optional COCO categories JSON
-    # (or list of {"name", "isthing"}) giving isthing per class name where the layout has none
+    # ade20k (semantic): class list (default <root>/objectInfo150.txt, else objectInfo150.csv); optional
+    # COCO categories JSON (or list of {"name", "isthing"}) giving isthing per class name (default: the
+    # ADE20k panoptic thing/stuff split shipped in ragseg/data for the 150 ADE classes)
     class_list: str | None = None
     categories: str | None = None
+    # fsspec storage options for the source's remote locations (uri, images_dir, masks_dir,
+    # annotations and the CSVs), e.g. {anon: true} for a public bucket such as s3://open-images-dataset
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     # ground truth: keep crowd segments (COCO iscrowd=1) instead of skipping them
     include_crowd: bool = False
     # openimages: explicit CSV locations (defaults: the V7 file names under uri)

@@ -326,6 +326,19 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_error_line(path: str, err: yaml.YAMLError) -> str:
+    """A YAML parser error on one line: ``config FILE:LINE:COLUMN: problem (context)``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    cmark = getattr(err, "context_mark", None)
+    if context and cmark is not None and mark is not None and (cmark.line, cmark.column) != (mark.line, mark.column):
+        context = f"{context} at {cmark.line + 1}:{cmark.column + 1}"
+    text = f"{problem} ({context})" if context else problem
+    return f"config {where}: invalid YAML: {' '.join(str(text).split())}"
+
+
 def read_yaml_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read one YAML config; ``extends: other.yaml`` (relative to this file) is loaded first and
     this file's keys are merged over it."""
@@ -340,7 +353,7 @@ def read_yaml_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        raise ConfigError(yaml_error_line(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: top level must be a mapping")
     parent = data.pop("extends", None)

@@ -51,11 +51,15 @@ def eval_cmd(
     pred_json: Annotated[str, typer.Option(help="Predicted COCO panoptic JSON.")],
     pred_dir: Annotated[str, typer.Option(help="Predicted PNG folder.")],
     out: Annotated[str | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    allow_missing: Annotated[bool, typer.Option(
+        help="Score ground-truth images the prediction lacks as empty predictions instead of failing.")] = False,
 ) -> None:
     """PQ / SQ / RQ for All, Things, Stuff and per class (COCO panoptic semantics)."""
     from ragseg.eval.pq import evaluate, format_table
 
-    res = evaluate(gt_json, gt_dir, pred_json, pred_dir)
+    res = evaluate(gt_json, gt_dir, pred_json, pred_dir, allow_missing=allow_missing)
+    for line in res.get("warnings", []):
+        typer.echo(f"warning: {line}", err=True)
     typer.echo(format_table(res))
     if out:
         from ragseg.io import write_json_atomic

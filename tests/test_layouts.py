@@ -377,3 +377,25 @@ def test_prune_removes_the_empty_staging_folder(tmp_path):
     assert (store / STAGING / "killed-build").is_dir()
     prune(str(store), keep=1, grace_s=0)
     assert not (store / STAGING).exists()
+
+
+# ---------- vocabulary ----------
+def test_ade_panoptic_categories_as_vocabulary_match_the_db_labels(ade_parent):
+    """A vocabulary made of the ground truth's categories keeps their ids and names and matches the
+    labels the ADE readers give (``road`` -> ``road, route``); words shared by classes match none."""
+    from ragseg.sources.ade20k import ade150
+    from ragseg.vocab import load_vocab, parse_vocab
+
+    v = load_vocab(str(ade_parent / "ADEChallengeData2016" / "ade20k_panoptic_val.json"))
+    assert v.ids == [idx - 1 for idx, _, _ in M2F] and v.names[3] == "window"
+    for idx, (label, _) in EXPECTED.items():
+        assert v.index_of(label) == [i for i, _, _ in M2F].index(idx), label
+    assert v.names[v.index_of("route")] == "road, route" and v.names[v.index_of("bureau")].startswith("chest of")
+    full = parse_vocab(json.dumps([{"id": c["id"] - 1, "name": c["panoptic_name"], "isthing": c["isthing"]}
+                                   for c in ade150().values()]))
+    assert all(full.index_of(c["name"]) == c["id"] - 1 for c in ade150().values())
+    info = parse_vocab(json.dumps([{"id": c["id"], "name": c["object_info_name"], "isthing": c["isthing"]}
+                                   for c in ade150().values()]))
+    assert info.index_of("window") == 8 and info.index_of("road") == 6 and info.index_of("car") == 20
+    assert info.index_of("screen") == 130  # first synonym of class 131, also a later synonym of 59 and 64
+    assert info.index_of("ground") is None  # "earth, ground" and "land, ground, soil"

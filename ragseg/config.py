@@ -64,10 +64,14 @@ class SourceConfig(Strict):
     masks_dir: str | None = None
     # every kind with ground truth: image folder (defaults per layout)
     images_dir: str | None = None
-    # ade20k (semantic): class list (default <uri>/objectInfo150.csv); optional COCO categories JSON
-    # (or list of {"name", "isthing"}) giving isthing per class name where the layout has none
+    # ade20k (semantic): class list (default <root>/objectInfo150.txt, else objectInfo150.csv); optional
+    # COCO categories JSON (or list of {"name", "isthing"}) giving isthing per class name (default: the
+    # ADE20k panoptic thing/stuff split shipped in ragseg/data for the 150 ADE classes)
     class_list: str | None = None
     categories: str | None = None
+    # fsspec storage options for the source's remote locations (uri, images_dir, masks_dir,
+    # annotations and the CSVs), e.g. {anon: true} for a public bucket such as s3://open-images-dataset
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     # ground truth: keep crowd segments (COCO iscrowd=1) instead of skipping them
     include_crowd: bool = False
     # openimages: explicit CSV locations (defaults: the V7 file names under uri)
@@ -341,6 +345,19 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_error_line(path: str, err: yaml.YAMLError) -> str:
+    """A YAML parser error on one line: ``config FILE:LINE:COLUMN: problem (context)``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    cmark = getattr(err, "context_mark", None)
+    if context and cmark is not None and mark is not None and (cmark.line, cmark.column) != (mark.line, mark.column):
+        context = f"{context} at {cmark.line + 1}:{cmark.column + 1}"
+    text = f"{problem} ({context})" if context else problem
+    return f"config {where}: invalid YAML: {' '.join(str(text).split())}"
+
+
 def read_yaml_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read one YAML config; ``extends: other.yaml`` (relative to this file) is loaded first and
     this file's keys are merged over it."""
@@ -355,7 +372,7 @@ def read_yaml_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        raise ConfigError(yaml_error_line(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: top level must be a mapping")
     parent = data.pop("extends", None)

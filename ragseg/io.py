@@ -51,8 +51,32 @@ def _fault_tick() -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+# URI prefix -> fsspec storage options (e.g. {"anon": True} for a public bucket), registered by
+# the sources that name them (SourceConfig.storage_options) in every process that reads their files
+_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def set_storage_options(prefix: str, options: dict[str, Any] | None) -> None:
+    """Use ``options`` for every URI under ``prefix`` (longest registered prefix wins); None or {}
+    forgets the prefix."""
+    key = prefix.rstrip("/")
+    if options:
+        _STORAGE_OPTIONS[key] = dict(options)
+    else:
+        _STORAGE_OPTIONS.pop(key, None)
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """The storage options registered for ``uri`` (see :func:`set_storage_options`), else {}."""
+    best = ""
+    for prefix in _STORAGE_OPTIONS:
+        if len(prefix) > len(best) and (uri == prefix or uri.startswith(prefix + "/")):
+            best = prefix
+    return dict(_STORAGE_OPTIONS[best]) if best else {}
+
+
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = url_to_fs(uri)
+    fs, path = url_to_fs(uri, **storage_options(uri))
     return fs, path
 
 
@@ -94,7 +118,7 @@ def makedirs(uri: str) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
+    with fsspec.open(uri, "rb", **storage_options(uri)) as f:
         return f.read()
 
 

@@ -4,8 +4,10 @@
 OUT/manifest.json              header (format 2, kind "labels"): config hash, index version, vocabulary
 OUT/_manifest/, OUT/_commits/  commit records (ragseg.ledger)
 OUT/panoptic/<image>.png       COCO panoptic PNG per image
-OUT/parts/<piece>.jsonl        one JSON line per image: image_id, file_name (the PNG), uri, height,
-                               width, segments_info (COCO panoptic)
+OUT/parts/<piece>.jsonl        one JSON line per image: image_id (ragseg's string id), id (the source's
+                               own image id with its JSON type, e.g. COCO's int; else image_id),
+                               file_name (the image's), png_name (its PNG), uri, height, width,
+                               segments_info (COCO panoptic)
 OUT/segments/<piece>.parquet   one row per kept segment, with s_ret / s_clip / s_iv and the score
 OUT/errors/<piece>.parquet     bad images
 OUT/panoptic.json              all parts as one COCO panoptic JSON (optional, label.panoptic_json)
@@ -71,13 +73,18 @@ def _ordered_parts(led: ledger.Ledger) -> list[str]:
 
 
 def iter_images(out: str) -> Iterator[dict[str, Any]]:
-    """Every labelled image of ``out`` as ``{"image_id", "file_name", "uri", "height", "width",
-    "segments_info"}``, one part at a time (memory bounded by one part)."""
+    """Every labelled image of ``out`` as ``{"image_id", "id", "file_name", "png_name", "uri", "height",
+    "width", "segments_info"}``, one part at a time (memory bounded by one part). Parts written before
+    ids were kept (format-1 folders) are read as if ``id`` were ``image_id``."""
     led = open_labels(out)
     if led is None:
         raise FileNotFoundError(f"{out} is not a ragseg label output (no {ledger.MANIFEST})")
     for rel in _ordered_parts(led):
-        yield from sorted(_read_part(io.join(out, rel)), key=lambda a: str(a["image_id"]))
+        for a in sorted(_read_part(io.join(out, rel)), key=lambda a: str(a["image_id"])):
+            if "png_name" not in a:  # format-1 part: file_name was the PNG
+                a = {**a, "id": a["image_id"], "png_name": a["file_name"],
+                     "file_name": a["uri"].rsplit("/", 1)[-1]}
+            yield a
 
 
 def prediction(out: str) -> dict[str, Any]:
@@ -86,7 +93,7 @@ def prediction(out: str) -> dict[str, Any]:
     led = open_labels(out)
     if led is None:
         raise FileNotFoundError(f"{out} is not a ragseg label output")
-    anns = [{"image_id": a["image_id"], "file_name": a["file_name"], "segments_info": a["segments_info"]}
+    anns = [{"image_id": a["id"], "file_name": a["png_name"], "segments_info": a["segments_info"]}
             for a in iter_images(out)]
     return {"annotations": anns, "categories": led.header.get("vocab", [])}
 
@@ -103,9 +110,9 @@ def write_panoptic_json(out: str, categories: list[dict]) -> str:
             f.write('{"info": {"description": "ragseg pseudo-labels"}, "images": [')
             first = True
             for a in iter_images(out):
-                img = {"id": a["image_id"], "file_name": a["uri"].rsplit("/", 1)[-1], "uri": a["uri"],
+                img = {"id": a["id"], "file_name": a["file_name"], "uri": a["uri"],
                        "height": a["height"], "width": a["width"]}
-                ann = {"image_id": a["image_id"], "file_name": a["file_name"], "segments_info": a["segments_info"]}
+                ann = {"image_id": a["id"], "file_name": a["png_name"], "segments_info": a["segments_info"]}
                 sep = "" if first else ", "
                 f.write(sep + json.dumps(img, sort_keys=True))
                 spill.write(sep + json.dumps(ann, sort_keys=True))

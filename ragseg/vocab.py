@@ -14,7 +14,8 @@ Formats :func:`load_vocab` reads (chosen by the file extension, else by the firs
 Ids are the file's ids when every entry has one, else 1..n in file order (mixing is an error).
 
 Label matching (:meth:`Vocab.index_of`) is case-insensitive, treats ``_`` and ``-`` as spaces,
-collapses whitespace, goes through synonyms, and is plural-insensitive on the last word with the
+collapses whitespace, goes through synonyms (a name written as comma-separated synonyms, ADE20k's
+``road, route``, is matched by each of them unless another class claims the word), and is plural-insensitive on the last word with the
 simple English rules ``-s``, ``-es`` (after s, x, z, ch, sh) and ``-ies -> -y``. An exact (normalised)
 name or synonym always wins over a plural/singular match; a plural/singular form shared by two
 classes matches neither.
@@ -55,6 +56,31 @@ def _singulars(norm: str) -> set[str]:
     if len(last) > 2 and last.endswith("s") and not last.endswith("ss"):
         out.add(last[:-1])
     return {prefix + w for w in out}
+
+
+def _add_comma_synonyms(names: list[str], exact: dict[str, int]) -> None:
+    """A name given as comma-separated synonyms (ADE20k's ``road, route``) is matched by each of them:
+    a word goes to the one class that names it first, else to the one class that names it at all;
+    words claimed by several classes, and exact names or synonyms, are left as they are."""
+    first: dict[str, set[int]] = {}
+    anywhere: dict[str, set[int]] = {}
+    for i, n in enumerate(names):
+        if "," not in n:
+            continue
+        parts = [normalize_label(p) for p in n.split(",")]
+        parts = [p for p in parts if p]
+        for k, key in enumerate(parts):
+            anywhere.setdefault(key, set()).add(i)
+            if k == 0:
+                first.setdefault(key, set()).add(i)
+    for key, owners in anywhere.items():
+        if key in exact:
+            continue
+        lead = first.get(key, set())
+        if len(lead) == 1:
+            exact[key] = next(iter(lead))
+        elif not lead and len(owners) == 1:
+            exact[key] = next(iter(owners))
 
 
 def parse_isthing(value: Any) -> bool:
@@ -131,6 +157,7 @@ class Vocab:
                 syn_norm.setdefault(self.names[i], []).append(a)
         # keep the synonyms keyed by canonical name (merged across sources)
         self.synonyms = {k: list(dict.fromkeys(v)) for k, v in syn_norm.items()}
+        _add_comma_synonyms(self.names, exact)
         derived: dict[str, int] = {}
         for key, i in exact.items():
             for form in _singulars(key):

@@ -77,3 +77,20 @@ def test_usage_error_is_short():
     res = run("build-db", "--no-such-option")
     assert res.returncode == 2
     assert "No such option" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ('name: x\nsource:\n  kind: folder\n   uri: /x\n', ":4:7:", "mapping values are not allowed here"),
+    ('name: x\nsource:\n  uri: "/tmp\n', ":4:1:", "quoted scalar at 3:8"),
+    ("name: [x\n", ":2:1:", "flow sequence"),
+])
+def test_yaml_syntax_error_is_one_line(tmp_path, text, where, problem):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    msg = str(e.value)
+    assert "\n" not in msg and f"{bad}{where}" in msg and problem in msg
+    res = run("build-db", "--config", str(bad))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: {msg}"]

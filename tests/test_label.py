@@ -106,6 +106,40 @@ def test_outputs_schema_and_cli_eval(world, retrieval_run):
     assert "PQ" in res.stdout
 
 
+def test_ids_types_and_file_names_match_the_source_gt(world, retrieval_run):
+    """Issue 12 item 5 (COCO panoptic format, cocodataset.org/#format-data): the images' ids keep the
+    gt JSON's type (COCO numbers them), their file_names are the gt's, and each annotation's file_name
+    is the PNG that the gt names the same way, so COCO tools pair prediction and gt."""
+    val = world["syn"]["splits"]["val"]
+    gt = json.load(open(val["coco_json"]))
+    doc = json.load(open(os.path.join(retrieval_run, "panoptic.json")))
+    gt_images = {im["id"]: im for im in gt["images"]}
+    assert {im["id"] for im in doc["images"]} == set(gt_images)
+    assert all(isinstance(im["id"], int) for im in doc["images"])
+    for im in doc["images"]:
+        assert im["file_name"] == gt_images[im["id"]]["file_name"]
+    gt_png = {a["image_id"]: a["file_name"] for a in gt["annotations"]}
+    assert {a["image_id"]: a["file_name"] for a in doc["annotations"]} == gt_png
+    cats = {c["id"]: c["name"] for c in gt["categories"]}
+    assert {c["id"]: c["name"] for c in doc["categories"]} == cats  # a COCO vocabulary keeps its ids
+
+
+def test_eval_reads_the_parts_without_panoptic_json(world, retrieval_run, tmp_path):
+    """label.panoptic_json=never writes no merged file; eval and the Python reader use the parts."""
+    import shutil
+
+    from ragseg.eval.pq import evaluate
+    from ragseg.labels_out import iter_images
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(retrieval_run, out)
+    os.remove(os.path.join(out, "panoptic.json"))
+    val = world["syn"]["splits"]["val"]
+    res = evaluate(val["coco_json"], val["coco_dir"], out)
+    assert res["All"]["pq"] == _pq(world, retrieval_run)["All"]["pq"]
+    assert len(list(iter_images(out))) == val["count"]
+
+
 def test_rerun_skips_done_and_kill_rerun_identical(world, retrieval_run, tiny_cfg_path, kill_after_first_shard):
     from ragseg.pipelines.label import run_label
 

@@ -172,8 +172,8 @@ def _make_set(root, with_second_pred: bool = True):
     """Two 8x8 images; gt and pred share the same PNGs except where noted."""
     gdir = root / "gt"
     pdir = root / "pred"
-    gdir.mkdir()
-    pdir.mkdir()
+    gdir.mkdir(exist_ok=True)
+    pdir.mkdir(exist_ok=True)
     im1 = np.zeros((8, 8), np.uint32)
     im1[:, :4] = 1 + 256  # id 257 (exercises the G channel): person
     im1[:, 4:] = 2  # sky
@@ -207,8 +207,10 @@ def _make_set(root, with_second_pred: bool = True):
 
 def test_evaluate_files_and_missing_prediction(tmp_path):
     gdir, pdir = _make_set(tmp_path, with_second_pred=False)
-    res = evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir))
-    assert res["missing_predictions"] == ["2"]
+    with pytest.raises(PanopticFormatError, match=r"no annotation for 1 of the 2 ground-truth images: 2 "):
+        evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir))
+    res = evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir), allow_missing=True)
+    assert res["missing_predictions"] == ["2"] and res["warnings"] == []
     assert res["images"] == 2 and res["evaluated"] == 1
     per = {c["name"]: c for c in res["per_class"]}
     assert (per["car"]["tp"], per["car"]["fn"], per["car"]["pq"]) == (0, 1, 0.0)  # image 2's car: FN
@@ -233,6 +235,8 @@ def test_evaluate_maps_categories_by_name(tmp_path):
     res = evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir))
     assert res["All"]["pq"] == 100.0
     assert res["category_remap"] == {"10": A, "11": B, "12": C}
+    assert len(res["warnings"]) == 1 and "3 mapped by class name" in res["warnings"][0]
+    assert "10->1 'person'" in res["warnings"][0]
 
     pred["categories"].append({"id": 50, "name": "unicorn", "isthing": 1})
     pred["annotations"][0]["segments_info"][0]["category_id"] = 50
@@ -273,6 +277,46 @@ def test_cli_bad_prediction_exits_2(tmp_path, monkeypatch, capsys):
         main()
     assert e.value.code == 2
     assert "unknown category_id 77" in capsys.readouterr().err
+
+
+def _eval_cli(tmp_path, *extra):
+    from typer.testing import CliRunner
+
+    from ragseg.jobs.cli import app
+
+    g, p = str(tmp_path / "gt.json"), str(tmp_path / "pred.json")
+    return CliRunner().invoke(app, ["eval", "--gt-json", g, "--gt-dir", str(tmp_path / "gt"), "--pred-json", p,
+                                    "--pred-dir", str(tmp_path / "pred"), *extra])
+
+
+def test_cli_eval_says_what_it_changed(tmp_path):
+    """Missing images are an error naming them (or empty with --allow-missing); a category re-mapping by
+    name and gt areas that disagree with the PNGs each print one warning line."""
+    _make_set(tmp_path, with_second_pred=False)
+    r = _eval_cli(tmp_path)
+    assert r.exit_code != 0 and isinstance(r.exception, PanopticFormatError)
+    assert "images: 2" in str(r.exception)
+    r = _eval_cli(tmp_path, "--allow-missing")
+    assert r.exit_code == 0, r.output
+    assert "missing predictions: 1" in r.output and "warning:" not in r.output
+
+    _make_set(tmp_path)
+    gt = json.loads((tmp_path / "gt.json").read_text())
+    gt["annotations"][0]["segments_info"][0]["area"] = 999  # the PNG has 32 pixels of segment 257
+    gt["annotations"][1]["segments_info"][0]["area"] = 32  # agrees with the PNG: no warning
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    pred["categories"] = [dict(c, id=c["id"] + 100) for c in gt["categories"]]
+    for ann in pred["annotations"]:
+        for s in ann["segments_info"]:
+            s["category_id"] += 100
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    r = _eval_cli(tmp_path)
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 2, r.output
+    assert "mapped by class name" in warnings[0] and "101->1 'person'" in warnings[0]
+    assert "1 ground-truth segment area(s)" in warnings[1] and "image 1 segment 257: JSON 999, PNG 32" in warnings[1]
 
 
 def _reference_pq_image(pan_gt, gt_ann_segs, pan_pred, pred_ann_segs):

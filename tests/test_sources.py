@@ -172,8 +172,8 @@ def test_missing_annotation_file_is_a_user_error(broken_root):
     (broken_root / "coco" / "annotations" / "panoptic_train.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         list_rows(SourceConfig(kind="coco_panoptic", uri=str(broken_root / "coco"), split="train"))
-    (broken_root / "ADEChallengeData2016" / "objectInfo150.csv").unlink()
-    with pytest.raises(UserError, match="objectInfo150.csv"):
+    (broken_root / "ADEChallengeData2016" / "objectInfo150.txt").unlink()
+    with pytest.raises(UserError, match="objectInfo150.txt"):
         list_rows(SourceConfig(kind="ade20k", uri=str(broken_root / "ADEChallengeData2016"), split="val"))
     (broken_root / "openimages" / "oidv7-class-descriptions.csv").unlink()
     with pytest.raises(UserError, match="class descriptions"):
@@ -206,8 +206,8 @@ def test_corrupted_openimages_lines_become_errors(broken_root):
 def test_ade_semantic_missing_png_and_bad_class_line(broken_root):
     ade = broken_root / "ADEChallengeData2016"
     (ade / "annotations" / "validation" / "syn_000020.png").unlink()
-    with open(ade / "objectInfo150.csv", "a") as f:
-        f.write("notanumber,0.1,1,1,thing\n")
+    with open(ade / "objectInfo150.txt", "a") as f:
+        f.write("notanumber\t0.1\t1\t1\tthing\n")
     errs: list[dict] = []
     rows = list_rows(SourceConfig(kind="ade20k", uri=str(ade), split="validation"), errs)
     assert "syn_000020" not in [r["image_id"] for r in rows] and len(rows) == 5

@@ -46,8 +46,12 @@ def test_every_layout_is_written(synthetic_root):
         for name in (f"oidv7-{split}-annotations-human-imagelabels.csv", f"oidv7-{split}-annotations-bbox.csv",
                      f"{split}-annotations-object-segmentation.csv", f"{split}-images-with-rotation.csv"):
             assert (root / "openimages" / name).is_file()
-    head = (root / "ADEChallengeData2016" / "objectInfo150.csv").read_text().splitlines()[0]
-    assert head == "Idx,Ratio,Train,Val,Name"
+    # the class list as ADEChallengeData2016.zip ships it: tab-separated objectInfo150.txt, names as
+    # comma-separated synonyms
+    lines = (root / "ADEChallengeData2016" / "objectInfo150.txt").read_text().splitlines()
+    assert lines[0] == "Idx\tRatio\tTrain\tVal\tName"
+    assert any(ln.split("\t")[4] == "road, route" for ln in lines[1:])
+    assert not (root / "ADEChallengeData2016" / "objectInfo150.csv").exists()
     seg_head = (root / "openimages" / "train-annotations-object-segmentation.csv").read_text().splitlines()[0]
     assert seg_head == "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks"
 

@@ -20,14 +20,20 @@ Values are percentages (0..100).
 Differences from the reference, all on inputs it would crash on or where it is ambiguous:
 
 - areas are pixel counts of the PNGs (the reference takes gt areas from the JSON; in COCO they agree);
-- a gt image without a prediction is not an error: its non-crowd gt segments all count as false
-  negatives and its id is listed in ``missing_predictions``;
+  a gt ``area`` that disagrees with its PNG is reported in ``warnings``;
+- a gt image without a prediction is an error naming the images (the reference stops on the first);
+  with ``allow_missing`` its non-crowd gt segments all count as false negatives and its id is listed
+  in ``missing_predictions``;
 - several crowd segments of one category in an image all count for the FP rule (the reference keeps the
   last one only);
 - image ids are compared as strings (``139`` and ``"139"`` are the same image);
 - when the prediction JSON carries ``categories``, its category ids are mapped onto the ground truth's
-  by class name (case-insensitive), so a vocabulary numbered differently from the gt still evaluates;
-  with identical numbering this changes nothing. A predicted class name unknown to the gt is an error.
+  by class name (case-insensitive), so a vocabulary numbered differently from the gt still evaluates
+  (reported in ``warnings``); with identical numbering this changes nothing. A predicted class name
+  unknown to the gt is an error.
+
+``warnings`` holds one line per kind of change (category re-mapping, gt areas that disagree with the
+PNGs); ``ragseg eval`` prints them.
 """
 
 from __future__ import annotations
@@ -287,8 +293,38 @@ def _by_image(annotations: Iterable[Mapping], what: str) -> dict[str, Mapping]:
     return out
 
 
-def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: int = 4) -> dict:
+def _remap_warning(remap: dict[int, int], pred_names: Mapping[int, str], gt_cats: Mapping[int, Mapping]) -> str:
+    changed = sorted((p, g) for p, g in remap.items() if g >= 0 and p != g)
+    if not changed:
+        return ""
+    shown = ", ".join(f"{p}->{g} {gt_cats[g].get('name', '')!r}" for p, g in changed[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    return (f"prediction category ids differ from the ground truth's: {len(changed)} mapped by class name "
+            f"({shown}{more})")
+
+
+def _area_warning(mismatches: list[tuple[str, int, int, int]]) -> str:
+    key, sid, js, px = mismatches[0]
+    return (f"{len(mismatches)} ground-truth segment area(s) in the JSON disagree with the PNG "
+            f"(first: image {key} segment {sid}: JSON {js}, PNG {px}); PQ uses the PNG areas")
+
+
+def _gt_area_mismatches(key: str, gt_ids: np.ndarray, gt_segs: Iterable[Mapping]) -> list[tuple[str, int, int, int]]:
+    ids, counts = np.unique(gt_ids, return_counts=True)
+    area = dict(zip(ids.tolist(), counts.tolist()))
+    out = []
+    for s in gt_segs:
+        if "area" in s and s["area"] is not None and int(s["area"]) != area.get(int(s["id"]), 0):
+            out.append((key, int(s["id"]), int(s["area"]), int(area.get(int(s["id"]), 0))))
+    return out
+
+
+def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = None, workers: int = 4,
+             allow_missing: bool = False) -> dict:
     """PQ / SQ / RQ of a COCO panoptic prediction against COCO panoptic ground truth.
+
+    ``pred_json`` is a COCO panoptic JSON, or the output folder of ``ragseg label``: then its per-piece
+    parts are read directly (no merged panoptic.json needed) and ``pred_dir`` defaults to its PNGs.
 
     Images are matched by ``image_id``, else by the annotation's PNG file name stem; each annotation's ``file_name`` names its PNG in ``gt_dir`` /
     ``pred_dir`` (a prediction without ``file_name`` uses the gt's). Returns::
@@ -296,10 +332,21 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
         {"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"},
          "per_class": [{"id", "name", "isthing", "pq", "sq", "rq", "tp", "fp", "fn", "present"}, ...],
          "images": int, "evaluated": int, "missing_predictions": [image ids], "extra_predictions": [...],
-         "category_remap": {pred id: gt id}}
+         "category_remap": {pred id: gt id}, "warnings": [one line each]}
+
+    A gt image without a prediction raises :class:`PanopticFormatError` naming the images unless
+    ``allow_missing`` (then it is scored as an empty prediction).
     """
+    from ragseg import labels_out
+
     gt = rio.read_json(gt_json)
-    pred = rio.read_json(pred_json)
+    if labels_out.is_label_output(pred_json):
+        pred = labels_out.prediction(pred_json)
+        pred_dir = pred_dir or rio.join(pred_json, "panoptic")
+    else:
+        pred = rio.read_json(pred_json)
+    if pred_dir is None:
+        raise PanopticFormatError("pred_dir (the predicted PNG folder) is needed with a prediction JSON")
     categories = _load_categories(gt)
     pred_cats = pred.get("categories") or []
     remap = _category_remap(categories, pred_cats)
@@ -314,11 +361,18 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
         p = pred_anns.get(key)
         return p if p is not None else pred_by_png.get(_png_stem(gt_anns[key]))
 
-    def one(key: str) -> PQStat:
+    missing = sorted(k for k in gt_anns if find_pred(k) is None)
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise PanopticFormatError(
+            f"the prediction {pred_json} has no annotation for {len(missing)} of the {len(gt_anns)} ground-truth "
+            f"images: {shown} (--allow-missing scores them as empty predictions)")
+
+    def one(key: str) -> tuple[PQStat, list]:
         g = gt_anns[key]
         p = find_pred(key)
         if p is None:
-            return _fn_only(g["segments_info"])
+            return _fn_only(g["segments_info"]), []
         pred_segs = []
         for s in p.get("segments_info", []):
             s = dict(s)
@@ -332,17 +386,25 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
             pred_segs.append(s)
         gt_ids = read_id_png(rio.join(gt_dir, g["file_name"]))
         pred_ids = read_id_png(rio.join(pred_dir, p.get("file_name") or g["file_name"]))
-        return pq_stats_image(gt_ids, g["segments_info"], pred_ids, pred_segs, categories, image_id=key)
+        stat = pq_stats_image(gt_ids, g["segments_info"], pred_ids, pred_segs, categories, image_id=key)
+        return stat, _gt_area_mismatches(key, gt_ids, g["segments_info"])
 
     keys = list(gt_anns)
     total = PQStat()
+    area_mismatches: list[tuple[str, int, int, int]] = []
     if workers and workers > 1 and len(keys) > 1:
         with ThreadPoolExecutor(max_workers=workers) as ex:
-            for st in ex.map(one, keys):  # ordered: deterministic float sums
-                total += st
+            results = list(ex.map(one, keys))  # ordered: deterministic float sums
     else:
-        for k in keys:
-            total += one(k)
+        results = [one(k) for k in keys]
+    for st, mism in results:
+        total += st
+        area_mismatches.extend(mism)
+    warnings = []
+    if remap and _remap_warning(remap, pred_names, categories):
+        warnings.append(_remap_warning(remap, pred_names, categories))
+    if area_mismatches:
+        warnings.append(_area_warning(area_mismatches))
 
     per_class = []
     for cid in sorted(categories):
@@ -350,7 +412,6 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
         m = total.class_metrics(cid)
         per_class.append({"id": cid, "name": str(info.get("name", cid)),
                           "isthing": bool(info.get("isthing", 0)), **m})
-    missing = sorted(k for k in gt_anns if find_pred(k) is None)
     gt_stems = {_png_stem(a) for a in gt_anns.values()}
     return {
         "All": total.average(categories, None),
@@ -363,6 +424,7 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str, workers: 
         "extra_predictions": sorted(k for k, a in pred_anns.items()
                                     if k not in gt_anns and _png_stem(a) not in gt_stems),
         "category_remap": {str(k): v for k, v in remap.items() if v >= 0},
+        "warnings": warnings,
     }
 
 

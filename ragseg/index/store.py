@@ -131,7 +131,8 @@ def publish(uri: str, version: str) -> None:
 
 def prune(uri: str, keep: int, grace_s: float = 600.0, now: float | None = None) -> list[str]:
     """Delete old complete versions beyond the newest ``keep`` (see module docstring). Returns the
-    deleted names. Also removes staging dirs older than ``grace_s`` left by killed builds."""
+    deleted names. Also removes staging dirs older than ``grace_s`` left by killed builds, and the
+    staging folder itself once empty."""
     now = time.time() if now is None else now
     live = current_version(uri)
     versions = list_versions(uri)
@@ -160,6 +161,8 @@ def prune(uri: str, keep: int, grace_s: float = 600.0, now: float | None = None)
                 with contextlib.suppress(OSError):
                     if now - os.path.getmtime(p) > grace_s:
                         shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):  # only when empty: a build in progress keeps it
+                os.rmdir(st)
     return deleted
 
 

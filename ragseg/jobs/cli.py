@@ -48,14 +48,20 @@ def make_synthetic_cmd(
 def eval_cmd(
     gt_json: Annotated[str, typer.Option(help="Ground-truth COCO panoptic JSON.")],
     gt_dir: Annotated[str, typer.Option(help="Ground-truth PNG folder.")],
-    pred_json: Annotated[str, typer.Option(help="Predicted COCO panoptic JSON.")],
-    pred_dir: Annotated[str, typer.Option(help="Predicted PNG folder.")],
+    pred_json: Annotated[str, typer.Option(
+        help="Predicted COCO panoptic JSON, or the --out folder of `ragseg label` (its parts are read directly).")],
+    pred_dir: Annotated[str | None, typer.Option(
+        help="Predicted PNG folder (default with a label folder: its panoptic/).")] = None,
     out: Annotated[str | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    allow_missing: Annotated[bool, typer.Option(
+        help="Score ground-truth images the prediction lacks as empty predictions instead of failing.")] = False,
 ) -> None:
     """PQ / SQ / RQ for All, Things, Stuff and per class (COCO panoptic semantics)."""
     from ragseg.eval.pq import evaluate, format_table
 
-    res = evaluate(gt_json, gt_dir, pred_json, pred_dir)
+    res = evaluate(gt_json, gt_dir, pred_json, pred_dir, allow_missing=allow_missing)
+    for line in res.get("warnings", []):
+        typer.echo(f"warning: {line}", err=True)
     typer.echo(format_table(res))
     if out:
         from ragseg.io import write_json_atomic

@@ -36,7 +36,7 @@ from ragseg.pipelines.common import (
 )
 
 # columns the piece writer reads (pixels are dropped before it)
-RESULT_COLUMNS = ["image_id", "uri", "error", "file_name", "height", "width", "segments_info"]
+RESULT_COLUMNS = ["image_id", "uri", "error", "coco_id", "file_name", "png_name", "height", "width", "segments_info"]
 
 SEGMENTS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
@@ -77,7 +77,7 @@ class WritePanoptic:
             except Exception as e:  # noqa: BLE001 - one bad row never stops the job
                 errors[i] = error_text("write", e)
         out = {k: v for k, v in batch.items() if k not in ("image", "panoptic_png", "embeddings")}
-        out["file_name"] = names
+        out["png_name"] = names
         out["error"] = errors
         return out
 
@@ -165,7 +165,9 @@ class WriteLabelPiece:
             infos = json.loads(str(batch["segments_info"][i]))
             empty += not infos
             lines.append(json.dumps({
-                "image_id": ids[i], "file_name": str(batch["file_name"][i]), "uri": str(batch["uri"][i]),
+                "image_id": ids[i], "id": _coco_id(batch, i, ids[i]), "png_name": str(batch["png_name"][i]),
+                "file_name": _cell(batch, "file_name", i) or str(batch["uri"][i]).rsplit("/", 1)[-1],
+                "uri": str(batch["uri"][i]),
                 "height": int(batch["height"][i]), "width": int(batch["width"][i]),
                 "segments_info": [{k: v for k, v in s.items() if k not in ("mask_rle", "s_ret", "s_clip", "s_iv")}
                                   for s in infos]}, sort_keys=True))
@@ -195,6 +197,18 @@ class WriteLabelPiece:
                                 stage_seconds=stage_seconds(batch))
         ledger.write_commit(self.out, rec)
         return record_batch(rec)
+
+
+def _cell(batch: dict[str, np.ndarray], col: str, i: int) -> str:
+    v = batch[col][i] if col in batch else None
+    return "" if v is None else str(v)
+
+
+def _coco_id(batch: dict[str, np.ndarray], i: int, image_id: str):
+    """The image's id as the source's ground-truth JSON has it (COCO numbers images), so COCO tools
+    pair the labels with that ground truth; the string image id for sources without one."""
+    raw = _cell(batch, "coco_id", i)
+    return json.loads(raw) if raw else image_id
 
 
 def _num(v) -> float | None:

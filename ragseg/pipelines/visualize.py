@@ -224,16 +224,29 @@ def visualize(images_uri: str, pred_uri: str, out_uri: str, limit: int | None = 
     left out by the limit, "index_html": URI, "overlays": URI of the folder, "failed": [{"image_id",
     "error"}]}``.
     """
-    pj = rio.join(pred_uri, "panoptic.json")
-    if not rio.exists(pj):
-        raise UserError(f"{pj} not found: is {pred_uri} the --out of a finished `ragseg label` run?")
-    data = rio.read_json(pj)
-    names = {int(c["id"]): str(c.get("name", c["id"])) for c in data.get("categories", [])}
-    images_meta = {str(im["id"]): im for im in data.get("images", []) if "id" in im}
-    anns = list(data.get("annotations", []))
-    total = len(anns)
-    if limit is not None and limit > 0:
-        anns = anns[:limit]
+    from ragseg import labels_out
+
+    if labels_out.is_label_output(pred_uri):  # read the parts: no merged panoptic.json needed
+        import itertools
+
+        led = labels_out.open_labels(pred_uri)
+        cats = led.header.get("vocab", [])
+        total = int(led.header.get("totals", {}).get("images", 0)) - int(led.header.get("totals", {}).get("errors", 0))
+        entries = list(itertools.islice(labels_out.iter_images(pred_uri), limit if limit and limit > 0 else None))
+        images_meta = {str(a["id"]): {"id": a["id"], "uri": a["uri"], "file_name": a["file_name"]} for a in entries}
+        anns = [{"image_id": a["id"], "file_name": a["png_name"], "segments_info": a["segments_info"]} for a in entries]
+    else:
+        pj = rio.join(pred_uri, "panoptic.json")
+        if not rio.exists(pj):
+            raise UserError(f"{pj} not found: is {pred_uri} the --out of a finished `ragseg label` run?")
+        data = rio.read_json(pj)
+        cats = data.get("categories", [])
+        images_meta = {str(im["id"]): im for im in data.get("images", []) if "id" in im}
+        anns = list(data.get("annotations", []))
+        total = len(anns)
+        if limit is not None and limit > 0:
+            anns = anns[:limit]
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
     finder = _ImageFinder(images_uri, images_meta)
     rio.makedirs(out_uri)
 

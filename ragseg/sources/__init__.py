@@ -3,14 +3,17 @@
 ``list_rows(cfg)`` runs on the driver (no pixel decode) and returns rows in a stable order with
 ``limit`` and ``shard`` applied; ``read_source(cfg)`` wraps them in a Ray Dataset. Row columns
 (docs/interfaces.md): ``image_id``, ``uri``, ``source``, ``labels``, ``gt_format``, ``gt_png_uri``,
-``gt_segments`` (JSON list of ``{"id", "label", "isthing", "iscrowd", "mask_uri"}``).
+``gt_segments`` (JSON list of ``{"id", "label", "isthing", "iscrowd", "mask_uri"}``), ``coco_id``
+(the image's id in the source's ground-truth JSON, JSON-encoded so that its type survives: ``139`` or
+``"ADE_val_00000001"``; "" when the source has no such JSON) and ``file_name`` (the image's file name
+relative to its image folder, as the ground-truth JSON gives it).
 
 Kinds (``SourceConfig.kind``):
 
 - ``folder``: every jpg/jpeg/png/webp under ``uri`` matching ``pattern``; no ground truth.
 - ``coco_panoptic``: ``<uri>/annotations/panoptic_<split>.json``, PNGs in
   ``<uri>/annotations/panoptic_<split>/``, images in ``<uri>/<split>/`` (COCO 2017 layout).
-- ``ade20k``: the ADEChallengeData2016 semantic layout (class-index PNGs + objectInfo150.csv).
+- ``ade20k``: the ADEChallengeData2016 semantic layout (class-index PNGs + objectInfo150.txt).
 - ``ade20k_panoptic``: the layout written by Mask2Former's ``prepare_ade20k_pan_seg.py``.
 - ``openimages``: Open Images V7 CSVs (class descriptions, human image-level labels, boxes,
   segmentations with mask PNGs, optional image list).
@@ -35,14 +38,18 @@ if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-ROW_COLUMNS = ["image_id", "uri", "source", "labels", "gt_format", "gt_png_uri", "gt_segments"]
+ROW_COLUMNS = ["image_id", "uri", "source", "labels", "gt_format", "gt_png_uri", "gt_segments", "coco_id",
+               "file_name"]
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers shared by the readers
 # ----------------------------------------------------------------------------------------------
 def make_row(image_id: str, uri: str, source: str, labels: list[str] | None = None, gt_format: str = "",
-             gt_png_uri: str = "", gt_segments: list[dict] | None = None) -> dict[str, Any]:
+             gt_png_uri: str = "", gt_segments: list[dict] | None = None, coco_id: Any = None,
+             file_name: str = "") -> dict[str, Any]:
+    """One image row (columns :data:`ROW_COLUMNS`); ``coco_id`` is the ground-truth JSON's own image id
+    (any JSON value, stored JSON-encoded), None when the source has none."""
     segs = [
         {"id": int(s["id"]), "label": str(s["label"]), "isthing": bool(s["isthing"]),
          "iscrowd": bool(s.get("iscrowd", False)), "mask_uri": s.get("mask_uri")}
@@ -56,7 +63,38 @@ def make_row(image_id: str, uri: str, source: str, labels: list[str] | None = No
         "gt_format": gt_format,
         "gt_png_uri": gt_png_uri,
         "gt_segments": json.dumps(segs),
+        "coco_id": "" if coco_id is None else json.dumps(coco_id),
+        "file_name": str(file_name or posixpath.basename(uri)),
     }
+
+
+def source_locations(cfg: SourceConfig) -> list[str]:
+    """Every location a source config names (uri, image/mask folders, annotation files, CSVs)."""
+    fields = ("uri", "images_dir", "masks_dir", "annotations", "class_list", "categories", "class_descriptions",
+              "image_labels", "boxes", "segmentations", "image_list")
+    return [str(getattr(cfg, f)) for f in fields if getattr(cfg, f, None)]
+
+
+def register_storage_options(cfg: SourceConfig | None) -> None:
+    """Make ``cfg.storage_options`` apply to every remote location of the source, in this process
+    (the driver lists with them; each stage that reads source files calls this in its ``__init__``)."""
+    from ragseg.io import protocol, set_storage_options
+
+    if cfg is None or not cfg.storage_options:
+        return
+    for loc in source_locations(cfg):
+        if "://" in loc and protocol(loc) != "file":
+            set_storage_options(loc, cfg.storage_options)
+
+
+def register_job_storage_options(cfg: Any) -> None:
+    """:func:`register_storage_options` for both sources of a job config (``source`` and
+    ``label.images``)."""
+    if cfg is None:
+        return
+    register_storage_options(getattr(cfg, "source", None))
+    label = getattr(cfg, "label", None)
+    register_storage_options(getattr(label, "images", None))
 
 
 def add_error(errors: list[dict] | None, uri: str, image_id: str, message: str) -> None:
@@ -162,6 +200,7 @@ def read_json_required(uri: str, what: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]:
     """Image rows of a source (driver side, no pixel decode), stable order, limit/shard applied."""
+    register_storage_options(cfg)
     kind = cfg.kind
     if kind == "folder":
         from ragseg.sources.folder import list_rows as f

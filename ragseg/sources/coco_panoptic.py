@@ -7,7 +7,8 @@ Defaults follow the COCO 2017 layout, all overridable in :class:`~ragseg.config.
     <uri>/<split>/*.jpg                         (cfg.images_dir)
 
 For ``synthetic`` the defaults are under ``<uri>/coco``. The image id is the image's ``file_name``
-without its extension. Rows carry ``gt_format = "panoptic_rgb"``, the PNG's URI and one
+without its extension; ``coco_id`` keeps the JSON's image id with its type (COCO numbers its
+images) and ``file_name`` the JSON's file name. Rows carry ``gt_format = "panoptic_rgb"``, the PNG's URI and one
 ``gt_segments`` entry per ``segments_info`` item; labels are the image's category names (sorted).
 An annotation or image entry that is malformed, names an unknown category, has a file name that
 escapes its folder, or whose PNG is missing is reported in ``errors`` and skipped.
@@ -15,6 +16,7 @@ escapes its folder, or whose PNG is missing is reported in ``errors`` and skippe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ragseg.config import SourceConfig
@@ -31,15 +33,18 @@ from ragseg.sources import (
 )
 
 
-def parse_categories(data: Any, uri: str) -> dict[int, tuple[str, bool]]:
-    """``categories`` of a COCO panoptic JSON -> {id: (name, isthing)}; raises UserError if unusable."""
+def parse_categories(data: Any, uri: str,
+                     label_of: Callable[[int, str], str] | None = None) -> dict[int, tuple[str, bool]]:
+    """``categories`` of a COCO panoptic JSON -> {id: (label, isthing)}; raises UserError if unusable.
+    The label is ``label_of(id, name)`` when given, else the name stripped."""
     cats = data.get("categories") if isinstance(data, dict) else None
     if not isinstance(cats, list) or not cats:
         raise UserError(f"{uri}: no 'categories' list")
     out: dict[int, tuple[str, bool]] = {}
     for c in cats:
         try:
-            out[int(c["id"])] = (str(c["name"]), bool(c.get("isthing", 0)))
+            cid, name = int(c["id"]), str(c["name"])
+            out[cid] = ((label_of(cid, name) if label_of else name).strip(), bool(c.get("isthing", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{uri}: malformed category entry {c!r} ({type(e).__name__}: {e})") from None
     return out
@@ -71,10 +76,11 @@ def _segments(ann: dict, cats: dict[int, tuple[str, bool]]) -> list[dict]:
 
 
 def read_panoptic(json_uri: str, png_dir: str, images_dir: str, source: str,
-                  errors: list[dict] | None) -> list[dict]:
-    """Rows of one COCO-style panoptic JSON (unsorted, no limit/shard)."""
+                  errors: list[dict] | None, label_of: Callable[[int, str], str] | None = None) -> list[dict]:
+    """Rows of one COCO-style panoptic JSON (unsorted, no limit/shard); ``coco_id`` keeps each image's
+    JSON id with its type, ``file_name`` its JSON file name."""
     data = read_json_required(json_uri, "panoptic annotation file")
-    cats = parse_categories(data, json_uri)
+    cats = parse_categories(data, json_uri, label_of)
     images = data.get("images")
     anns = data.get("annotations")
     if not isinstance(images, list) or not isinstance(anns, list):
@@ -113,7 +119,8 @@ def read_panoptic(json_uri: str, png_dir: str, images_dir: str, source: str,
             add_error(errors, uri, image_id, f"panoptic PNG not found: {png_uri}")
             continue
         labels = sorted({s["label"] for s in segs})
-        rows.append(make_row(image_id, uri, source, labels, "panoptic_rgb", png_uri, segs))
+        rows.append(make_row(image_id, uri, source, labels, "panoptic_rgb", png_uri, segs,
+                             coco_id=im["id"], file_name=rel))
     for key, im in by_id.items():
         if key not in annotated:
             add_error(errors, join(images_dir, str(im["file_name"])), stem(str(im["file_name"])),

@@ -59,5 +59,5 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
         if image_id in rows:
             add_error(errors, uri, image_id, f"duplicate image id {image_id!r} (also {rows[image_id]['uri']})")
             continue
-        rows[image_id] = make_row(image_id, uri, "folder")
+        rows[image_id] = make_row(image_id, uri, "folder", file_name=rel)
     return select(list(rows.values()), cfg)

@@ -10,8 +10,10 @@ Three formats (``row["gt_format"]``):
   neighbour to the image size when the sizes differ (Open Images masks are stored at another
   resolution than the images).
 
-A missing or unreadable PNG, or a label map whose size differs from the image, raises ValueError
-naming the file.
+A missing or unreadable PNG, a label map whose size differs from the image, or a ``panoptic_rgb``
+segment listed in ``gt_segments`` (the ground-truth JSON) whose id has no pixel in the PNG raises
+ValueError naming the image, the file and the segment ids: the ``gt`` stage turns it into an error row
+instead of dropping the segment silently.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ def parse_segments(row: Any) -> list[dict]:
     return segs
 
 
+def _check_listed_segments(ids: np.ndarray, segs: list[dict], uri: str, image_id: Any) -> None:
+    present = set(np.unique(ids).tolist())
+    absent = [s for s in segs if int(s["id"]) not in present]
+    if absent:
+        listed = ", ".join(f"{int(s['id'])} ({s.get('label', '')})" for s in absent[:10])
+        more = f" and {len(absent) - 10} more" if len(absent) > 10 else ""
+        raise ValueError(f"image {image_id!s}: segment id{'s' if len(absent) > 1 else ''} {listed}{more} listed "
+                         f"in the ground-truth JSON but absent from its PNG {uri}")
+
+
 def load_gt_segments(row: Any, image_hw: tuple[int, int] | None) -> list[GtSegment]:
     """The row's ground-truth segments with masks of size ``image_hw`` (H, W); None = the label map's
     own size."""
@@ -107,6 +119,8 @@ def load_gt_segments(row: Any, image_hw: tuple[int, int] | None) -> list[GtSegme
                 raise ValueError(f"semantic PNG {uri} has mode {im.mode}, expected a single-channel index map")
             ids = np.asarray(im).astype(np.int64)
         _check_size(ids, image_hw, uri)
+        if fmt == "panoptic_rgb":
+            _check_listed_segments(ids, segs, uri, _value(row, "image_id"))
         for s in segs:
             mask = ids == int(s["id"])
             if fmt == "semantic_index" and not mask.any():

@@ -19,7 +19,11 @@ that overrides its default location (the first existing of the names below, ``<s
 Images: with ``cfg.image_list``, its rows are the images and the URI is taken from its first
 ``path``/``uri``/``url``/``OriginalURL`` column (relative values are resolved against the CSV's
 folder); without one, the images are those named in the annotation CSVs and live at
-``<images_dir or uri/images/<split>>/<ImageID>.jpg``.
+``<images folder>/<ImageID>.jpg``. The images folder is ``cfg.images_dir`` (any fsspec URI, e.g. the
+public bucket ``s3://open-images-dataset/<split>/`` with ``storage_options: {anon: true}``), else the
+first of ``<uri>/images/<split>/`` and ``<uri>/<split>/`` (the official downloader's layout) that
+holds one of the first few expected images. When none of them does, listing stops with a
+:class:`~ragseg.errors.UserError` naming the folder(s) before any pipeline starts.
 
 ``labels`` = display names of the human-verified positive image-level labels (Confidence 1) and of the
 boxes' labels. Ground truth is ``instance_masks``: one segment per segmentation row (``isthing``
@@ -38,11 +42,12 @@ import fsspec
 
 from ragseg.config import SourceConfig
 from ragseg.errors import UserError
-from ragseg.io import join
+from ragseg.io import exists, join, storage_options
 from ragseg.sources import add_error, first_existing, list_names, make_row, require, select
 
 URI_COLUMNS = ("path", "uri", "url", "imagepath", "filepath", "file_name", "originalurl")
 LONG = {"val": "validation"}
+PROBE_IMAGES = 3  # expected images looked for when choosing / checking the images folder
 
 
 def _split_names(split: str) -> list[str]:
@@ -58,7 +63,7 @@ def _rows(uri: str, errors: list[dict] | None, required: tuple[str, ...],
           header_optional: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
     """Stream a CSV as dicts; lines with the wrong number of cells are reported and skipped."""
     try:
-        f = fsspec.open(uri, "rt", encoding="utf-8", newline="").open()
+        f = fsspec.open(uri, "rt", encoding="utf-8", newline="", **storage_options(uri)).open()
     except FileNotFoundError:
         raise UserError(f"Open Images file not found: {uri}") from None
     with f:
@@ -185,8 +190,8 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
             lst.append({"id": len(lst) + 1, "label": names[rec["LabelName"].strip()], "isthing": True,
                         "iscrowd": False, "mask_uri": join(masks_dir, mask_rel)})
 
-    images_dir = cfg.images_dir or join(root, "images", cfg.split)
     uris: dict[str, str] = {}
+    in_folder: list[str] = []  # ids whose image is <images folder>/<ImageID>.jpg
     if cfg.image_list:
         list_dir = cfg.image_list.rsplit("/", 1)[0] if "/" in cfg.image_list else "."
         col = None
@@ -200,17 +205,42 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
                 continue
             value = rec.get(col, "").strip() if col else ""
             if not value:
-                uris[image_id] = join(images_dir, image_id + ".jpg")
+                in_folder.append(image_id)
             elif "://" in value or value.startswith("/"):
                 uris[image_id] = value
             else:
                 uris[image_id] = join(list_dir, value)
     else:
-        uris = {i: join(images_dir, i + ".jpg") for i in mentioned}
+        in_folder = sorted(mentioned)
+    if in_folder:
+        images_dir = images_folder(cfg, root, splits, sorted(in_folder)[:PROBE_IMAGES])
+        uris.update({i: join(images_dir, i + ".jpg") for i in in_folder})
 
     rows = []
     for image_id, uri in uris.items():
         s = segs.get(image_id, [])
         rows.append(make_row(image_id, uri, "openimages", sorted(labels.get(image_id, ())),
-                             "instance_masks" if s else "", "", s))
+                             "instance_masks" if s else "", "", s, file_name=uri.rsplit("/", 1)[-1]))
     return select(rows, cfg)
+
+
+def images_folder(cfg: SourceConfig, root: str, splits: list[str], probe_ids: list[str]) -> str:
+    """The folder holding ``<ImageID>.jpg``: ``cfg.images_dir``, else the first of ``<root>/images/<split>``
+    and ``<root>/<split>`` that holds one of ``probe_ids``; UserError naming the folder(s) when none does."""
+    candidates = [cfg.images_dir] if cfg.images_dir else \
+        [join(root, "images", s) for s in splits] + [join(root, s) for s in splits]
+    for folder in candidates:
+        for image_id in probe_ids:
+            uri = join(folder, image_id + ".jpg")
+            try:
+                if exists(uri):
+                    return folder
+            except Exception as e:  # noqa: BLE001 - unreachable store, denied access: say so once
+                raise UserError(f"Open Images image folder {folder} cannot be read ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]})") from None
+    looked = ", ".join(i + ".jpg" for i in probe_ids)
+    if cfg.images_dir:
+        raise UserError(f"no Open Images image found in {cfg.images_dir} (looked for {looked}); "
+                        "set source.images_dir to the folder that holds <ImageID>.jpg")
+    raise UserError(f"no Open Images image found in {' or '.join(candidates)} (looked for {looked}); "
+                    "set source.images_dir to the folder that holds <ImageID>.jpg")

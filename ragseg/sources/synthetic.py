@@ -19,8 +19,10 @@ Layout under ``out`` (``<id>`` = ``syn_000000`` ...; ``<split>`` = ``train`` | `
     coco/annotations/panoptic_<split>/<id>.png        panoptic PNGs, id = R + 256 G + 256^2 B, 0 = void
     ADEChallengeData2016/images/{training,validation}/<id>.jpg
     ADEChallengeData2016/annotations/{training,validation}/<id>.png   semantic: class index 1..K, 0 = ignore
-    ADEChallengeData2016/objectInfo150.csv            Idx,Ratio,Train,Val,Name (class index = Idx)
+    ADEChallengeData2016/objectInfo150.txt            tab-separated Idx Ratio Train Val Name, names as
+                                                      comma-separated synonyms (as ADEChallengeData2016.zip)
     ADEChallengeData2016/ade20k_panoptic_{train,val}.json   Mask2Former prepare_ade20k_pan_seg.py layout
+                                                      (string image ids, names with synonyms: "road, route")
     ADEChallengeData2016/ade20k_panoptic_{train,val}/<id>.png
     openimages/oidv7-class-descriptions.csv           LabelName,DisplayName (MIDs /m/0syn01 ...)
     openimages/oidv7-<split>-annotations-human-imagelabels.csv   ImageID,Source,LabelName,Confidence
@@ -83,6 +85,13 @@ STUFF = [
 ]
 CLASSES = THINGS + STUFF
 ADE_SPLIT = {"train": "training", "val": "validation"}
+# synonyms the ADE20k files give after a class's name ("road, route"), as the real class lists do
+ADE_SYNONYMS = {"road": ["route"], "sign": ["signboard", "sign board"]}
+
+
+def ade_name(c: ClassSpec) -> str:
+    """A class's name in the ADE20k files: the name, then its synonyms, comma-separated."""
+    return ", ".join([c.name, *ADE_SYNONYMS.get(c.name, [])])
 
 
 def categories() -> list[dict]:
@@ -346,7 +355,7 @@ def make_synthetic(out: str, images: int = 40, seed: int = 0, size: int = 128,
                     "classes": [c.name for c in CLASSES], "things": [c.name for c in THINGS],
                     "stuff": [c.name for c in STUFF], "images": images, "seed": seed, "size": size,
                     "splits": {},
-                    "ade20k": {"root": ade, "class_list": join(ade, "objectInfo150.csv")},
+                    "ade20k": {"root": ade, "class_list": join(ade, "objectInfo150.txt")},
                     "openimages": {"root": oi, "class_descriptions": join(oi, "oidv7-class-descriptions.csv")}}
     for split, d in per_split.items():
         count = len(d["images"])
@@ -360,7 +369,8 @@ def make_synthetic(out: str, images: int = 40, seed: int = 0, size: int = 128,
         ade_images = [{**im, "id": im["file_name"][:-4]} for im in d["images"]]
         ade_anns = [{**a, "image_id": a["file_name"][:-4]} for a in d["anns"]]
         ade_json = join(ade, f"ade20k_panoptic_{split}.json")
-        write_json_atomic(ade_json, {"images": ade_images, "annotations": ade_anns, "categories": cats})
+        ade_cats = [{**c, "name": ade_name(by_id[c["id"]])} for c in cats]
+        write_json_atomic(ade_json, {"images": ade_images, "annotations": ade_anns, "categories": ade_cats})
         labels_csv = join(oi, f"oidv7-{split}-annotations-human-imagelabels.csv")
         write_text_atomic(labels_csv, _csv(["ImageID", "Source", "LabelName", "Confidence"], d["labels"]))
         boxes_csv = join(oi, f"oidv7-{split}-annotations-bbox.csv")
@@ -391,9 +401,10 @@ def make_synthetic(out: str, images: int = 40, seed: int = 0, size: int = 128,
             "oi_masks": join(oi, "masks", split),
             "oi_image_list": list_csv,
         }
-    # objectInfo150-like class list: Idx,Ratio,Train,Val,Name
+    # the class list as ADEChallengeData2016 ships it: objectInfo150.txt, tab-separated
     total = max(int(pixel_count.sum()), 1)
     rows = [[k + 1, f"{pixel_count[k + 1] / total:.4f}", int(img_count['train'][k + 1]),
-             int(img_count['val'][k + 1]), c.name] for k, c in enumerate(CLASSES)]
-    write_text_atomic(join(ade, "objectInfo150.csv"), _csv(["Idx", "Ratio", "Train", "Val", "Name"], rows))
+             int(img_count['val'][k + 1]), ade_name(c)] for k, c in enumerate(CLASSES)]
+    lines = ["\t".join(["Idx", "Ratio", "Train", "Val", "Name"])] + ["\t".join(str(v) for v in r) for r in rows]
+    write_text_atomic(join(ade, "objectInfo150.txt"), "\n".join(lines) + "\n")
     return result

@@ -17,6 +17,7 @@ from ragseg.config import JobConfig, SourceConfig
 from ragseg.errors import error_text
 from ragseg.io import read_bytes
 from ragseg.masks import SEG_COLUMNS, encode_rle_stats
+from ragseg.sources import register_job_storage_options, register_storage_options
 from ragseg.sources.gt import load_gt_segments
 from ragseg.stages.batch import as_list, batch_len, errors_of, object_column
 
@@ -52,6 +53,7 @@ class DecodeImages:
 
     def __init__(self, cfg: JobConfig | None = None):
         self.cfg = cfg
+        register_job_storage_options(cfg)  # e.g. anonymous access to a public bucket, on this worker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = batch_len(batch)
@@ -90,6 +92,8 @@ class LoadGroundTruth:
 
     def __init__(self, cfg: JobConfig, source: SourceConfig | None = None):
         self.cfg = cfg
+        register_job_storage_options(cfg)
+        register_storage_options(source)
         src = source if source is not None else cfg.source
         self.include_crowd = bool(src.include_crowd) if src is not None else False
         self.min_area = int(cfg.build_db.min_segment_area)

@@ -328,3 +328,18 @@ def test_convert_weights_refuses_other_types(tmp_path):
     torch.save({"model": {"w": "a string"}}, str(bad))
     with pytest.raises(UserError, match="not a tensor"):
         convert_checkpoint(str(bad), str(tmp_path / "o2.safetensors"))
+
+
+def test_stage_runs_under_bf16_autocast(tiny_cfg_path, tmp_path):
+    """The CUDA path's dtypes (bf16 autocast, pixel decoder in fp32), exercised with CPU autocast."""
+    from ragseg.stages.fcclip import FcclipProposals
+
+    cfg = load_config(tiny_cfg_path, ["models.device.precision=bf16"])
+    stage = FcclipProposals(cfg, _vocab(tmp_path))
+    imgs = np.empty(2, dtype=object)
+    imgs[0], imgs[1] = _image(), _image(seed=1)
+    out = stage({"image": imgs, "error": np.array(["", ""], dtype=object)})
+    assert list(out["error"]) == ["", ""]
+    for i in range(2):
+        n = len(out["seg_masks_rle"][i])
+        assert out["embeddings"][i].shape == (n, stage.dim) and np.isfinite(out["seg_iv_logits"][i]).all()

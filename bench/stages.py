@@ -7,7 +7,11 @@
 
 Stages: ``embed-crop`` and ``embed-pool`` (ragseg.stages.embed.Embed, ``segments`` masks per image),
 ``detect`` (ragseg.stages.detect.Detect, prompted with ``--classes`` class names; its segments are the
-boxes it returns) and ``segment`` (ragseg.stages.segment.Segment on ``segments`` random boxes per image).
+boxes it returns), ``segment`` (ragseg.stages.segment.Segment on ``segments`` random boxes per image) and
+``fcclip`` (ragseg.stages.fcclip.FcclipProposals over the class names: trunk + pixel decoder + masked
+decoder + post-processing + pooled queries; its segments are the proposals it keeps; the trunk input's
+longer side is ``models.clip.pool_image_size``, else 1088 = FC-CLIP's test size, shorter side 800 at 4:3).
+``peak_rss_mb`` is the process's peak resident memory so far.
 Inputs are synthetic (smooth random images, random rectangle/ellipse masks) so no data is needed; weights
 are random, so the numbers measure compute, not quality (Detect's box count depends on its thresholds:
 the tiny config keeps every box up to ``max_boxes``; --full uses ``box_threshold: 0`` too).
@@ -33,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ALL_STAGES = ("embed-crop", "embed-pool", "detect", "segment")
+ALL_STAGES = ("embed-crop", "embed-pool", "detect", "segment", "fcclip")
+FCCLIP_TEST_SIZE = 1088  # longer trunk-input side for fcclip when models.clip.pool_image_size is unset
 CLASSES = ["person", "dog", "cat", "car", "tree", "building", "sky", "road"]
 
 # the full-size architectures, random weights (no checkpoint download)
@@ -153,13 +158,29 @@ def build_stage(stage: str, cfg):
         from ragseg.stages.segment import Segment
 
         return Segment(cfg), model_id(cfg.models.sam)
+    if stage == "fcclip":
+        from ragseg.stages.fcclip import FcclipProposals
+        from ragseg.vocab import Vocab
+
+        c = cfg.model_copy(deep=True)
+        c.models.clip.pool_image_size = c.models.clip.pool_image_size or FCCLIP_TEST_SIZE
+        f = FcclipProposals(c, Vocab.from_names(list(CLASSES)))
+        return f, f"fcclip q{c.models.fcclip.num_queries} on {f.model_id} @{c.models.clip.pool_image_size}"
     raise ValueError(stage)
 
 
 def count_segments(stage: str, out: dict, given: int) -> int:
     if stage == "detect":
         return int(sum(len(b) for b in out["boxes"]))
+    if stage == "fcclip":
+        return int(sum(len(m) for m in out["seg_masks_rle"]))
     return given
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def sync(device: str) -> None:
@@ -206,7 +227,7 @@ def run_stage(stage: str, cfg, args, device: str, meta: dict) -> list[dict]:
             "images": args.images, "segments": segs, "image_hw": list(hw), "seconds": round(dt, 4),
             "images_per_s": round(args.images / dt, 3), "segments_per_s": round(segs / dt, 3),
             "load_s": round(load_s, 2), "cpu_seconds": round(cpu, 4),
-            "loadavg_1m": round(os.getloadavg()[0], 2),
+            "loadavg_1m": round(os.getloadavg()[0], 2), "peak_rss_mb": peak_rss_mb(),
         }
         if device == "cuda":
             import torch

@@ -180,12 +180,50 @@ class GroundingDinoConfig(Strict):
     batch_size: int = Field(default=4, ge=1)
 
 
+class FcclipConfig(Strict):
+    """FC-CLIP head (Mask2Former pixel decoder + masked-attention decoder with CLIP class embeddings) on
+    the ``models.clip`` trunk. Defaults are the official COCO-panoptic ConvNeXt-Large eval config
+    (``fcclip_convnext_large_eval_ade20k.yaml`` and its bases). ``checkpoint``: a ``.safetensors`` file
+    (path, URL or bucket; make it from the official ``.pth`` with ``ragseg convert-weights``); null
+    builds the head with random weights seeded with ``seed``."""
+
+    checkpoint: str | None = None
+    sha256: str | None = None
+    seed: int = 0
+    num_classes: int = Field(default=133, ge=1)  # trained classes (sizes criterion.empty_weight only)
+    conv_dim: int = Field(default=256, ge=32)  # SEM_SEG_HEAD.CONVS_DIM (multiple of 32: GroupNorm(32))
+    mask_dim: int = Field(default=256, ge=1)
+    hidden_dim: int = Field(default=256, ge=1)
+    num_queries: int = Field(default=250, ge=1)
+    nheads: int = Field(default=8, ge=1)
+    dim_feedforward: int = Field(default=2048, ge=1)
+    dec_layers: int = Field(default=10, ge=2)  # MASK_FORMER.DEC_LAYERS: (dec_layers - 1) decoder layers
+    enc_layers: int = Field(default=6, ge=1)  # deformable encoder layers of the pixel decoder
+    enc_dim_feedforward: int = Field(default=1024, ge=1)
+    enc_n_points: int = Field(default=4, ge=1)
+    pre_norm: bool = False
+    # post-processing (FC-CLIP eval config): drop a query whose in-vocabulary argmax is void or whose
+    # class probability is <= object_mask_threshold, keep the top-k by that probability; a proposal is
+    # its mask logit >= 0 (sigmoid >= 0.5) at image size. Overlap: label.merge.overlap_threshold (0.8).
+    object_mask_threshold: float = Field(default=0.0, ge=0, le=1)
+    topk: int = Field(default=100, ge=1)  # detectron2 TEST.DETECTIONS_PER_IMAGE
+    batch_size: int = Field(default=2, ge=1)  # images per forward pass (same input size)
+
+    @field_validator("conv_dim")
+    @classmethod
+    def _gn(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"conv_dim must be a multiple of 32 (GroupNorm with 32 groups), got {v}")
+        return v
+
+
 class ModelsConfig(Strict):
     weights: WeightsConfig = WeightsConfig()
     device: DeviceConfig = DeviceConfig()
     clip: ClipConfig = ClipConfig()
     sam: SamConfig = SamConfig()
     gdino: GroundingDinoConfig = GroundingDinoConfig()
+    fcclip: FcclipConfig = FcclipConfig()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +279,8 @@ class LabelConfig(Strict):
     vocab: str | None = None
     index: str | None = None
     fallback_index: str | None = None
-    proposals: Literal["gdino-sam", "sam-grid", "gt"] = "gdino-sam"
+    # fcclip: FC-CLIP masks + in-vocabulary scores + mask-pooled queries from one trunk pass
+    proposals: Literal["gdino-sam", "sam-grid", "gt", "fcclip"] = "gdino-sam"
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
     ensemble: EnsembleConfig = EnsembleConfig()
     merge: MergeConfig = MergeConfig()

@@ -155,7 +155,7 @@ def label_cmd(
     index: Annotated[str | None, typer.Option(help="Index store URI.")] = None,
     fallback_index: Annotated[str | None, typer.Option(help="Secondary (generic) index.")] = None,
     out: Annotated[str | None, typer.Option(help="Output URI.")] = None,
-    proposals: Annotated[str | None, typer.Option(help="gdino-sam | sam-grid | gt")] = None,
+    proposals: Annotated[str | None, typer.Option(help="fcclip | gdino-sam | sam-grid | gt")] = None,
     address: AddressOpt = None,
 ) -> None:
     """Panoptic pseudo-labels for a corpus: proposals -> masked CLIP -> retrieval + CLIP -> merge."""
@@ -166,6 +166,22 @@ def label_cmd(
     if images:
         options.update({"label.images.kind": "folder", "label.images.uri": images})
     _print_json(run_label(_cfg(config, set_, options)))
+
+
+@app.command("convert-weights")
+def convert_weights_cmd(
+    src: Annotated[str, typer.Argument(help="Checkpoint .pth (path, http(s) URL or bucket URI).")],
+    out: Annotated[str, typer.Argument(help="Output .safetensors file (path or bucket URI).")],
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of SRC.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Convert a (detectron2) FC-CLIP checkpoint to safetensors, loading it once under an allow-list."""
+    from ragseg.models.fcclip import convert_checkpoint
+
+    if not out.endswith(".safetensors"):
+        raise UserError(f"convert-weights: OUT must end with .safetensors, got {out}")
+    _print_json(convert_checkpoint(src, out, sha256, _cfg(config, set_).models))
 
 
 @app.command("visualize")

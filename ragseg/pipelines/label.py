@@ -95,6 +95,11 @@ def _check_index(cfg: JobConfig, index_uri: str) -> dict:
     from ragseg.pipelines.build_db import embed_identity
 
     meta = Index.open(index_uri).meta
+    if cfg.label.proposals == "fcclip":
+        from ragseg.stages.fcclip import check_index_identity
+
+        check_index_identity(cfg, meta, index_uri)
+        return meta
     model_id, mode, dim = embed_identity(cfg)
     have = (meta.get("embed_model"), meta.get("embed_mode"), int(meta.get("dim", -1)))
     if have != (model_id, mode, dim):
@@ -114,12 +119,16 @@ def build_graph(cfg: JobConfig, rows: list[dict], vocab):
     from ragseg.stages.embed import Embed
     from ragseg.stages.merge import PanopticMerge
 
+    if cfg.label.proposals == "fcclip":
+        from ragseg.stages.fcclip import label_config
+
+        cfg = label_config(cfg)
     lc = cfg.label
     per_block = cfg.ray.images_per_block
     n_blocks = max(1, min(len(rows), -(-len(rows) // per_block)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
-    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3}[lc.proposals]  # actor stages in this graph
+    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3, "fcclip": 2}[lc.proposals]  # actor stages in this graph
     model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
     if lc.proposals == "gt":
         ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
@@ -130,11 +139,16 @@ def build_graph(cfg: JobConfig, rows: list[dict], vocab):
         ds = model(ds, functools.partial(Detect, cfg, vocab=list(vocab.names)), "detect",
                    batch_size=cfg.models.gdino.batch_size, gpu=True)
         ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block, gpu=True)
-    else:
+    elif lc.proposals == "sam-grid":
         from ragseg.stages.segment import SamGrid
 
         ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
-    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
+    if lc.proposals == "fcclip":  # masks, s_iv logits and pooled queries from one trunk pass: no Embed
+        from ragseg.stages.fcclip import FcclipProposals
+
+        ds = model(ds, functools.partial(FcclipProposals, cfg, vocab), "fcclip", batch_size=per_block, gpu=True)
+    else:
+        ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
     ds = model(ds, functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), "classify",
                batch_size=per_block)
     ds = add_stage(ds, functools.partial(PanopticMerge, cfg, vocab), "merge", cfg, actor=False, batch_size=per_block)

@@ -156,6 +156,15 @@ def read_header(root: str, kind: str) -> dict[str, Any] | None:
     return h
 
 
+def peek_kind(root: str) -> str:
+    """The ``kind`` a folder's header declares ("db" or "labels"); "" when unreadable."""
+    try:
+        h = io.read_json(manifest_uri(root))
+    except (FileNotFoundError, ValueError):
+        return ""
+    return str(h.get("kind", "")) if isinstance(h, dict) else ""
+
+
 def new_header(kind: str, **fields: Any) -> dict[str, Any]:
     return {"format": FORMAT, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "runs": [], "segments": [], "totals": _zero_totals(), **fields}

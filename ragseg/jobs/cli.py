@@ -136,14 +136,43 @@ def search_cmd(
 
 
 @app.command("info")
-def info_cmd(index: Annotated[str, typer.Argument(help="Index store URI.")]) -> None:
-    """Version, counts, parameters and recall of the live index version."""
+def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB or label output URI.")]) -> None:
+    """An index store: version, counts, parameters and recall of the live version. A feature DB or a
+    label output: its header, committed totals and pieces (read from the ledger, in bulk)."""
     from ragseg.index.store import index_info
-    from ragseg.io import exists
+    from ragseg.io import exists, join
 
+    if exists(join(index, "manifest.json")):
+        from ragseg import ledger
+
+        head = ledger.read_header(index, ledger.peek_kind(index))
+        led = ledger.load(index, head["kind"])
+        _print_json({"uri": index, "kind": head["kind"], "format": head["format"], "totals": led.totals(),
+                     "segments": len(head["segments"]), "uncompacted_commits": len(led.uncompacted),
+                     "runs": len(head.get("runs", [])),
+                     **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "config_hash", "index_version")
+                        if k in head}})
+        return
     if not exists(index):
         raise UserError(f"index store not found: {index}")
     _print_json(index_info(index))
+
+
+@app.command("migrate")
+def migrate_cmd(folder: Annotated[str, typer.Argument(help="Feature DB or label output written by ragseg < 0.2.")]
+                ) -> None:
+    """Upgrade a feature DB or label output folder from manifest format 1 (one JSON listing every shard)
+    to format 2 (commit records + compacted segments), in place. Run it with no job writing there."""
+    from ragseg import labels_out
+    from ragseg.db import KIND, migrate_v1
+    from ragseg.io import read_json
+
+    try:
+        old = read_json(folder.rstrip("/") + "/manifest.json")
+    except FileNotFoundError:
+        raise UserError(f"{folder}/manifest.json not found: not a ragseg output folder") from None
+    kind = KIND if "embed_model" in old else labels_out.KIND
+    _print_json(migrate_v1(folder, kind))
 
 
 @app.command("label")

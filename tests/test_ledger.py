@@ -1,0 +1,173 @@
+"""The commit ledger (ragseg.ledger): records, compaction, readers during compaction, the lease,
+the one-line refusal and migration of format-1 folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ragseg import io, ledger
+from ragseg.errors import UserError
+
+
+def _rec(name: str, ids: list[str], segs: int = 3) -> dict:
+    return ledger.new_record(name, ids, images=len(ids), segments=segs, errors=0, empty_images=0,
+                             data_path=f"features/{name}.parquet", errors_path=None, parts_path=None,
+                             stage_seconds={"embed": 0.5})
+
+
+def test_commit_compact_and_read_back(tmp_path):
+    root = str(tmp_path / "db")
+    header = ledger.new_header("db", dim=4)
+    ledger.write_header(root, header)
+    comp = ledger.Compactor(root, header, every=3, seconds=1e9)
+    for i in range(7):
+        r = _rec(f"p{i}", [f"img{2 * i}", f"img{2 * i + 1}"])
+        ledger.write_commit(root, r)
+        comp.add(r)
+    # two segments of 3 compacted, their commit objects deleted; the 7th still a commit object
+    assert len(header["segments"]) == 2
+    assert len(ledger.list_commits(root)) == 1
+    led = ledger.load(root, "db")
+    assert led.records.num_rows == 7 and len(led.uncompacted) == 1
+    assert sorted(led.covered_image_ids().to_pylist()) == sorted(f"img{i}" for i in range(14))
+    assert led.totals() == {"pieces": 7, "images": 14, "segments": 21, "errors": 0, "empty_images": 0}
+    comp.flush()
+    led = ledger.load(root, "db")
+    assert led.records.num_rows == 7 and not led.uncompacted and header["totals"]["pieces"] == 7
+    rec = led.records.to_pylist()[0]
+    assert rec["pid"] == os.getpid() and rec["host"] and json.loads(rec["stage_seconds"]) == {"embed": 0.5}
+
+
+def test_reader_sees_each_record_once_at_every_point_of_a_compaction(tmp_path):
+    """A record is in a commit object, a segment not yet in the header, a segment in the header with
+    the object not yet deleted, or only in the segment: the reader sees it exactly once each time."""
+    root = str(tmp_path / "db")
+    header = ledger.new_header("db")
+    ledger.write_header(root, header)
+    r = _rec("p0", ["a", "b"])
+    ledger.write_commit(root, r)
+    assert ledger.load(root, "db").records.num_rows == 1
+    # segment written, header not yet updated (killed there)
+    io.write_parquet_atomic(io.join(root, "_manifest/seg-000000-orphan.parquet"), ledger.records_table([r]))
+    assert ledger.load(root, "db").records.num_rows == 1
+    # header updated, commit object not yet deleted
+    header["segments"].append("_manifest/seg-000000-orphan.parquet")
+    ledger.write_header(root, header)
+    led = ledger.load(root, "db")
+    assert led.records.num_rows == 1 and not led.uncompacted
+    io.remove(ledger.commit_uri(root, "p0"))
+    assert ledger.load(root, "db").records.num_rows == 1
+
+
+def test_adopt_and_consolidate(tmp_path):
+    root = str(tmp_path / "db")
+    header = ledger.new_header("db")
+    ledger.write_header(root, header)
+    comp = ledger.Compactor(root, header, every=1, seconds=1e9)
+    for i in range(5):
+        comp.add(_rec(f"p{i}", [f"i{i}"]))
+    ledger.write_commit(root, _rec("p9", ["i9"]))  # left by a killed run
+    led = ledger.load(root, "db")
+    comp2 = ledger.Compactor(root, led.header, every=10, seconds=1e9)
+    comp2.adopt(led)
+    comp2.consolidate(max_segments=2)
+    assert len(comp2.header["segments"]) == 1 and not ledger.list_commits(root)
+    led = ledger.load(root, "db")
+    assert led.records.column("name").to_pylist() == ["p0", "p1", "p2", "p3", "p4", "p9"]
+    assert sorted(os.listdir(os.path.join(root, "_manifest"))) == [os.path.basename(comp2.header["segments"][0])]
+
+
+def test_piece_names_are_content_names():
+    assert ledger.piece_name(["b", "a"]) == ledger.piece_name(["a", "b"]) != ledger.piece_name(["a"])
+
+
+def test_lease_refuses_a_second_writer_and_takes_over_a_dead_one(tmp_path):
+    root = str(tmp_path / "out")
+    with ledger.Lease(root, ttl_s=60, job="build-db"):
+        with pytest.raises(UserError, match="being written by another ragseg job"):
+            ledger.Lease(root, ttl_s=60, job="build-db").acquire()
+    assert not os.path.exists(os.path.join(root, ledger.LEASE))
+    # a lease left by a process that died (same host) is stale
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(os.path.join(root, ledger.LEASE), "w") as f:
+        json.dump({"owner": "x", "job": "label", "host": __import__("socket").gethostname(),
+                   "pid": int(dead.stdout), "renewed": 0, "expires": 1e12}, f)
+    with ledger.Lease(root, ttl_s=60, job="label") as lease:
+        assert json.load(open(os.path.join(root, ledger.LEASE)))["owner"] == lease.owner
+
+
+def test_two_jobs_on_one_db_second_refuses(tmp_path, tiny_cfg_path):
+    """Two build-db processes on the same DB: while the first holds the lease the second stops with
+    one line, exit code 2."""
+    root = str(tmp_path / "db")
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from ragseg import ledger\n"
+                               "with ledger.Lease(sys.argv[1], 60, 'build-db'):\n"
+                               "    print('held', flush=True); time.sleep(60)\n", root],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ragseg"), "build-db", "--config",
+                              tiny_cfg_path, "--set", "source.kind=folder", "--set", f"source.uri={tmp_path}",
+                              "--out", root], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2
+        assert res.stderr.strip().count("\n") == 0 and "being written by another ragseg job" in res.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _v1_db(root: str, dim: int = 8) -> list[pa.Table]:
+    """A DB as ragseg 0.1 wrote it (manifest format 1 + inputs/<shard>.json + features)."""
+    from ragseg.schema import embeddings_to_arrow, feature_schema
+
+    rng = np.random.default_rng(0)
+    shards, tables = [], []
+    for s in range(2):
+        name = f"s{s:05d}-abc{s}"
+        ids = [f"im{s}_{j}" for j in range(3)]
+        n = 4
+        emb = rng.standard_normal((n, dim)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        t = pa.table({
+            "image_id": pa.array([ids[j % 3] for j in range(n)]), "segment_id": pa.array(range(n), pa.int64()),
+            "label": pa.array(["a", "b", "a", "c"]).dictionary_encode(),
+            "label_source": pa.array(["gt"] * n).dictionary_encode(), "score": pa.array([1.0] * n, pa.float32()),
+            "box": pa.array([[0, 0, 1, 1]] * n, pa.list_(pa.float32(), 4)), "area": pa.array([1] * n, pa.int64()),
+            "mask_rle": pa.array(["{}"] * n), "embedding": embeddings_to_arrow(emb.astype(np.float16)),
+            "embed_model": pa.array(["m"] * n).dictionary_encode(), "embed_mode": pa.array(["pool"] * n).dictionary_encode(),
+        }).cast(feature_schema(dim))
+        io.write_parquet_atomic(io.join(root, f"features/{name}.parquet"), t)
+        io.write_json_atomic(io.join(root, f"inputs/{name}.json"), {"image_ids": ids, "uris": ids})
+        shards.append({"name": name, "inputs": f"inputs/{name}.json", "path": f"features/{name}.parquet",
+                       "errors_path": None, "rows": n, "images": 3, "errors": 0, "empty_images": 0})
+        tables.append(t)
+    io.write_json_atomic(io.join(root, "manifest.json"), {
+        "format": 1, "embed_model": "m", "embed_mode": "pool", "dim": dim, "models_hash": "h", "models": {},
+        "created": "2026", "runs": [], "shards": shards})
+    return tables
+
+
+def test_format1_db_is_refused_in_one_line_and_migrates(tmp_path):
+    from ragseg.db import migrate_v1, open_db
+    from ragseg.index.build import load_db
+
+    root = str(tmp_path / "old")
+    _v1_db(root)
+    with pytest.raises(UserError, match=r"ragseg migrate"):
+        open_db(root)
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ragseg"), "migrate", root],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    db = load_db(root)
+    assert [s.name for s in db.shards] == ["s00000-abc0", "s00001-abc1"] and db.total == 8 and db.dim == 8
+    led = open_db(root)
+    assert sorted(led.covered_image_ids().to_pylist()) == sorted(f"im{s}_{j}" for s in range(2) for j in range(3))
+    assert migrate_v1(root, "db")["migrated"] is False  # idempotent

@@ -15,6 +15,9 @@ TINY = str(ROOT / "configs" / "test-tiny.yaml")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray resolves 127.0.0.1 to this machine's outward address (ray._private.services.resolve_ip_for_localhost)
+# unless it is told the machine is a single-node setup: keep every test's Ray traffic on loopback
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -268,8 +268,9 @@ def test_index_identity_refusals(tiny_cfg_path, tmp_path):
             check_index_identity(cfg, bad, "idx")
         assert "\n" not in str(e.value)
     db = tmp_path / "db"
-    dblib.write_manifest(str(db), dblib.new_manifest(model_id, "pool", dim, "h",
-                                                     {"clip": {"pool_image_size": 320}}))
+    from ragseg import ledger
+
+    ledger.write_header(str(db), dblib.new_header(model_id, "pool", dim, "h", {"clip": {"pool_image_size": 320}}))
     with pytest.raises(UserError, match="pool_image_size=320"):
         check_index_identity(cfg, {**ok, "db_uri": str(db)}, "idx")
     same = load_config(tiny_cfg_path, ["label.proposals=fcclip", "models.clip.pool_image_size=320"])

@@ -30,6 +30,7 @@ from ragseg.pipelines.common import (
     select_columns,
     write_source_errors,
 )
+from ragseg.preflight import preflight
 from ragseg.schema import embeddings_to_arrow, feature_schema
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def build_graph(cfg: JobConfig, rows: list[dict]):
 
 
 def run_build_db(cfg: JobConfig) -> dict[str, Any]:
+    preflight(cfg, "build-db")  # model sections checked on the driver, before Ray starts
     from ragseg.runtime import init_ray
 
     out = cfg.build_db.out

@@ -29,6 +29,7 @@ from ragseg.pipelines.common import (
     select_columns,
     write_source_errors,
 )
+from ragseg.preflight import preflight
 
 MANIFEST = "manifest.json"
 RESULT_COLUMNS = ["image_id", "uri", "shard", "error", "file_name", "height", "width", "segments_info"]
@@ -143,6 +144,7 @@ def _read_manifest(out: str) -> dict | None:
 
 
 def run_label(cfg: JobConfig) -> dict[str, Any]:
+    preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
     from ragseg.runtime import init_ray
     from ragseg.sources import list_rows
     from ragseg.vocab import load_vocab

@@ -3,6 +3,7 @@ index code choosing GPU or CPU paths from faiss.get_num_gpus() without touching 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import tomllib
@@ -108,3 +109,40 @@ def test_index_paths_follow_get_num_gpus(monkeypatch, gpu_only_forbidden, num_gp
         assert gpu_only_forbidden == []  # no GPU: no GPU-only symbol was touched
     else:
         assert gpu_only_forbidden == ["index_cpu_to_all_gpus"]  # chosen, failed, fell back to the CPU
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/gpu_smoke.py
+# ----------------------------------------------------------------------------------------------
+def _smoke(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_smoke_without_gpu_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the smoke test would run")
+    res = _smoke([], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("\n") == 1 and res.stdout.startswith("gpu_smoke: no CUDA GPU visible")
+
+
+def test_gpu_smoke_cpu_check_stages(tmp_path):
+    """The smoke script's stage code on the CPU at tiny sizes: bf16 vs fp32 checks and images/s."""
+    out = tmp_path / "smoke.json"
+    res = _smoke(["--cpu-check", "--skip", "faiss,pipeline", "--batch-sizes", "1,2", "--out", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["failed_checks"] == [] and doc["mode"] == "cpu-check"
+    st = doc["stages"]
+    assert set(st["bf16_vs_fp32"]) == {"embed-pool", "segment", "detect"}
+    assert all(v["ok"] for v in st["bf16_vs_fp32"].values())
+    assert {(r["stage"], r["batch_size"]) for r in st["results"]} == {
+        (s, b) for s in ("embed-pool", "segment", "detect") for b in (1, 2)}
+    assert st["fcclip"].startswith("skipped")

@@ -146,6 +146,11 @@ def faiss_step(n: int, d: int, nq: int, gpu: bool) -> dict:
         out["gpu"] = "skipped (no GPU: --cpu-check)"
         return out
 
+    if not hasattr(faiss, "StandardGpuResources"):
+        out["gpu"] = (f"not run: this faiss {faiss.__version__} is a CPU build (make setup GPU=1 installs "
+                      f"faiss-gpu)")
+        out["checks"] = {"faiss_gpu_build": False}
+        return out
     res = faiss.StandardGpuResources()
     gcfg = faiss.GpuIndexIVFPQConfig()
     gcfg.device = 0

@@ -324,7 +324,15 @@ def fetch_entry(entry_uri: str, dest: str, what: str) -> str | None:
     if sums is None:
         return None
     log.info("fetching %s from the weights mirror %s -> %s", what, entry_uri, dest)
-    got = rio.download_dir(entry_uri, sorted(sums), dest)
+    try:
+        got = rio.download_dir(entry_uri, sorted(sums), dest)
+    except Exception as e:  # noqa: BLE001 - a mirror that fails mid-way: the origin, with a warning
+        from ragseg.errors import describe
+
+        log.warning("%s: copy from the weights mirror %s failed (%s); using its origin", what, entry_uri,
+                    describe(e, 200))
+        shutil.rmtree(dest, ignore_errors=True)
+        return None
     bad = [n for n in sums if n not in got or file_sha256(os.path.join(dest, n)) != sums[n]]
     if bad:
         shutil.rmtree(dest, ignore_errors=True)
@@ -348,7 +356,15 @@ def _try_mirror_file(ref: str, cfg: WeightsConfig, target: Path, sha256: str | N
         raise ChecksumError(f"{what} {ref}: the mirror's sha256 {expected} differs from the configured "
                             f"{sha256.lower()}; run `ragseg weights sync` again or fix the config")
     log.info("downloading %s %s from the weights mirror", what, ref)
-    _download(uri + "/" + ck.file_name, target, expected, what)
+    try:
+        _download(uri + "/" + ck.file_name, target, expected, what)
+    except ChecksumError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a mirror that fails mid-way: the origin, with a warning
+        from ragseg.errors import describe
+
+        log.warning("%s %s: copy from the weights mirror failed (%s); using its origin", what, ref, describe(e, 200))
+        return False
     return True
 
 

@@ -10,6 +10,15 @@ becomes the cached copy. A cache hit does no network I/O.
 Offline (``WeightsConfig.offline``) or when the fetch fails, a checkpoint that is not cached raises
 :class:`ragseg.errors.UserError` naming the checkpoint, the cache path that was looked at and how to
 provide the file.
+
+Mirror (``WeightsConfig.mirror``, a bucket or folder URI): ``ragseg weights sync`` (:func:`sync`) copies
+every checkpoint a config names into ``<mirror>/<entry>/`` with a ``SHA256SUMS`` file written last; the
+entry's name derives from the configured reference alone (:attr:`Checkpoint.entry`), so every node finds
+it without a listing. With a mirror set, every resolution tries the node's cache, then the mirror
+(checked against SHA256SUMS), then the origin; offline mode forbids only the origin. Multi-file
+checkpoints (open_clip tags, hub ids, saved-model folders) resolve through :func:`resolve_open_clip`
+and :func:`resolve_model_dir`. :func:`locate` tells where a checkpoint would load from without
+downloading it (``ragseg weights check``, the jobs' up-front checks).
 """
 
 from __future__ import annotations

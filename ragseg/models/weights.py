@@ -445,7 +445,7 @@ def resolve_open_clip(model: str, tag: str, cfg: WeightsConfig | None = None) ->
     if cfg.mirror and fetch_entry(mirror_uri(cfg.mirror, ck), mdest, what) and _weights_file(mdest):
         return str(_weights_file(mdest))
     if cfg.offline:
-        raise UserError(_missing_message(what, origin, hub_dir, "offline mode and not cached", cfg.mirror)
+        raise UserError(_missing_message(what, f"({origin})", hub_dir, "offline mode and not cached", cfg.mirror)
                         .replace("Put the file at that path", "Put the hub files there (Hugging Face cache "
                                  "layout)"))
     import open_clip
@@ -455,7 +455,7 @@ def resolve_open_clip(model: str, tag: str, cfg: WeightsConfig | None = None) ->
     except Exception as e:  # noqa: BLE001 - no network, hub error: one clear line
         from ragseg.errors import describe
 
-        raise UserError(_missing_message(what, origin, hub_dir, f"download failed: {describe(e, 200)}",
+        raise UserError(_missing_message(what, f"({origin})", hub_dir, f"download failed: {describe(e, 200)}",
                                          cfg.mirror).replace("Put the file at that path", "Put the hub files "
                                                              "there (Hugging Face cache layout)")) from e
 
@@ -619,15 +619,19 @@ def locate(ck: Checkpoint, cfg: WeightsConfig | None = None, verify: bool = Fals
             else:
                 st.source = "origin"
     else:
+        ref, hint = ck.ref, "Put the saved-model folder's files there"
         if ck.kind == "open_clip":
-            _, cached = _open_clip_hub_file(open_clip_tag_cfg(ck.model or "", ck.ref), cache_root(cfg) / "open_clip")
+            origin, cached = _open_clip_hub_file(open_clip_tag_cfg(ck.model or "", ck.ref),
+                                                 cache_root(cfg) / "open_clip")
             cached = cached or (_weights_file(_mirror_cache(ck, cfg)) if rio_complete(_mirror_cache(ck, cfg))
                                 else None)
             where = str(cache_root(cfg) / "open_clip")
+            ref, hint = f"({origin})", "Put the hub files there (Hugging Face cache layout)"
         elif ck.kind == "hf":
             cached = _hub_cached(ck.ref, ck.revision, cache_root(cfg) / "hf") or (
                 _mirror_cache(ck, cfg) if rio_complete(_mirror_cache(ck, cfg)) else None)
             where = str(cache_root(cfg) / "hf")
+            hint = "Put the hub snapshot there (Hugging Face cache layout)"
         elif not is_remote(ck.ref):
             local = os.path.expanduser(ck.ref.removeprefix("file://"))
             cached = local if os.path.isdir(local) else (
@@ -654,7 +658,8 @@ def locate(ck: Checkpoint, cfg: WeightsConfig | None = None, verify: bool = Fals
             st.problem = f"{ck.what} {ck.ref}: local folder not found"
         elif cfg.offline:
             st.path = where
-            st.problem = _missing_message(ck.what, ck.ref, where, "offline mode and not cached", cfg.mirror)
+            st.problem = _missing_message(ck.what, ref, where, "offline mode and not cached", cfg.mirror) \
+                .replace("Put the file at that path", hint)
         else:
             st.source, st.path = "origin", where
     if st.cached and st.path:

@@ -3,16 +3,28 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# FAISS build: `make setup` installs faiss-cpu; `make setup GPU=1` installs faiss-gpu instead (the
+# other build is uninstalled first: the two wheels write the same `faiss` package).
+GPU ?=
+FAISS := $(if $(filter 1 yes true,$(GPU)),gpu,cpu)
+FAISS_OTHERS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu faiss-gpu-cu11 faiss-gpu-cu12 faiss-gpu-cuvs faiss-gpu-cu12-cuvs faiss-gpu-cu13-cuvs)
+FAISS_MARK := $(VENV)/.faiss-$(FAISS)
 
 .PHONY: setup test demo bench lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(FAISS_MARK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip uninstall -q -y $(FAISS_OTHERS) 2>/dev/null || true
+	$(BIN)/python -m pip install -q -e '.[dev,$(FAISS)]'
+	$(BIN)/python -c "import faiss; print('faiss', faiss.__version__, 'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build')"
+	rm -f $(VENV)/.faiss-cpu $(VENV)/.faiss-gpu
+	touch $(FAISS_MARK) $(STAMP)
+
+# a missing mark (first setup, or the other FAISS build asked for) makes the stamp stale
+$(VENV)/.faiss-%: ;
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -18,7 +18,9 @@ the tiny config keeps every box up to ``max_boxes``; --full uses ``box_threshold
 
 Each stage is built once (``load_s``: 0 when its model was already loaded in this process), warmed up on one batch, then timed over ``--images`` images per
 batch size; CUDA is synchronised before every clock read. ``cpu_seconds`` (process CPU time) and
-``loadavg_1m`` are recorded too: on a shared CPU machine wall-clock rates depend on the other load. Prints one JSON object per benchmark and writes
+``loadavg_1m`` are recorded too: on a shared CPU machine wall-clock rates depend on the other load.
+``peak_rss_mb`` is the process's peak RSS so far (run one stage per process for a per-stage figure).
+Prints one JSON object per benchmark and writes
 ``bench/results/stages.json`` (``stages-full-<device>.json`` with --full) naming the device.
 """
 
@@ -177,17 +179,18 @@ def count_segments(stage: str, out: dict, given: int) -> int:
     return given
 
 
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
 def sync(device: str) -> None:
     if device == "cuda":
         import torch
 
         torch.cuda.synchronize()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (MiB): one stage per process gives its own."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_stage(stage: str, cfg, args, device: str, meta: dict) -> list[dict]:
@@ -198,6 +201,21 @@ def run_stage(stage: str, cfg, args, device: str, meta: dict) -> list[dict]:
         return [{"bench": "stage", "stage": stage, "skipped": f"stage module not available: {e}"}]
     sync(device)
     load_s = time.perf_counter() - t0
+    results = time_stage(fn, stage, model_id, args, device, meta, load_s)
+    del fn
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return results
+
+
+def time_stage(fn, stage: str, model_id: str, args, device: str, meta: dict, load_s: float) -> list[dict]:
+    """Warm up on one batch, then time ``args.images`` images per batch size in ``args.batch_sizes``."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     hw = (args.height, args.width)
     results = []
     for bs in args.batch_sizes:
@@ -236,11 +254,6 @@ def run_stage(stage: str, cfg, args, device: str, meta: dict) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         print(json.dumps(r), flush=True)
         results.append(r)
-    del fn
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
     return results
 
 

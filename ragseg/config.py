@@ -102,10 +102,12 @@ class SourceConfig(Strict):
 # Models
 # ----------------------------------------------------------------------------------------------
 class WeightsConfig(Strict):
-    """Where model files are cached; ``RAGSEG_CACHE`` overrides ``cache_dir``."""
+    """Where model files are cached; ``RAGSEG_CACHE`` overrides ``cache_dir``. ``mirror`` (a bucket or
+    folder URI filled by ``ragseg weights sync``) is tried before any checkpoint's origin (hub, URL)."""
 
     cache_dir: str | None = None
-    offline: bool = False  # never download, only use the cache / local paths
+    offline: bool = False  # never download from an origin (hub, URL); only the cache, local paths, the mirror
+    mirror: str | None = None
 
 
 class DeviceConfig(Strict):

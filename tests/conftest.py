@@ -50,8 +50,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+        # address="local": a new instance even if another `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True, _node_ip_address="127.0.0.1")
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -234,13 +234,119 @@ def demo_cmd(config: ConfigOpt = "configs/demo.yaml", set_: SetOpt = None) -> No
     run_demo(_cfg(config, set_))
 
 
+# ----------------------------------------------------------------------------------------------
+# weights sync / weights check, env
+# ----------------------------------------------------------------------------------------------
+weights_app = typer.Typer(no_args_is_help=True, help="Model checkpoints: copy them into a mirror, check where they load from.")
+app.add_typer(weights_app, name="weights")
+OnlyOpt = Annotated[str | None, typer.Option(help="Only these model sections (comma list of clip, sam, gdino).")]
+
+
+def _sections(only: str | None) -> set[str] | None:
+    if not only:
+        return None
+    got = {p.strip() for p in only.split(",") if p.strip()}
+    bad = sorted(got - {"clip", "sam", "gdino"})
+    if bad:
+        raise UserError(f"--only: unknown model sections {bad} (clip, sam, gdino)")
+    return got
+
+
+@weights_app.command("sync")
+def weights_sync_cmd(
+    to: Annotated[str, typer.Option(help="Mirror URI: a bucket (s3://, gs://) or a folder.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    only: OnlyOpt = None,
+    write_config: Annotated[str | None, typer.Option(help="Also write the config with the mirror overrides here.")] = None,
+) -> None:
+    """Resolve every checkpoint the config names (open_clip tags, hub ids, URLs, paths) and copy each,
+    with its sha256, into the mirror; print the overrides that make jobs load from it."""
+    from ragseg.models import weights
+
+    cfg = _cfg(config, set_)
+    records = weights.sync(cfg.models, to, _sections(only))
+    overrides = weights.sync_overrides(cfg.models, records, to)
+    result: dict[str, object] = {"mirror": to, "checkpoints": records, "overrides": overrides,
+                                 "usage": " ".join(f"--set {o}" for o in overrides)}
+    if write_config:
+        import yaml
+
+        from ragseg.config import apply_overrides, read_yaml_config
+        from ragseg.io import write_text_atomic
+
+        data = apply_overrides(read_yaml_config(config) if config else {}, list(set_ or []) + overrides)
+        JobConfig.model_validate(data)  # the same keys as cfg plus the mirror and sha256 fields
+        write_text_atomic(write_config, yaml.safe_dump(data, sort_keys=False))
+        result["config"] = write_config
+    _print_json(result)
+
+
+@weights_app.command("check")
+def weights_check_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    only: OnlyOpt = None,
+    verify: Annotated[bool, typer.Option(help="Hash local copies against the known sha256.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per checkpoint: where it would load from (local, cache, mirror, origin), cached or not, size,
+    sha256 verified or not. Exit code 2 when one cannot be loaded."""
+    from ragseg.models import weights
+
+    cfg = _cfg(config, set_)
+    rows = [weights.locate(ck, cfg.models.weights, verify=verify).row()
+            for ck in weights.checkpoints(cfg.models, _sections(only))]
+    if as_json:
+        _print_json(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("field", "ref", "loads from", "cached", "size", "sha256")
+        for r in rows:
+            size = "-" if r["size"] is None else f"{r['size'] / 2**20:.1f} MiB"
+            sha = {True: "verified", False: "MISMATCH", None: "unknown" if not r["sha256"] else "not checked"}
+            table.add_row(r["field"], r["ref"], r["source"], "yes" if r["cached"] else "no", size,
+                          sha[r["verified"]])
+        Console(width=200).print(table)
+        if not rows:
+            typer.echo("the config names no checkpoint (random-weight models)")
+    bad = [r["problem"] for r in rows if r["problem"]]
+    if bad:
+        raise UserError(f"{len(bad)} checkpoint(s) cannot be loaded: " + " | ".join(bad))
+
+
+@app.command("env")
+def env_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """What a bug report needs: package versions, torch and CUDA, GPUs, Ray cluster, cache dir, FAISS build."""
+    from ragseg.envinfo import collect, format_text
+
+    info = collect(_cfg(config, set_, {"ray.address": address}))
+    if as_json:
+        _print_json(info)
+    else:
+        typer.echo(format_text(info))
+
+
+def _exit_user_error(e: UserError) -> None:
+    typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+    sys.exit(2)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app(standalone_mode=False)
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    except UserError as e:  # a Ray error that is also a UserError carries a traceback: its cause's line
+        from ragseg.errors import user_error_from_ray
+
+        _exit_user_error(user_error_from_ray(e) or e)
     except FileNotFoundError as e:
         typer.echo(f"error: file not found: {e.filename or e}", err=True)
         sys.exit(2)
@@ -256,6 +362,13 @@ def main() -> None:
         else:
             typer.echo(f"error: {e}", err=True)
         sys.exit(getattr(e, "exit_code", 2) or 2)
+    except Exception as e:  # a UserError raised in a Ray worker: one line naming the stage, exit code 2
+        from ragseg.errors import user_error_from_ray
+
+        found = user_error_from_ray(e)
+        if found is None:
+            raise
+        _exit_user_error(found)
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 Loading (:func:`load_clip`): ``models.clip.pretrained`` is
 
 - an open_clip pretrained tag (e.g. ``laion2b_s29b_b131k_ft_soup`` for ``convnext_large_d_320``, FC-CLIP's
-  backbone): passed to ``open_clip.create_model(model, pretrained=tag, cache_dir=<cache>/open_clip)``,
-  which downloads from the Hugging Face hub into that cache;
+  backbone): its weights file is found by :func:`ragseg.models.weights.resolve_open_clip` (open_clip's
+  Hugging Face cache under ``<cache>/open_clip``, else ``models.weights.mirror``, else open_clip's own
+  download) and loaded by ``open_clip.create_model`` with the tag's preprocessing;
 - a local path, ``http(s)://`` URL or bucket URI of a checkpoint: resolved by
   :func:`ragseg.models.weights.resolve` (cache, sha256) and loaded as a state dict (weights_only);
 - null: the architecture with random weights, seeded with ``models.clip.seed``.
@@ -127,19 +128,16 @@ def _build(clip: ClipConfig, mcfg: ModelsConfig):
     from ragseg.models import weights
 
     name, ref = clip.model, clip.pretrained
-    if ref and open_clip.get_pretrained_cfg(name, ref):
-        cache_dir = weights.cache_root(mcfg.weights) / "open_clip"
+    tag_cfg = weights.open_clip_tag_cfg(name, ref) if ref else {}
+    if tag_cfg:
+        # the tag's weights file: open_clip's hub cache, else the mirror, else open_clip's download;
+        # the tag's preprocessing (mean, std, interpolation) is applied as create_model(tag) would
+        path = weights.resolve_open_clip(name, ref, mcfg.weights)
         try:
-            model = open_clip.create_model(name, pretrained=ref, cache_dir=str(cache_dir))
-        except Exception as e:
-            from ragseg.errors import describe
-
-            raise UserError(
-                f"CLIP weights open_clip:{name}/{ref} are not available ({describe(e, 200)}); looked in the "
-                f"cache at {cache_dir}. Put the hub files there (Hugging Face cache layout), or set "
-                f"models.clip.pretrained to a local path of the checkpoint"
-            ) from e
-        return model
+            return open_clip.create_model(name, pretrained=path, force_preprocess_cfg=tag_cfg)
+        except RuntimeError as e:
+            raise UserError(f"CLIP weights open_clip:{name}/{ref} ({path}) do not load: "
+                            f"{' '.join(str(e).split())[:300]}") from e
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(clip.seed)
         model = open_clip.create_model(name, pretrained=None)

@@ -3,10 +3,11 @@
 ``load_gdino(models_cfg) -> (model, processor, model_id)``.
 
 Real path: ``models.gdino.model_id`` is a Hugging Face hub id (``IDEA-Research/grounding-dino-base``,
-downloaded into ``<cache>/hf``), a local directory written by ``save_pretrained``, or the URI of such a
-directory on a bucket / web server (``s3://``, ``gs://``, ``http(s)://``...), which is copied into
-``<cache>/gdino/<key>/`` with fsspec first. Model and processor are then loaded with
-``from_pretrained``.
+its snapshot downloaded into ``<cache>/hf``), a local directory written by ``save_pretrained``, or the
+URI of such a directory on a bucket / web server (``s3://``, ``gs://``, ``http(s)://``...), which is
+copied into ``<cache>/gdino/<key>/`` with fsspec first; ``models.weights.mirror`` is tried before any
+download (:func:`ragseg.models.weights.resolve_model_dir`). Model and processor are then loaded with
+``from_pretrained`` from that local folder.
 
 Tiny path (``model_id: null``): the real :class:`GroundingDinoForObjectDetection` class built from a
 :class:`GroundingDinoConfig` with a tiny Swin backbone and a tiny BERT text encoder, random weights
@@ -120,11 +121,16 @@ _MODEL_DIR_FILES = (
 )
 
 
+def model_dir_cache(uri: str, weights_cfg: WeightsConfig | None = None) -> str:
+    """Where the remote saved-model folder ``uri`` is copied on this node."""
+    return os.path.join(cache_root(weights_cfg), "gdino", _key(uri))
+
+
 def fetch_model_dir(uri: str, weights_cfg: WeightsConfig | None = None) -> str:
     """Copy a remote saved-model directory (bucket or URL) into the cache once; return the local dir."""
     from fsspec.core import url_to_fs
 
-    dest = os.path.join(cache_root(weights_cfg), "gdino", _key(uri))
+    dest = model_dir_cache(uri, weights_cfg)
     if rio.cached_dir_complete(dest):
         return dest
     if weights_cfg is not None and weights_cfg.offline:
@@ -261,22 +267,14 @@ def load_gdino(models_cfg: ModelsConfig):
 
     from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
+    from ragseg.models.weights import resolve_model_dir
+
     ref = gcfg.model_id
-    kwargs: dict[str, Any] = {}
-    if "://" in ref and not ref.startswith("file://"):
-        path = fetch_model_dir(ref, wcfg)
-    elif os.path.isdir(os.path.expanduser(ref.removeprefix("file://"))):
-        path = os.path.expanduser(ref.removeprefix("file://"))
-    else:  # a hub id
-        path = ref
-        kwargs = {
-            "revision": gcfg.revision,
-            "cache_dir": os.path.join(cache_root(wcfg), "hf"),
-            "local_files_only": bool(wcfg.offline),
-        }
+    # a local folder, a folder URI copied into the cache, or a hub id's snapshot (mirror first)
+    path = resolve_model_dir(ref, gcfg.revision, wcfg)
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path, **kwargs)
+        model = GroundingDinoForObjectDetection.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path)
     except OSError as e:
         raise UserError(f"cannot load Grounding DINO {ref!r}: {e}") from None
     model.eval()

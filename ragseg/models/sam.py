@@ -39,14 +39,10 @@ def build_sam_arch(
     import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    if image_size % PATCH_SIZE:
-        raise UserError(f"models.sam.image_size must be a multiple of {PATCH_SIZE}, got {image_size}")
-    if prompt_embed_dim % 16:
-        raise UserError(f"models.sam.prompt_embed_dim must be a multiple of 16, got {prompt_embed_dim}")
-    if encoder_embed_dim % encoder_num_heads:
-        raise UserError("models.sam.encoder_embed_dim must be divisible by encoder_num_heads")
-    if any(not 0 <= i < encoder_depth for i in encoder_global_attn_indexes):
-        raise UserError("models.sam.encoder_global_attn_indexes must be block indices < encoder_depth")
+    bad = size_problems(encoder_embed_dim, encoder_depth, encoder_num_heads, encoder_global_attn_indexes,
+                        image_size, prompt_embed_dim)
+    if bad:
+        raise UserError(bad[0])
     grid = image_size // PATCH_SIZE
     return Sam(
         image_encoder=ImageEncoderViT(
@@ -86,6 +82,29 @@ def build_sam_arch(
     )
 
 
+def size_problems(encoder_embed_dim: int, encoder_depth: int, encoder_num_heads: int,
+                  encoder_global_attn_indexes: list[int], image_size: int = 1024,
+                  prompt_embed_dim: int = 256) -> list[str]:
+    """Why these sizes cannot build a SAM (empty when they can)."""
+    out = []
+    if image_size % PATCH_SIZE:
+        out.append(f"models.sam.image_size must be a multiple of {PATCH_SIZE}, got {image_size}")
+    if prompt_embed_dim % 16:
+        out.append(f"models.sam.prompt_embed_dim must be a multiple of 16, got {prompt_embed_dim}")
+    if encoder_num_heads < 1 or encoder_embed_dim % encoder_num_heads:
+        out.append("models.sam.encoder_embed_dim must be divisible by encoder_num_heads")
+    if any(not 0 <= i < encoder_depth for i in encoder_global_attn_indexes):
+        out.append("models.sam.encoder_global_attn_indexes must be block indices < encoder_depth")
+    return out
+
+
+def config_problems(cfg: SamConfig) -> list[str]:
+    """Why ``models.sam`` cannot build (arch/checkpoint pair, custom sizes), without building it."""
+    if cfg.arch != "custom" and not cfg.checkpoint:
+        return [f"models.sam.checkpoint is required for arch {cfg.arch} (null only with arch: custom)"]
+    return size_problems(**arch_sizes(cfg))
+
+
 def arch_sizes(cfg: SamConfig) -> dict:
     if cfg.arch == "custom":
         return {
@@ -117,7 +136,7 @@ def load_sam(models_cfg: ModelsConfig):
 
     cfg = models_cfg.sam
     if cfg.arch != "custom" and not cfg.checkpoint:
-        raise UserError(f"models.sam.checkpoint is required for arch {cfg.arch} (null only with arch: custom)")
+        raise UserError(config_problems(cfg)[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         sam = build_sam_arch(**arch_sizes(cfg))

@@ -35,6 +35,7 @@ from ragseg.pipelines.common import (
     stage_seconds,
     write_source_errors,
 )
+from ragseg.preflight import preflight
 from ragseg.schema import embeddings_to_arrow, feature_schema
 from ragseg.stages.batch import as_list
 
@@ -160,6 +161,8 @@ def build_graph(cfg: JobConfig, rows: list[dict]):
 
 def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]:
     """build-db into ``cfg.build_db.out``; ``execute`` replaces the model graph (tests, benchmarks)."""
+    if execute is None:
+        preflight(cfg, "build-db")  # model sections checked on the driver, before Ray starts
     out = cfg.build_db.out
     model_id, mode, dim = embed_identity(cfg)
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db"):

@@ -34,6 +34,7 @@ from ragseg.pipelines.common import (
     stage_seconds,
     write_source_errors,
 )
+from ragseg.preflight import preflight
 
 # columns the piece writer reads (pixels are dropped before it)
 RESULT_COLUMNS = ["image_id", "uri", "error", "coco_id", "file_name", "png_name", "height", "width", "segments_info"]
@@ -239,12 +240,17 @@ def label_hash(cfg: JobConfig) -> str:
 
     data = cfg.model_dump(mode="json")
     label = {k: v for k, v in data["label"].items() if k not in _HASH_EXEMPT}
-    return hashlib.sha256(json.dumps({"label": label, "models": data["models"]}, sort_keys=True).encode()).hexdigest()[:16]
+    # where weights come from (cache, mirror, offline) and checksum pins do not change the model
+    models = {k: ({kk: vv for kk, vv in v.items() if kk != "sha256"} if isinstance(v, dict) else v)
+              for k, v in data["models"].items() if k != "weights"}
+    return hashlib.sha256(json.dumps({"label": label, "models": models}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]:
     """label into ``cfg.label.out``; ``execute`` replaces the model graph (tests and benchmarks of the
     commit path, which then need no index)."""
+    if execute is None:
+        preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
     from ragseg.sources import list_rows
     from ragseg.vocab import load_vocab
 

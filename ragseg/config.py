@@ -36,6 +36,7 @@ class RayConfig(Strict):
     address: str | None = None
     # the address a fresh local instance binds to (with no address / RAY_ADDRESS)
     node_ip_address: str = "127.0.0.1"
+    connect_timeout_s: float = Field(default=10.0, gt=0)  # reaching ray.address before giving up
     num_cpus: int | None = Field(default=None, ge=1)
     object_store_memory: int | None = Field(default=None, ge=50 * 1024 * 1024)
     # actors per model stage (each holds one copy of the model); GPUs per actor when CUDA exists.

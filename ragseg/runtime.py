@@ -28,6 +28,8 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     addr = address or cfg.address or os.environ.get("RAY_ADDRESS")
+    if addr and addr not in ("local", "auto"):
+        _probe(addr, cfg.connect_timeout_s)
     try:
         if addr and addr != "local":
             ray.init(address=addr, log_to_driver=True, logging_level=logging.WARNING)
@@ -50,6 +52,22 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ragseg draws one bar over images (ray.progress)
     ctx.max_errored_blocks = cfg.max_errored_blocks
+
+
+def _probe(addr: str, timeout: float) -> None:
+    """One TCP connect to the cluster's address (GCS ``host:port`` or ``ray://host:port``), so an
+    unreachable cluster is one line after ``timeout`` s, not minutes of Ray's own retries."""
+    import socket
+
+    hostport = addr.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {addr!r} is not host:port, ray://host:port, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {addr!r} ({type(e).__name__}: {e}); is it running, "
+                        "and is the address (--address / ray.address / RAY_ADDRESS) right?") from None
 
 
 def quiet_ray_data() -> None:

@@ -86,9 +86,8 @@ def child_loop(config: str, data: str, n: int, masks: str) -> dict:
     """The same stages, called one after the other on blocks of images, in this process."""
     import numpy as np
 
-    from ragseg import io
     from ragseg.config import load_config
-    from ragseg.pipelines.build_db import _segments_table, embed_identity
+    from ragseg.pipelines.build_db import WriteDbPiece, embed_identity
     from ragseg.sources import list_rows
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
     from ragseg.stages.embed import Embed
@@ -107,6 +106,7 @@ def child_loop(config: str, data: str, n: int, masks: str) -> dict:
 
         stages = [decode, Detect(cfg), Segment(cfg), embed]
     model_id, mode, dim = embed_identity(cfg)
+    write = WriteDbPiece(out, masks if masks == "gt" else "detector", model_id, mode, dim)
     per = cfg.build_db.images_per_shard
     segs = 0
     for i in range(0, len(rows), per):
@@ -115,10 +115,7 @@ def child_loop(config: str, data: str, n: int, masks: str) -> dict:
         batch["error"] = np.array([""] * len(chunk), dtype=object)
         for st in stages:
             batch = st(batch)
-        ok = [{k: batch[k][j] for k in batch} for j in range(len(chunk)) if not batch["error"][j]]
-        table = _segments_table(ok, "gt", model_id, mode, dim)
-        io.write_parquet_atomic(io.join(out, f"{i}.parquet"), table)
-        segs += table.num_rows
+        segs += int(write(batch)["segments"][0])  # the pipeline's own piece writer (files + commit)
     return {"images": len(rows), "segments": segs, "seconds": time.perf_counter() - t0}
 
 

@@ -345,6 +345,26 @@ class Compactor:
         io.remove_many([io.join(self.root, s) for s in segs])
 
 
+def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segments: int, make_header,
+                     check=None) -> tuple[Ledger | None, dict[str, Any], Compactor]:
+    """A job's start, under its lease: read the folder's ledger (``check(header)`` refuses an
+    incompatible one), or write a new header (``make_header()``); fold the commit records a killed run
+    left uncompacted and consolidate a long segment list. Returns (ledger or None, header, compactor)."""
+    led = load(root, kind)
+    if led is not None:
+        header = led.header
+        if check is not None:
+            check(header)
+    else:
+        header = make_header()
+        write_header(root, header)
+    comp = Compactor(root, header, every, seconds)
+    if led is not None:
+        comp.adopt(led)
+        comp.consolidate(max_segments)
+    return led, header, comp
+
+
 # ----------------------------------------------------------------------------------------------
 # Lease
 # ----------------------------------------------------------------------------------------------

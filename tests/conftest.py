@@ -123,10 +123,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on 127.0.0.1 for the session; the AWS_* variables point s3fs (and every
-    subprocess or Ray worker started meanwhile) at it. Yields those variables."""
+def start_moto():
+    """Start moto's S3 server on 127.0.0.1 (a free port); returns (process, endpoint URL) once it answers."""
     import socket
     import subprocess
     import sys
@@ -135,8 +133,6 @@ def s3_server():
     port = _free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -144,6 +140,22 @@ def s3_server():
             break
         except OSError:
             time.sleep(0.2)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def moto_starter():
+    """:func:`start_moto`, for tests that need a server of their own (other credentials, a clean bucket set)."""
+    return start_moto
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session; the AWS_* variables point s3fs (and every
+    subprocess or Ray worker started meanwhile) at it. Yields those variables."""
+    proc, endpoint = start_moto()
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs

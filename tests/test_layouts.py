@@ -23,10 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -301,25 +297,10 @@ def test_openimages_without_images_stops_with_one_line(tmp_path):
                                images_dir=str(tmp_path / "elsewhere")))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
-def moto_s3(monkeypatch):
-    port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+def moto_s3(monkeypatch, moto_starter):
+    proc, endpoint = moto_starter()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     # no credentials anywhere: only anonymous requests can work
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -330,7 +311,7 @@ def moto_s3(monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        yield port
+        yield endpoint
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         proc.terminate()
@@ -343,7 +324,7 @@ def test_openimages_public_bucket_with_anonymous_access(tmp_path, moto_s3):
     from ragseg import io as rio
     from ragseg.stages.decode import DecodeImages
 
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_s3}", aws_access_key_id="x",
+    s3 = boto3.client("s3", endpoint_url=moto_s3, aws_access_key_id="x",
                       aws_secret_access_key="x", region_name="us-east-1")
     s3.create_bucket(Bucket="open-images-dataset", ACL="public-read")  # public, as the real bucket
     for k, i in enumerate(OI_IDS):

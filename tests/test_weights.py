@@ -119,10 +119,7 @@ def test_fetch_failure_missing_message(cache):
 # ----------------------------------------------------------------------------------------------
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 TAG = "ragsegtest"  # an open_clip pretrained tag registered for the tiny test architecture
@@ -206,28 +203,13 @@ def no_env_cache(monkeypatch):
     monkeypatch.delenv("RAGSEG_CACHE", raising=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def s3(monkeypatch):
-    """moto's S3 server on 127.0.0.1 (as tests/test_s3.py), one bucket."""
-    port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+def s3(monkeypatch, moto_starter):
+    """A moto S3 server of its own on 127.0.0.1, one bucket."""
+    proc, endpoint = moto_starter()
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
     import fsspec
     import s3fs
 

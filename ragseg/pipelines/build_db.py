@@ -166,18 +166,11 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
     out = cfg.build_db.out
     model_id, mode, dim = embed_identity(cfg)
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db"):
-        led = dblib.open_db(out)
-        if led is not None:
-            header = led.header
-            dblib.check_compatible(header, model_id, mode, dim, out)
-        else:
-            header = dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"),
-                                      cfg.models.model_dump(mode="json"))
-            ledger.write_header(out, header)
-        comp = ledger.Compactor(out, header, cfg.commit.compact_every, cfg.commit.compact_seconds)
-        if led is not None:
-            comp.adopt(led)
-            comp.consolidate(cfg.commit.max_segments)
+        c = cfg.commit
+        led, header, comp = ledger.open_for_writing(
+            out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
+            lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json")),
+            lambda h: dblib.check_compatible(h, model_id, mode, dim, out))
 
         source_errors: list[dict] = []
         rows = _source_rows(cfg, source_errors)

@@ -267,21 +267,17 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
     job_hash = label_hash(cfg)
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "label"):
         io.remove_tmp_litter(out)
-        led = labels_out.open_labels(out)
-        if led is not None:
-            header = led.header
+        def check(header: dict) -> None:
             if header.get("config_hash") != job_hash:
                 raise UserError(
                     f"{out} holds labels made with another config (hash {header.get('config_hash')} != "
                     f"{job_hash}); use a new --out, or the same config to resume")
-        else:
-            header = ledger.new_header(labels_out.KIND, config_hash=job_hash, index_version=meta.get("version"),
-                                       vocab=vocab.categories())
-            ledger.write_header(out, header)
-        comp = ledger.Compactor(out, header, cfg.commit.compact_every, cfg.commit.compact_seconds)
-        if led is not None:
-            comp.adopt(led)
-            comp.consolidate(cfg.commit.max_segments)
+
+        c = cfg.commit
+        led, header, comp = ledger.open_for_writing(
+            out, labels_out.KIND, c.compact_every, c.compact_seconds, c.max_segments,
+            lambda: ledger.new_header(labels_out.KIND, config_hash=job_hash, index_version=meta.get("version"),
+                                      vocab=vocab.categories()), check)
 
         source_errors: list[dict] = []
         rows = list_rows(lc.images, errors=source_errors)

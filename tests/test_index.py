@@ -107,17 +107,22 @@ def built(tmp_path_factory, ray_local):
 def test_params_rule():
     cfg = IndexConfig()
     p = choose_params(1_000_000, 768, cfg)
-    # fixed parts 4 x (4000 x 768 + 768^2 + 256 x 768) / 1M = 15.5 bytes/vector -> 48 code bytes
-    assert p.factory == "OPQ48_768,IVF4000,PQ48" and p.nlist == 4000 and p.m == 48 and p.opq
+    # re-rank on (default): no OPQ; fixed parts 4 x (4000 x 768 + 256 x 768) / 1M = 13.1 B -> PQ48
+    assert p.factory == "IVF4000,PQ48" and p.nlist == 4000 and p.m == 48 and not p.opq
     assert p.train_size == 64 * 4000 and p.metric == "inner_product"
+    assert p.code_bytes + fixed_bytes(p.nlist, 768, False) / 1_000_000 <= 64
+    # re-rank off: OPQ; + 768^2 rotation -> 15.5 B -> 48 code bytes
+    nr = IndexConfig(rerank=False)
+    p = choose_params(1_000_000, 768, nr)
+    assert p.factory == "OPQ48_768,IVF4000,PQ48" and p.opq
     assert p.code_bytes + fixed_bytes(p.nlist, 768, True) / 1_000_000 <= 64
     # 30M: fixed parts 2.3 bytes/vector -> 61 codes; OPQ maps 768 -> 61 x 12 = 732 dims
-    p = choose_params(30_000_000, 768, cfg)
+    p = choose_params(30_000_000, 768, nr)
     assert p.factory == "OPQ61_732,IVF21909,PQ61"
     assert p.code_bytes + fixed_bytes(p.nlist, 768, True) / 30_000_000 <= 64
-    p = choose_params(100_000, 768, cfg)
+    assert choose_params(30_000_000, 768, cfg).factory == "IVF21909,PQ48"
     # 8 x sqrt(N) = 2530 lists would get < 64 training points each: clamped to N // 64
-    p = choose_params(100_000, 768, IndexConfig(nlist_per_sqrt_n=8))
+    p = choose_params(100_000, 768, IndexConfig(nlist_per_sqrt_n=8, rerank=False))
     assert p.nlist == 100_000 // 64 and p.train_size == 64 * p.nlist
     # small N: the fixed parts are charged at most B / 4 -> 48 code bytes
     assert p.m == 48 and p.factory == "OPQ48_768,IVF1562,PQ48"
@@ -140,7 +145,7 @@ def test_params_rule():
     p = choose_params(100_000, 768, IndexConfig(opq="off"))
     assert p.opq is False and p.factory == "IVF1265,PQ48"  # largest divisor of 768 <= 64 - min(F/N, 16)
     # 128 dims, ~56 code bytes: OPQ55 would give 2 dims per sub-quantizer -> no OPQ, PQ32 divides 128
-    assert choose_params(100_000, 128, cfg).factory == "IVF1265,PQ32"
+    assert choose_params(100_000, 128, nr).factory == "IVF1265,PQ32"
     assert choose_params(100_000, 128, IndexConfig(opq="on")).factory.startswith("OPQ55_110,")
     with pytest.raises(UserError):
         choose_params(0, 64, cfg)

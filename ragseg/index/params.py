@@ -25,13 +25,16 @@ The rule (every step is documented in :func:`choose_params`):
     OPQ ``m`` = the largest divisor of ``dim`` that is <= b; with OPQ ``m = floor(b)`` and the
     rotation maps to ``m * floor(dim / m)`` dimensions (``OPQm_dout``, no reduction when m divides
     dim), so the whole code budget is used. Polysemous training is switched off (unused). B = 64,
-    dim 768, nlist 4 sqrt(N): N = 1M -> F/N = 15.5, ``OPQ48_768,IVF4000,PQ48``, 63.5 bytes/vector
-    besides ids; N = 30M -> F/N = 2.3, ``OPQ61_732,...,PQ61``, 63.3 bytes/vector.
-* OPQ (``opq="auto"``): a learned rotation is put in front when each sub-quantizer covers at least
-  ``OPQ_MIN_DIMS_PER_SUBQ`` = 4 dimensions (``dim / m >= 4``): then the rotation balances variance
-  across sub-vectors, which is where OPQ pays; with 1-3 dims per sub-quantizer PQ is almost a
-  scalar quantizer and OPQ only costs training time. ``"on"`` / ``"off"`` force it (ignored for
-  Flat / SQ codes).
+    dim 768, nlist 4 sqrt(N), re-rank on (no OPQ): N = 1M -> F/N = 13.1, ``IVF4000,PQ48``, 61.1
+    bytes/vector besides ids; N = 30M -> F/N = 2.3, ``IVF21909,PQ48``, 50.3. Re-rank off (OPQ):
+    1M -> ``OPQ48_768,IVF4000,PQ48`` (63.5); 30M -> ``OPQ61_732,IVF21909,PQ61`` (63.3).
+* OPQ (``opq="auto"``): a learned rotation is put in front when the codes rank the final results
+  (``index.rerank`` off) and each sub-quantizer covers at least ``OPQ_MIN_DIMS_PER_SUBQ`` = 4
+  dimensions (``dim / m >= 4``): then the rotation balances variance across sub-vectors, which is
+  where OPQ pays; with 1-3 dims per sub-quantizer PQ is almost a scalar quantizer. With the re-rank
+  store (the default) the codes only pick the shortlist and the exact vectors order it: measured
+  (README, Benchmarks) OPQ then gains nothing while its training is the most expensive step of a
+  768-d CPU build, so auto leaves it off. ``"on"`` / ``"off"`` force it (ignored for Flat / SQ).
 * Training sample: ``train_per_list * nlist`` vectors, at least ``PQ_MIN_TRAIN`` when PQ is used, at
   most N.
 * ``cfg.factory`` (explicit faiss factory string) overrides the rule; nlist / m are then parsed from
@@ -110,7 +113,7 @@ def choose_params(n: int, dim: int, cfg: IndexConfig) -> IndexParams:
         return IndexParams(f"IVF{nlist},SQ8", nlist, 0, False, train, dim)
     train = min(n, max(cfg.train_per_list * nlist, PQ_MIN_TRAIN))
     # OPQ candidate first (its rotation is a fixed part too); keep it only where it pays
-    if cfg.opq != "off":
+    if cfg.opq == "on" or (cfg.opq == "auto" and not cfg.rerank):
         m = max(1, min(dim, int(math.floor(code_budget(n, nlist, dim, budget, True)))))
         if cfg.opq == "on" or dim / m >= OPQ_MIN_DIMS_PER_SUBQ:
             d_out = m * (dim // m)

@@ -285,8 +285,6 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
     from ragseg.config import JobConfig
     from ragseg.index import quality as iq
     from ragseg.index import store as st
-    from ragseg.runtime import init_ray
-
     ens = JobConfig().label.ensemble
     work = tempfile.mkdtemp(prefix=f"ragseg-bench-{name}-", dir=args.workdir)
     rows = []
@@ -302,9 +300,10 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
         difficulty = exact_vote_accuracy(exact, labels, true, ens.k, ens.retrieval_temperature, vocab)
         variants = [("default", {})] + ([("opq_on", {"opq": "on"})] if main and args.opq_variant else [])
         for variant, extra in variants:
-            from ragseg.config import RayConfig
+            import ray
 
-            init_ray(RayConfig(num_cpus=args.num_cpus, progress=False))  # Ray start-up not timed
+            if not ray.is_initialized():  # a private local Ray (never another process's), start-up not timed
+                ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
             out = os.path.join(work, f"index-{variant}")
             res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
             idx = st.Index.open(out)

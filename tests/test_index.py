@@ -268,7 +268,7 @@ def test_cli_info(built):
     assert info["recall"]["at10"] >= 0.9
     assert set(info["quality"]) >= {"one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement"}
     assert info["rerank_k"] == 64 and info["nprobe_tuning"]["chosen"] == info["nprobe"]
-    assert info["bytes_per_vector"]["per_vector"] > 0
+    assert info["bytes_per_vector"]["per_vector"] > 0 and info["bytes_per_vector"]["rerank_store_per_vector"] >= 2 * DIM
 
 
 # ----------------------------------------------------------------------------------------------

@@ -470,8 +470,8 @@ def index_info(uri: str) -> dict:
         out["nprobe_tuning"] = {key: tuning.get(key) for key in ("target", "met", "chosen")}
     b = meta.get("bytes") or {}
     if b:
-        out["bytes_per_vector"] = {key: b.get(key) for key in ("in_memory", "on_disk", "rerank_store", "per_vector")
-                                   if key in b}
+        out["bytes_per_vector"] = {key: b.get(key) for key in ("per_vector", "per_vector_excl_ids", "code_bytes",
+                                                               "rerank_store_per_vector") if key in b}
     out["shards"] = len(meta.get("shards", []))
     out["labels"] = meta.get("labels_count")
     return out

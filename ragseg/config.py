@@ -208,7 +208,7 @@ class IndexConfig(Strict):
     target_vote_agreement: float = Field(default=0.99, ge=0.0, le=1.0)  # nprobe tuning target (kNN vote)
     # re-rank a k' shortlist with the exact float16 vectors (rerank.npy, memory-mapped, in the version dir)
     rerank: bool = True
-    rerank_k: int = Field(default=64, ge=1)  # k' = max(rerank_k, k asked)
+    rerank_k: int = Field(default=256, ge=1)  # k' = max(rerank_k, k asked)
     recall_queries: int = Field(default=1000, ge=2)  # DB vectors: half tune nprobe, half measure quality
     # publish gate (measured on the evaluation half): below either, CURRENT stays where it was
     min_recall_at_10: float = Field(default=0.5, ge=0.0, le=1.0)  # 10-recall@10

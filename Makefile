@@ -32,9 +32,9 @@ test: setup
 demo: setup
 	$(BIN)/ragseg demo --config configs/demo.yaml
 
-# The index benchmark at N = 1M x 768 takes hours on 2 CPUs: `make bench BENCH_INDEX_ARGS=` runs
-# bench/index.py's defaults (100k and 1M); the default here is the 100k run.
-BENCH_INDEX_ARGS ?= --sizes 100000 --nlist-per-sqrt-n 2 --opq off
+# Index benchmark: three data settings at N = 100k (~10 min on 2 CPUs); 1M:
+# `make bench BENCH_INDEX_ARGS="--n 1000000 --settings medium:1000:1.0"`.
+BENCH_INDEX_ARGS ?= --n 100000
 
 bench: setup
 	$(BIN)/python bench/stages.py

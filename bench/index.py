@@ -1,17 +1,27 @@
-"""Index benchmark: sharded build (ragseg.index.build, Ray tasks + on-disk merge) vs one plain faiss
-build of the same factory string, on clustered synthetic unit vectors whose clusters mimic classes.
+"""Index benchmark: quality and search cost of the default index on synthetic data of varying
+difficulty, built with ragseg.index.build (Ray tasks + on-disk merge, nprobe tuned at build).
 
-    .venv/bin/python bench/index.py --sizes 100000,1000000
+    .venv/bin/python bench/index.py                       # make bench: the settings below at N = 100k
+    .venv/bin/python bench/index.py --n 1000000 --settings hard
 
-Data: ``classes`` random unit centres; each vector = centre + variation in a class-specific
-``latent``-dim subspace + small isotropic noise, L2-normalised (low intrinsic dimension, like real
-CLIP features), generated in chunks with per-chunk seeds (float32 in memory, float16 in the DB like
-build-db writes). Queries are held-out vectors from the same distribution (not in the DB); the exact
-top-10 is computed by brute force, chunk by chunk, while the data is generated.
+Data (per setting: ``classes`` and ``spread``): class centres c = normalise(mu + g_c) around one
+shared direction mu (g_c ~ N(0, I/d): centres at cosine ~0.5, like CLIP features that share a
+cone); each class has ``modes`` mode centres (scenes / instances) c + spread * (z B + z' B_c), and
+each vector = a mode centre + spread / 2 * (z B + z' B_c) + small noise, L2-normalised, with B a
+latent basis shared by all classes and B_c one per class (``latent`` dims each). The shared part
+makes classes overlap as the spread grows, so near neighbours are of mixed classes and a kNN vote
+has small margins; the exact kNN vote's accuracy against the true class is reported as
+the setting's difficulty. Vectors are stored float16 (like build-db). Queries are held-out vectors
+(not in the DB); their exact top-k is computed by brute force while the data is generated.
 
-Per size, one JSON object per line on stdout and all of them in ``bench/results/index.json``:
-build seconds, bytes per vector on disk, recall@1/@10 vs exact and queries/s at several nprobe, for
-the sharded and the plain build, and the sharded/plain build-time ratio.
+Per setting, one JSON object per line on stdout and all of them in ``bench/results/index.json``:
+build seconds, the chosen factory / nprobe, bytes per vector (index files, ids, re-rank store) and
+the extrapolation to 1M and 30M from the parameter rule, the build's own quality figures, and on the
+held-out queries 1-recall@1, 1-recall@10, 10-recall@10 and kNN-vote agreement (label job's k and
+temperature) per nprobe with and without re-ranking; for the main setting the search cost (and with
+``--opq-variant`` the same build with OPQ forced on): queries/s at the chosen settings with and without re-ranking for 1
+and 2 threads, next to the label job's images/s and segments/image from bench/results/stages.json.
+``--compare-plain`` adds the earlier sharded-vs-plain-faiss build-time comparison.
 """
 
 from __future__ import annotations
@@ -31,23 +41,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CHUNK = 50_000
+TARGET_N = (1_000_000, 30_000_000)
 
 
-def centres(classes: int, dim: int, latent: int, seed: int):
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def make_model(classes: int, dim: int, latent: int, seed: int, spread: float, modes: int):
     rng = np.random.default_rng(seed)
-    c = rng.standard_normal((classes, dim)).astype(np.float32)
+    mu = rng.standard_normal(dim).astype(np.float32)
+    mu /= np.linalg.norm(mu)
+    c = mu + rng.standard_normal((classes, dim)).astype(np.float32) / np.sqrt(dim)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
-    bases = (rng.standard_normal((classes, latent, dim)) / np.sqrt(dim)).astype(np.float32)
-    return c, bases
+    shared = (rng.standard_normal((latent, dim)) / np.sqrt(dim)).astype(np.float32)
+    own = (rng.standard_normal((classes, latent, dim)) / np.sqrt(dim)).astype(np.float32)
+    zs = rng.standard_normal((classes, modes, latent)).astype(np.float32) / np.sqrt(latent)
+    zo = rng.standard_normal((classes, modes, latent)).astype(np.float32) / np.sqrt(latent)
+    centres = c[:, None] + spread * (zs @ shared) + spread * np.einsum("cml,cld->cmd", zo, own, optimize=True)
+    return centres, shared, own, spread
 
 
-def chunk(model, n: int, seed: int, spread=0.6, noise=0.02):
-    c, bases = model
+def chunk(model, n: int, seed: int, noise: float = 0.1):
+    centres, shared, own, spread = model
+    classes, modes, dim = centres.shape
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, len(c), n)
-    z = rng.standard_normal((n, bases.shape[1])).astype(np.float32)
-    x = c[y] + spread * np.einsum("nl,nld->nd", z, bases[y], optimize=True)
-    x += noise * rng.standard_normal(x.shape).astype(np.float32)
+    latent = shared.shape[0]
+    y = rng.integers(0, classes, n)
+    j = rng.integers(0, modes, n)
+    zs = rng.standard_normal((n, latent)).astype(np.float32) / np.sqrt(latent)
+    zo = rng.standard_normal((n, latent)).astype(np.float32) / np.sqrt(latent)
+    jitter = spread / 2
+    x = centres[y, j] + jitter * (zs @ shared) + jitter * np.einsum("nl,nld->nd", zo, own[y], optimize=True)
+    x += noise * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(dim)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float16).astype(np.float32), y  # the DB stores float16
 
@@ -59,7 +84,7 @@ def chunks(model, n: int, seed: int):
 
 
 def make_db(db: str, model, n: int, shards: int, seed: int, queries: np.ndarray, k: int):
-    """Write the feature DB; return the exact top-k ids of ``queries``."""
+    """Write the feature DB; return (exact top-k sims, ids) of ``queries`` and the labels by id."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -73,7 +98,9 @@ def make_db(db: str, model, n: int, shards: int, seed: int, queries: np.ndarray,
                for s in range(shards)]
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_i = np.zeros((len(queries), k), np.int64)
+    labels = np.empty(n, dtype=object)
     for start, x, y in chunks(model, n, seed):
+        labels[start:start + len(x)] = [f"class{c}" for c in y]
         sims = queries @ x.T
         s_all = np.concatenate([best_s, sims], axis=1)
         i_all = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(x)), sims.shape)], axis=1)
@@ -107,138 +134,252 @@ def make_db(db: str, model, n: int, shards: int, seed: int, queries: np.ndarray,
                 "errors": 0, "input_key": str(s)} for s, (lo, hi) in enumerate(bounds)]}
     with open(os.path.join(db, "manifest.json"), "w") as f:
         json.dump(man, f)
-    return best_i
+    return (best_s, best_i), labels
 
 
-def recall(found: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
-    r1 = float(np.mean(found[:, 0] == exact[:, 0]))
-    r10 = float(np.mean([len(set(f[:10]) & set(e[:10])) / 10 for f, e in zip(found, exact)]))
-    return r1, r10
+# ----------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------
+def quality(idx, queries, exact, labels, vote_k, temperature, vocab) -> dict:
+    from ragseg.index import quality as iq
+
+    kk = max(iq.RECALL_K, vote_k)
+    found = idx.search_ids(queries, kk)
+    no_self = np.full(len(queries), -1)  # held-out queries: nothing to remove
+    m = iq.evaluate(found, exact, no_self, labels, vote_k, temperature, vocab)
+    return {k: round(m[k], 4) for k in ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement")}
 
 
-def sweep(search, set_nprobe, queries, exact, nprobes, nlist):
+def sweep(idx, queries, exact, labels, ens, vocab, nprobes, rerank_k) -> list[dict]:
     out = []
+    nlist = int(idx.meta.get("nlist", 0))
     for p in nprobes:
         if nlist and p > nlist:
             continue
-        set_nprobe(p)
-        search(queries[:10], 10)  # warm up
-        t = time.perf_counter()
-        reps = 0
-        while True:
-            _, ids = search(queries, 10)
-            reps += 1
-            if time.perf_counter() - t > 1.0:
-                break
-        dt = (time.perf_counter() - t) / reps
-        r1, r10 = recall(ids, exact)
-        out.append({"nprobe": p, "recall_at_1": round(r1, 4), "recall_at_10": round(r10, 4),
-                    "qps": round(len(queries) / dt, 1)})
+        idx.nprobe = p
+        row = {"nprobe": p}
+        for rk in ([0, rerank_k] if rerank_k else [0]):
+            idx.rerank_k = rk
+            row["rerank" if rk else "no_rerank"] = quality(idx, queries, exact, labels, ens.k,
+                                                           ens.retrieval_temperature, vocab)
+        out.append(row)
+    idx.rerank_k = rerank_k
     return out
 
 
-def run_size(n: int, args) -> list[dict]:
+def qps(idx, queries, k: int, batch: int, seconds: float) -> float:
+    """Queries/s searching ``batch`` queries per call (a label batch = one image's proposals)."""
+    idx.search_ids(queries[:batch], k)  # warm up (page in lists and re-rank rows)
+    done, t = 0, time.perf_counter()
+    while True:
+        for lo in range(0, len(queries), batch):
+            idx.search_ids(queries[lo:lo + batch], k)
+        done += len(queries)
+        if time.perf_counter() - t > seconds:
+            break
+    return done / (time.perf_counter() - t)
+
+
+def label_job_rate() -> dict:
+    """The label job's images/s bound from bench/results/stages.json: the slowest stage's best
+    images/s (embed-pool on the committed CPU run), and segments per image of that run."""
+    path = os.path.join(ROOT, "bench", "results", "stages.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        st = json.load(f)
+    best: dict[str, dict] = {}
+    for r in st.get("results", []):
+        if r.get("bench") != "stage" or not r.get("images_per_s"):
+            continue
+        if r["stage"] not in best or r["images_per_s"] > best[r["stage"]]["images_per_s"]:
+            best[r["stage"]] = r
+    if not best:
+        return {}
+    pipeline_stages = [s for s in best if s != "embed-crop"] or list(best)
+    slow = min(pipeline_stages, key=lambda s: best[s]["images_per_s"])
+    r = best[slow]
+    seg_per_img = r["segments"] / max(r["images"], 1)
+    return {"source": "bench/results/stages.json", "device": st.get("device"), "config": st.get("config"),
+            "bottleneck_stage": slow, "images_per_s": r["images_per_s"], "segments_per_image": seg_per_img,
+            "queries_per_s_needed": round(r["images_per_s"] * seg_per_img, 1)}
+
+
+def search_cost(idx, queries, vote_k: int, batch: int, seconds: float) -> dict:
     import faiss
 
+    out = {"batch": batch, "k": vote_k, "nprobe": idx.nprobe, "rerank_k": idx.rerank_k}
+    rk = idx.rerank_k
+    saved = faiss.omp_get_max_threads()
+    try:
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            for label, r in (("rerank", rk), ("no_rerank", 0)):
+                if label == "rerank" and not rk:
+                    continue
+                idx.rerank_k = r
+                out[f"qps_{label}_{threads}t"] = round(qps(idx, queries, vote_k, batch, seconds), 1)
+    finally:
+        faiss.omp_set_num_threads(saved)
+        idx.rerank_k = rk
+    job = label_job_rate()
+    if job:
+        out["label_job"] = job
+        best = max(v for k, v in out.items() if k.startswith("qps_rerank") or (not rk and k.startswith("qps_")))
+        out["retrieval_share_of_label_time"] = round(job["queries_per_s_needed"] / best, 4)
+    return out
+
+
+def extrapolate(meta: dict, cfg) -> dict:
+    """Bytes/vector of the index (ids excluded / included) at this N (measured) and at 1M / 30M (the
+    parameter rule's factory there: code bytes + amortised fixed parts + the file-format overhead
+    per vector measured here)."""
+    from ragseg.index.params import choose_params, fixed_bytes
+
+    b = meta["bytes"]
+    n, dim = meta["count"], meta["dim"]
+    measured_fixed = fixed_bytes(meta["nlist"], dim, meta["opq"]) if meta["m"] else 0
+    overhead = b["per_vector"] - b["ids_per_vector"] - meta["code_bytes"] - measured_fixed / n
+    out = {"measured": {"n": n, "factory": meta["factory"], "per_vector": round(b["per_vector"], 2),
+                        "per_vector_excl_ids": round(b["per_vector_excl_ids"], 2),
+                        "rerank_store_per_vector_on_disk": round(b["rerank_store_per_vector"], 1),
+                        "format_overhead_per_vector": round(overhead, 3)}}
+    for tn in TARGET_N:
+        p = choose_params(tn, dim, cfg.index)
+        fixed = fixed_bytes(p.nlist, dim, p.opq) / tn if p.m else 0.0
+        excl = p.code_bytes + fixed + max(overhead, 0.0)
+        out[f"n_{tn}"] = {"factory": p.factory, "code_bytes": p.code_bytes, "fixed_per_vector": round(fixed, 2),
+                          "per_vector_excl_ids": round(excl, 2), "per_vector": round(excl + 8, 2),
+                          "index_gib": round((excl + 8) * tn / 2**30, 2),
+                          "rerank_store_gib_on_disk": round(2 * dim * tn / 2**30, 1)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One setting
+# ----------------------------------------------------------------------------------------------
+def build(db: str, out: str, args, **index) -> tuple[dict, float, object]:
     from ragseg.config import JobConfig
-    from ragseg.index import store as st
     from ragseg.index.build import build_index
 
-    work = tempfile.mkdtemp(prefix=f"ragseg-bench-{n}-", dir=args.workdir)
+    icfg = {"out": out, "budget_bytes_per_vector": args.budget, "recall_queries": args.build_queries,
+            "min_recall_at_10": 0.0, "min_vote_agreement": 0.0, "use_gpu": "auto"}
+    if args.nlist_per_sqrt_n:
+        icfg["nlist_per_sqrt_n"] = args.nlist_per_sqrt_n
+    icfg.update(index)
+    cfg = JobConfig.model_validate({"index": icfg, "ray": {"num_cpus": args.num_cpus, "progress": False}})
+    t = time.time()
+    res = build_index(db, cfg)
+    return res, time.time() - t, cfg
+
+
+def exact_vote_accuracy(exact, labels, true_labels, vote_k: int, temperature: float, vocab) -> float:
+    from ragseg.scoring import retrieval_scores
+
+    sims, ids = exact
+    s, _ = retrieval_scores(sims[:, :vote_k], labels[ids[:, :vote_k]], vocab, temperature)
+    return float(np.mean(np.asarray(vocab.names, dtype=object)[s.argmax(axis=1)] == true_labels))
+
+
+def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args) -> list[dict]:
+    from ragseg.config import JobConfig
+    from ragseg.index import quality as iq
+    from ragseg.index import store as st
+    ens = JobConfig().label.ensemble
+    work = tempfile.mkdtemp(prefix=f"ragseg-bench-{name}-", dir=args.workdir)
+    rows = []
     try:
-        model = centres(args.classes, args.dim, args.latent, args.seed)
-        queries, _ = chunk(model, args.queries, seed=999_999_937)
+        model = make_model(classes, args.dim, args.latent, args.seed, spread, args.modes)
+        queries, qy = chunk(model, args.queries, 999_999_937)
         t = time.time()
-        exact = make_db(os.path.join(work, "db"), model, n, args.shards, args.seed, queries, 10)
+        exact, labels = make_db(os.path.join(work, "db"), model, n, args.shards, args.seed, queries,
+                                max(iq.RECALL_K, ens.k))
         gen_s = time.time() - t
-        icfg = {"out": os.path.join(work, "index"), "budget_bytes_per_vector": args.budget,
-                "nlist_per_sqrt_n": args.nlist_per_sqrt_n, "train_per_list": args.train_per_list,
-                "opq": args.opq, "nprobe": args.nprobe, "recall_queries": 200, "min_recall_at_10": 0.0,
-                "use_gpu": "auto"}
-        if args.factory:
-            icfg["factory"] = args.factory
-        cfg = JobConfig.model_validate({"index": icfg, "ray": {"num_cpus": args.num_cpus, "progress": False}})
-        # sharded build (Ray tasks); Ray start-up is excluded by starting it first
-        from ragseg.runtime import init_ray
+        vocab = iq.label_vocab(np.unique(labels))
+        true = np.array([f"class{c}" for c in qy], dtype=object)
+        difficulty = exact_vote_accuracy(exact, labels, true, ens.k, ens.retrieval_temperature, vocab)
+        variants = [("default", {})] + ([("opq_on", {"opq": "on"})] if main and args.opq_variant else [])
+        for variant, extra in variants:
+            import ray
 
-        init_ray(cfg.ray)
-        t = time.time()
-        res = build_index(os.path.join(work, "db"), cfg)
-        sharded_s = time.time() - t
-        idx = st.Index.open(icfg["out"])
-        vdir = os.path.join(icfg["out"], res["version"])
-        version_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(vdir) for f in fs)
-
-        def set_np(p, _idx=idx):
-            _idx.nprobe = p
-
-        sharded = {
-            "bench": "index", "variant": "sharded", "n": n, "dim": args.dim, "shards": args.shards,
-            "factory": res["factory"], "nlist": res["nlist"], "m": res["m"], "train_size": idx.meta["train_size"],
-            "build_s": round(sharded_s, 2), "data_gen_s": round(gen_s, 2),
-            "bytes_per_vector": round(res["bytes_per_vector"], 2),
-            "bytes_per_vector_version_dir": round(version_bytes / n, 2),
-            "build_recall_at_10": res["recall"]["at10"],
-            "nprobe_sweep": sweep(idx.search_ids, set_np, queries, exact, args.nprobes, res["nlist"]),
-        }
-        print(json.dumps(sharded), flush=True)
-        del idx
-
-        # plain faiss: same factory, same training size, train + add everything in one process
-        t = time.time()
-        plain = faiss.index_factory(args.dim, res["factory"], faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.extract_index_ivf(plain)
-        if hasattr(ivf, "do_polysemous_training"):
-            ivf.do_polysemous_training = False
-        rng = np.random.default_rng(args.seed)
-        take = np.sort(rng.choice(n, size=sharded["train_size"], replace=False))
-        xs = []
-        for start, x, _ in chunks(model, n, args.seed):
-            sel = take[(take >= start) & (take < start + len(x))] - start
-            xs.append(x[sel])
-        plain.train(np.concatenate(xs))
-        del xs
-        for start, x, _ in chunks(model, n, args.seed):
-            plain.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
-        plain_s = time.time() - t
-        path = os.path.join(work, "plain.index")
-        faiss.write_index(plain, path)
-
-        def set_np2(p):
-            faiss.ParameterSpace().set_index_parameter(plain, "nprobe", p)
-
-        plain_row = {
-            "bench": "index", "variant": "plain", "n": n, "dim": args.dim, "factory": res["factory"],
-            "build_s": round(plain_s, 2), "bytes_per_vector": round(os.path.getsize(path) / n, 2),
-            "nprobe_sweep": sweep(plain.search, set_np2, queries, exact, args.nprobes, res["nlist"]),
-        }
-        print(json.dumps(plain_row), flush=True)
-        ratio = {"bench": "index", "variant": "ratio", "n": n,
-                 "sharded_over_plain_build_time": round(sharded_s / plain_s, 3),
-                 "note": "plain build does not generate/read Parquet (data regenerated in memory); the sharded "
-                         "build includes Parquet reads, Ray tasks, serialisation, on-disk merge, recall check "
-                         "and publish"}
-        print(json.dumps(ratio), flush=True)
-        return [sharded, plain_row, ratio]
+            if not ray.is_initialized():  # a private local Ray (never another process's), start-up not timed
+                ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+            out = os.path.join(work, f"index-{variant}")
+            res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
+            idx = st.Index.open(out)
+            meta = idx.meta
+            row = {
+                "bench": "index", "setting": name, "variant": variant, "n": n, "dim": args.dim,
+                "classes": classes, "spread": spread, "shards": args.shards,
+                "exact_knn_vote_accuracy": round(difficulty, 4), "data_gen_s": round(gen_s, 1),
+                "build_s": round(build_s, 1), "factory": meta["factory"], "nlist": meta["nlist"],
+                "nprobe": meta["nprobe"], "rerank_k": idx.rerank_k,
+                "nprobe_tuning": meta["nprobe_tuning"], "build_quality": meta["recall"],
+                "bytes": extrapolate(meta, cfg),
+                "heldout_queries": len(queries),
+                "heldout_at_chosen": quality(idx, queries, exact, labels, ens.k, ens.retrieval_temperature, vocab),
+                "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, idx.rerank_k),
+            }
+            idx.nprobe = meta["nprobe"]
+            if main and variant == "default":
+                row["search_cost"] = search_cost(idx, queries, ens.k, args.batch, args.qps_seconds)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del idx
+        if args.compare_plain and main:
+            rows.append(plain_build(model, n, rows[0], args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def plain_build(model, n: int, sharded: dict, args) -> dict:
+    """The same factory trained and filled in one process (no Parquet, no Ray): build seconds only."""
+    import faiss
+
+    t = time.time()
+    plain = faiss.index_factory(args.dim, sharded["factory"], faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(plain)
+    if hasattr(ivf, "do_polysemous_training"):
+        faiss.downcast_index(ivf).do_polysemous_training = False
+    take = np.sort(np.random.default_rng(args.seed).choice(n, size=min(n, 64 * sharded["nlist"]), replace=False))
+    xs = []
+    for start, x, _ in chunks(model, n, args.seed):
+        xs.append(x[take[(take >= start) & (take < start + len(x))] - start])
+    plain.train(np.concatenate(xs))
+    del xs
+    for start, x, _ in chunks(model, n, args.seed):
+        plain.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+    plain_s = time.time() - t
+    row = {"bench": "index", "setting": sharded["setting"], "variant": "plain", "n": n,
+           "factory": sharded["factory"], "build_s": round(plain_s, 1),
+           "sharded_over_plain_build_time": round(sharded["build_s"] / plain_s, 3),
+           "note": "plain: train + add in one process on regenerated data; sharded: Parquet reads, Ray tasks, "
+                   "on-disk merge, re-rank store, quality and nprobe tuning, publish"}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--n", type=int, default=100_000, help="DB size of the main (first) setting")
+    ap.add_argument("--n-other", type=int, default=None, help="DB size of the other settings (default: --n)")
+    ap.add_argument("--settings", default="medium:1000:1.0,hard:1000:1.5,easy:200:0.8",
+                    help="name:classes:spread,...; the first is the main setting")
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--classes", type=int, default=200)
     ap.add_argument("--latent", type=int, default=16)
-    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--modes", type=int, default=20, help="modes (scenes / instances) per class")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--queries", type=int, default=500, help="held-out queries")
+    ap.add_argument("--build-queries", type=int, default=1000, help="index.recall_queries of the build")
     ap.add_argument("--budget", type=int, default=64)
-    ap.add_argument("--nlist-per-sqrt-n", type=float, default=8.0)
-    ap.add_argument("--train-per-list", type=int, default=64)
-    ap.add_argument("--opq", default="auto", choices=["auto", "on", "off"])
-    ap.add_argument("--factory", default=None)
-    ap.add_argument("--nprobe", type=int, default=16)
-    ap.add_argument("--nprobes", default="1,4,16,64")
+    ap.add_argument("--nlist-per-sqrt-n", type=float, default=None, help="default: the config default")
+    ap.add_argument("--nprobes", default="1,2,4,8,16,32,64")
+    ap.add_argument("--batch", type=int, default=32, help="queries per search call in the search-cost runs")
+    ap.add_argument("--qps-seconds", type=float, default=2.0)
+    ap.add_argument("--opq-variant", action="store_true", help="also build the main setting with OPQ on "
+                    "(faiss's OPQ training is slow at 768-d on a few CPUs)")
+    ap.add_argument("--compare-plain", action="store_true")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
@@ -246,17 +387,21 @@ def main() -> None:
     args = ap.parse_args()
     args.nprobes = [int(p) for p in args.nprobes.split(",")]
     rows = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        rows += run_size(n, args)
+    t0 = time.time()
+    for i, spec in enumerate(args.settings.split(",")):
+        name, classes, spread = spec.split(":")
+        n = args.n if i == 0 else (args.n_other or args.n)
+        rows += run_setting(name, int(classes), float(spread), n, i == 0, args)
     env = {"machine": platform.machine(), "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+           "loadavg_1m_end": os.getloadavg()[0], "total_s": round(time.time() - t0, 1),
            "args": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}}
     prev = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
             prev = json.load(f)
-    results = {r_key: r for r_key, r in prev.get("results", {}).items()}
+    results = {k: r for k, r in prev.get("results", {}).items() if "setting" in r}  # drop the old layout
     for r in rows:
-        results[f"{r['n']}/{r['variant']}"] = r
+        results[f"{r['setting']}/{r['n']}/{r['variant']}"] = r
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"env": env, "results": results}, f, indent=2, sort_keys=True)

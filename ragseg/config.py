@@ -244,12 +244,22 @@ class IndexConfig(Strict):
     out: str = "./index"
     factory: str | None = None  # explicit faiss factory string overrides the rule below
     budget_bytes_per_vector: int = Field(default=64, ge=8)
-    nlist_per_sqrt_n: float = Field(default=8.0, gt=0)  # nlist ~ 4..16 x sqrt(N)
+    nlist_per_sqrt_n: float = Field(default=4.0, gt=0)  # nlist ~ 2..16 x sqrt(N)
     train_per_list: int = Field(default=64, ge=30)  # training sample ~ 50..256 x nlist
     opq: Literal["auto", "on", "off"] = "auto"
-    nprobe: int = Field(default=16, ge=1)
-    recall_queries: int = Field(default=200, ge=1)
-    min_recall_at_10: float = Field(default=0.5, ge=0.0, le=1.0)
+    # lists probed: "auto" = the smallest power of two (<= max_nprobe) that reaches the targets on the
+    # tuning half of the quality queries; an int fixes it
+    nprobe: int | Literal["auto"] = "auto"
+    max_nprobe: int = Field(default=256, ge=1)
+    target_recall_at_10: float = Field(default=0.9, ge=0.0, le=1.0)  # nprobe tuning target (10-recall@10)
+    target_vote_agreement: float = Field(default=0.99, ge=0.0, le=1.0)  # nprobe tuning target (kNN vote)
+    # re-rank a k' shortlist with the exact float16 vectors (rerank.npy, memory-mapped, in the version dir)
+    rerank: bool = True
+    rerank_k: int = Field(default=256, ge=1)  # k' = max(rerank_k, k asked)
+    recall_queries: int = Field(default=1000, ge=2)  # DB vectors: half tune nprobe, half measure quality
+    # publish gate (measured on the evaluation half): below either, CURRENT stays where it was
+    min_recall_at_10: float = Field(default=0.5, ge=0.0, le=1.0)  # 10-recall@10
+    min_vote_agreement: float = Field(default=0.9, ge=0.0, le=1.0)
     keep_versions: int = Field(default=3, ge=1)
     prune_grace_s: float = Field(default=600.0, ge=0)  # never prune a version superseded less than this ago
     drift_ratio: float = Field(default=1.5, gt=1.0)  # retrain when new/old quantisation error > this

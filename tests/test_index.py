@@ -11,7 +11,7 @@ import pytest
 
 from ragseg.config import IndexConfig, JobConfig
 from ragseg.errors import UserError
-from ragseg.index.params import PQ_MIN_TRAIN, choose_params
+from ragseg.index.params import PQ_MIN_TRAIN, choose_params, fixed_bytes
 from ragseg.schema import embeddings_to_arrow, feature_schema
 
 DIM = 64
@@ -107,13 +107,27 @@ def built(tmp_path_factory, ray_local):
 def test_params_rule():
     cfg = IndexConfig()
     p = choose_params(1_000_000, 768, cfg)
-    assert p.factory == "OPQ64_768,IVF8000,PQ64" and p.nlist == 8000 and p.m == 64 and p.opq
-    assert p.train_size == 64 * 8000 and p.metric == "inner_product"
-    p = choose_params(100_000, 768, cfg)
+    # re-rank on (default): no OPQ; fixed parts 4 x (4000 x 768 + 256 x 768) / 1M = 13.1 B -> PQ48
+    assert p.factory == "IVF4000,PQ48" and p.nlist == 4000 and p.m == 48 and not p.opq
+    assert p.train_size == 64 * 4000 and p.metric == "inner_product"
+    assert p.code_bytes + fixed_bytes(p.nlist, 768, False) / 1_000_000 <= 64
+    # re-rank off: OPQ; + 768^2 rotation -> 15.5 B -> 48 code bytes
+    nr = IndexConfig(rerank=False)
+    p = choose_params(1_000_000, 768, nr)
+    assert p.factory == "OPQ48_768,IVF4000,PQ48" and p.opq
+    assert p.code_bytes + fixed_bytes(p.nlist, 768, True) / 1_000_000 <= 64
+    # 30M: fixed parts 2.3 bytes/vector -> 61 codes; OPQ maps 768 -> 61 x 12 = 732 dims
+    p = choose_params(30_000_000, 768, nr)
+    assert p.factory == "OPQ61_732,IVF21909,PQ61"
+    assert p.code_bytes + fixed_bytes(p.nlist, 768, True) / 30_000_000 <= 64
+    assert choose_params(30_000_000, 768, cfg).factory == "IVF21909,PQ48"
     # 8 x sqrt(N) = 2530 lists would get < 64 training points each: clamped to N // 64
-    assert p.nlist == 100_000 // 64 and p.m == 64 and p.train_size == 64 * p.nlist
+    p = choose_params(100_000, 768, IndexConfig(nlist_per_sqrt_n=8, rerank=False))
+    assert p.nlist == 100_000 // 64 and p.train_size == 64 * p.nlist
+    # small N: the fixed parts are charged at most B / 4 -> 48 code bytes
+    assert p.m == 48 and p.factory == "OPQ48_768,IVF1562,PQ48"
     # dim 64 budget 64: one byte per dim -> SQ8 (same size as PQ64, no k-means training)
-    p = choose_params(20_000, 64, cfg)
+    p = choose_params(20_000, 64, IndexConfig(nlist_per_sqrt_n=8))
     assert p.factory == "IVF312,SQ8" and not p.opq and p.nlist == 20_000 // 64
     assert choose_params(20_000, 32, cfg).factory.endswith(",SQfp16")
     assert p.train_size == 64 * 312
@@ -128,9 +142,11 @@ def test_params_rule():
     # explicit factory and opq switches
     p = choose_params(10_000, 64, IndexConfig(factory="IVF10,PQ16"))
     assert p.explicit and p.nlist == 10 and p.m == 16 and p.factory == "IVF10,PQ16"
-    assert choose_params(100_000, 768, IndexConfig(opq="off")).opq is False
-    assert choose_params(100_000, 128, cfg).factory == "IVF1562,PQ64"  # 2 dims per sub-quantizer: no OPQ
-    assert choose_params(100_000, 128, IndexConfig(opq="on")).factory.startswith("OPQ64_128,")
+    p = choose_params(100_000, 768, IndexConfig(opq="off"))
+    assert p.opq is False and p.factory == "IVF1265,PQ48"  # largest divisor of 768 <= 64 - min(F/N, 16)
+    # 128 dims, ~56 code bytes: OPQ55 would give 2 dims per sub-quantizer -> no OPQ, PQ32 divides 128
+    assert choose_params(100_000, 128, nr).factory == "IVF1265,PQ32"
+    assert choose_params(100_000, 128, IndexConfig(opq="on")).factory.startswith("OPQ55_110,")
     with pytest.raises(UserError):
         choose_params(0, 64, cfg)
 
@@ -151,7 +167,7 @@ def test_build_layout_and_meta(built):
     assert res["published"] and res["version"] == "v0001"
     assert st.current_version(out) == "v0001"
     vdir = os.path.join(out, "v0001")
-    for name in ("trained.index", "populated.index", "merged.ivfdata", "labels.parquet", "meta.json"):
+    for name in ("trained.index", "populated.index", "merged.ivfdata", "labels.parquet", "meta.json", "rerank.npy"):
         assert os.path.exists(os.path.join(vdir, name)), name
     assert sorted(os.listdir(os.path.join(vdir, "shards"))) == [f"{s['name']}.index" for s in built["shards"]]
     meta = json.load(open(os.path.join(vdir, "meta.json")))
@@ -160,6 +176,26 @@ def test_build_layout_and_meta(built):
     assert [s["name"] for s in meta["shards"]] == [s["name"] for s in built["shards"]]
     assert [s["start_id"] for s in meta["shards"]] == [0, 5000, 10000, 15000]
     assert meta["trained_from"] == "v0001" and meta["recall"]["at10"] >= 0.9
+    # quality metrics (evaluation half of the queries), nprobe tuning and the re-rank store
+    rec = meta["recall"]
+    for key in ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement"):
+        assert 0.0 <= rec[key] <= 1.0, key
+    assert rec["vote_k"] == 16 and rec["vote_temperature"] == 0.05 and rec["queries"] == 50
+    assert rec["at10"] == rec["ten_recall_at_10"] and rec["at1"] == rec["one_recall_at_1"]
+    assert rec["ten_recall_at_10"] >= 0.9 and rec["vote_agreement"] >= 0.9
+    assert set(rec["without_rerank"]) == {"one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement"}
+    tun = meta["nprobe_tuning"]
+    assert tun["mode"] == "auto" and tun["chosen"] == meta["nprobe"] == rec["nprobe"] and tun["queries"] == 50
+    assert meta["nprobe"] in [t["nprobe"] for t in tun["tried"]] and [t["nprobe"] for t in tun["tried"]][:2] == [1, 2]
+    assert tun["met"] == all(tun["tried"][-1][k] >= v for k, v in tun["target"].items())
+    if tun["met"]:
+        assert tun["tried"][-1]["nprobe"] == meta["nprobe"]
+    assert meta["rerank"] == {"k": 256, "file": "rerank.npy", "dtype": "float16"}
+    store = np.load(os.path.join(vdir, "rerank.npy"), mmap_mode="r")
+    assert store.dtype == np.float16 and store.shape == (20_000, DIM)
+    np.testing.assert_array_equal(store[:], built["x"].astype(np.float16))
+    b = meta["bytes"]
+    assert b["rerank.npy"] >= 20_000 * DIM * 2 and b["ids_per_vector"] == 8 and b["code_bytes"] == DIM
 
 
 def test_merged_equals_single_index(built):
@@ -169,7 +205,7 @@ def test_merged_equals_single_index(built):
 
     from ragseg.index.store import Index
 
-    idx = Index.open(built["out"])
+    idx = Index.open(built["out"], rerank_k=0)  # the index proper, no re-ranking
     single = faiss.read_index(os.path.join(built["out"], "v0001", "trained.index"))
     single.add_with_ids(built["x"], np.arange(len(built["x"]), dtype=np.int64))
     faiss.ParameterSpace().set_index_parameter(single, "nprobe", idx.nprobe)
@@ -213,6 +249,13 @@ def test_recall_and_vote(built):
     assert idx.nprobe == 1
     idx2 = Index.open(built["out"], nprobe=4)
     assert idx2.nprobe == 4
+    # re-ranked with every list probed: exactly the exact top-10 with the exact similarities
+    idx2.nprobe = idx2.meta["nlist"]
+    assert idx2.rerank_k == 256
+    s_rr, i_rr = idx2.search_ids(q, 10)
+    s_ex, i_ex = exact_knn(x, q, 10)
+    assert (i_rr == i_ex).mean() > 0.995  # float16 ties aside
+    np.testing.assert_allclose(s_rr, s_ex, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_info(built):
@@ -225,6 +268,9 @@ def test_cli_info(built):
     info = json.loads(r.output)
     assert info["version"] == "v0001" and info["count"] == 20_000 and info["versions"] == ["v0001"]
     assert info["recall"]["at10"] >= 0.9
+    assert set(info["quality"]) >= {"one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement"}
+    assert info["rerank_k"] == 256 and info["nprobe_tuning"]["chosen"] == info["nprobe"]
+    assert info["bytes_per_vector"]["per_vector"] > 0 and info["bytes_per_vector"]["rerank_store_per_vector"] >= 2 * DIM
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,11 +348,23 @@ def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
     m4 = st.read_meta(out)
     assert m4["trained_from"] == r4["version"] == "v0003" and m4["count"] == 6300
 
-    # recall check fails -> refuse to publish, CURRENT unchanged
-    bad = cfg_for(out, factory="IVF32,PQ2", nprobe=1, min_recall_at_10=0.99)
-    with pytest.raises(UserError, match="not published"):
+    # quality check fails -> refuse to publish (one line), CURRENT unchanged, no version dir left
+    bad = cfg_for(out, factory="IVF32,PQ2", nprobe=1, rerank=False, min_recall_at_10=0.99)
+    with pytest.raises(UserError, match="not published, CURRENT stays at v0003: 10-recall@10") as ei:
         b.build_index(db, bad)
-    assert st.current_version(out) == "v0003"
+    assert "\n" not in str(ei.value)
+    assert st.current_version(out) == "v0003" and st.list_versions(out)[-1] == "v0003"
+    # the vote gate (these clusters are too well separated for a real build to miss it)
+    q = {"ten_recall_at_10": 0.95, "vote_agreement": 0.97, "nprobe": 8, "rerank_k": 64}
+    with pytest.raises(UserError, match="CURRENT stays at v0003: kNN-vote agreement 0.970 < index.min_vote_agreement"):
+        b.quality_gate(q, cfg_for(out, min_vote_agreement=0.98), "F", "v0003")
+    b.quality_gate(q, cfg_for(out, min_vote_agreement=0.97, min_recall_at_10=0.95), "F", "v0003")
+    # targets out of reach: the smallest nprobe within 0.01 of the best of both metrics
+    tried = [{"nprobe": 8, "ten_recall_at_10": 0.60, "vote_agreement": 0.95},
+             {"nprobe": 16, "ten_recall_at_10": 0.70, "vote_agreement": 0.992},
+             {"nprobe": 32, "ten_recall_at_10": 0.745, "vote_agreement": 0.994},
+             {"nprobe": 64, "ten_recall_at_10": 0.75, "vote_agreement": 0.994}]
+    assert b._saturated(tried, ["ten_recall_at_10", "vote_agreement"]) == 32
 
     # forced retrain publishes a new version
     r5 = b.refresh_index(db, cfg, force_retrain=True)

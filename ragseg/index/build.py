@@ -15,13 +15,21 @@ build_index:
      semantics: brute-force inner product), so the exact ground truth costs no extra pass;
   6. merge the shards' inverted lists on disk (faiss.contrib.ondisk.merge_ondisk) into
      ``merged.ivfdata`` + ``populated.index``; write ``labels.parquet``;
-  7. recall@1 / recall@10 of the merged index (at the default nprobe) against the exact top-k. The
-     queries are database vectors; each query's own id is removed from both the exact and the
-     approximate list before comparing (self-matches excluded). recall@1: the top approximate
-     neighbour is the exact nearest; recall@10: |approx top-10 & exact top-10| / 10;
-  8. write ``meta.json`` (last: a version dir is complete when it has meta.json), move the staging
-     dir into place (local: one rename; remote: upload, meta.json last), and only if
-     recall@10 >= ``index.min_recall_at_10`` replace CURRENT atomically, then prune old versions.
+  6b. with ``index.rerank`` (default) every shard task also returns its float16 vectors, written in
+     id order into the re-rank store ``rerank.npy`` of the staging dir (store.py);
+  7. quality (:func:`evaluate_index`, metrics in ragseg.index.quality): the merged index is opened
+     from the staging dir as a reader will open it (re-ranking included). The quality queries are
+     database vectors (self-matches excluded); the even-numbered half tunes nprobe (``index.nprobe:
+     auto``: the smallest power of two up to ``index.max_nprobe`` whose 10-recall@10 and kNN-vote
+     agreement reach ``index.target_recall_at_10`` / ``index.target_vote_agreement``; else the
+     smallest within 0.01 of the best value seen of both, where more probes stop paying), the
+     other half measures 1-recall@1, 1-recall@10, 10-recall@10 and the vote
+     agreement at the chosen nprobe (and, for comparison, without re-ranking);
+  8. the publish gate (:func:`quality_gate`): below ``index.min_recall_at_10`` (10-recall@10) or
+     ``index.min_vote_agreement`` the build stops with one line and CURRENT stays where it was;
+     else write ``meta.json`` (last: a version dir is complete when it has meta.json), move the
+     staging dir into place (local: one rename; remote: upload, meta.json last), replace CURRENT
+     atomically, then prune old versions.
   Anything failing before step 8's publish leaves CURRENT where it was.
 
 refresh_index: adds the shards that the DB manifest lists and the live version's meta lacks (matched
@@ -56,8 +64,9 @@ import ray
 from ragseg import io as rio
 from ragseg.config import JobConfig
 from ragseg.errors import UserError
+from ragseg.index import quality as iq
 from ragseg.index import store as st
-from ragseg.index.params import METRIC, IndexParams, choose_params
+from ragseg.index.params import METRIC, IndexParams, choose_params, fixed_bytes
 from ragseg.schema import arrow_to_embeddings
 
 log = logging.getLogger(__name__)
@@ -65,7 +74,9 @@ log = logging.getLogger(__name__)
 GROWTH_RETRAIN = 4.0
 DRIFT_SAMPLE = 5000
 ERROR_SAMPLE = 10000  # training vectors used to measure the reference coarse error
-RECALL_K = 10
+RECALL_K = iq.RECALL_K
+ID_BYTES = 8  # faiss stores one int64 id per vector in the inverted lists
+SATURATION_TOL = 0.01  # nprobe tuning: a metric within this of its best is "saturated"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +186,11 @@ def _read_rows_task(uri: str, rows: int, local_rows: np.ndarray) -> np.ndarray:
 
 
 @ray.remote(num_cpus=1)
-def _shard_task(trained: bytes | None, uri: str, rows: int, start: int, queries: np.ndarray | None, k: int):
+def _shard_task(trained: bytes | None, uri: str, rows: int, start: int, queries: np.ndarray | None, k: int,
+                want_vectors: bool = False):
     """Read one shard; add it (ids start..start+rows) to a copy of the trained index when given;
-    return (serialised shard index | None, labels dict | None, exact top-k | None)."""
+    return (serialised shard index | None, labels dict | None, exact top-k | None, float16 vectors
+    for the re-rank store | None)."""
     import faiss
 
     x = _read_embeddings(uri, rows)
@@ -193,7 +206,7 @@ def _shard_task(trained: bytes | None, uri: str, rows: int, start: int, queries:
             "image_id": tab.column("image_id").to_pylist(),
             "segment_id": tab.column("segment_id").to_numpy(zero_copy_only=False).astype(np.int64),
         }
-    return blob, labels, _exact_topk(x, start, queries, k)
+    return blob, labels, _exact_topk(x, start, queries, k), (x.astype(np.float16) if want_vectors else None)
 
 
 def _ray_get(refs):
@@ -260,24 +273,153 @@ def _train(params: IndexParams, dim: int, x: np.ndarray, use_gpu: bool):
     return index, gpu
 
 
-def _recall(found: np.ndarray, exact: np.ndarray, qids: np.ndarray, k: int = RECALL_K) -> dict:
-    r1, rk = [], []
-    for f, e, q in zip(found, exact, qids):
-        f = [int(i) for i in f if i >= 0 and i != q][:k]
-        e = [int(i) for i in e if i >= 0 and i != q][:k]
-        if not e:
-            continue
-        r1.append(float(bool(f) and f[0] == e[0]))
-        rk.append(len(set(f) & set(e)) / len(e))
-    return {"at1": float(np.mean(r1)) if r1 else 1.0, "at10": float(np.mean(rk)) if rk else 1.0,
-            "queries": len(rk), "k": k, "exclude_self": True}
-
-
 def _merge_topk(parts: list, k: int):
     sims = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([p[1] for p in parts], axis=1)
     order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality: re-rank store, evaluation, nprobe tuning, publish gate
+# ----------------------------------------------------------------------------------------------
+def exact_k(cfg: JobConfig) -> int:
+    """Exact neighbours computed per quality query: enough for recall@10 and the label job's vote,
+    plus the query itself."""
+    return max(RECALL_K, cfg.label.ensemble.k) + 1
+
+
+def open_rerank_writer(staging: str, cfg: JobConfig, total: int, dim: int):
+    """The re-rank store being written in the staging dir (None when ``index.rerank`` is off)."""
+    if not cfg.index.rerank:
+        return None
+    return st.write_rerank_store(os.path.join(staging, st.RERANK), total, dim)
+
+
+def write_rerank_rows(store, start: int, vectors) -> None:
+    if store is not None and vectors is not None and len(vectors):
+        store[start:start + len(vectors)] = vectors
+
+
+def close_rerank_writer(store) -> dict:
+    """Flush the store; the ``meta["rerank"]`` entry (k 0 = no re-ranking)."""
+    if store is None:
+        return {"k": 0}
+    store.flush()
+    return {"k": 0, "file": st.RERANK, "dtype": "float16"}
+
+
+class _LabelsById:
+    """Labels by database id without a Python string per row: dictionary codes + names."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        enc = column.cast(pa.string()).fill_null("").dictionary_encode().combine_chunks()
+        self.codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.names = np.asarray(enc.dictionary.to_pylist(), dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, ids):
+        return self.names[self.codes[ids]]
+
+
+def _split_queries(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the tuning half (even) and the evaluation half (odd) of ``n`` queries."""
+    pos = np.arange(n)
+    if n < 2:
+        return pos, pos
+    return pos[0::2], pos[1::2]
+
+
+def evaluate_index(staging: str, meta: dict, queries: np.ndarray, qids: np.ndarray, exact: tuple,
+                   labels, cfg: JobConfig) -> tuple[dict, int, dict]:
+    """Tune nprobe on one half of the quality queries and measure the other half (module doc, step
+    7). ``exact`` = (sims, ids) exact top-k of every query (self included), ``labels[ids]`` the
+    labels. Returns (quality dict, chosen nprobe, tuning record)."""
+    icfg, ens = cfg.index, cfg.label.ensemble
+    vote_k, temp = ens.k, ens.retrieval_temperature
+    kk = max(RECALL_K, vote_k) + 1
+    vocab = iq.label_vocab(getattr(labels, "names", labels))
+    reader = st.Index.from_dir(staging, meta, use_gpu=icfg.use_gpu)
+    rerank_k = reader.rerank_k
+    nlist = int(meta.get("nlist", 0))
+    tune, ev = _split_queries(len(qids))
+    e_sims, e_ids = exact
+
+    def measure(pos: np.ndarray) -> dict:
+        found = reader.search_ids(queries[pos], kk)
+        return iq.evaluate(found, (e_sims[pos], e_ids[pos]), qids[pos], labels, vote_k, temp, vocab)
+
+    target = {"ten_recall_at_10": icfg.target_recall_at_10, "vote_agreement": icfg.target_vote_agreement}
+    tried = []
+    met = None
+    if icfg.nprobe == "auto":
+        limit = max(1, min(icfg.max_nprobe, nlist or 1))
+        cands = sorted({min(2 ** i, limit) for i in range(0, 32) if 2 ** i <= 2 * limit})
+        for p in cands:
+            reader.nprobe = p
+            m = measure(tune)
+            tried.append({"nprobe": reader.nprobe, **{k: m[k] for k in ("ten_recall_at_10", "vote_agreement")}})
+            if all(m[k] >= v for k, v in target.items()):
+                met = reader.nprobe
+                break
+        nprobe = met if met is not None else _saturated(tried, list(target))
+    else:
+        nprobe = int(icfg.nprobe)
+    reader.nprobe = nprobe
+    quality = measure(ev)
+    if rerank_k:
+        reader.rerank_k = 0
+        plain = measure(ev)
+        quality["without_rerank"] = {k: plain[k] for k in
+                                     ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement")}
+    quality.update({"at1": quality["one_recall_at_1"], "at10": quality["ten_recall_at_10"],  # format-1 keys
+                    "nprobe": nprobe, "rerank_k": rerank_k, "tuning_queries": int(len(tune))})
+    tuning = {"mode": "auto" if icfg.nprobe == "auto" else "fixed", "target": target, "tried": tried,
+              "met": met is not None if icfg.nprobe == "auto" else None, "chosen": nprobe,
+              "queries": int(len(tune))}
+    return quality, nprobe, tuning
+
+
+def _saturated(tried: list[dict], keys: list[str], tol: float = SATURATION_TOL) -> int:
+    """When no nprobe reached the targets: the smallest one within ``tol`` of the best value seen of
+    every metric (more probes past that point cost time and gain nothing measurable)."""
+    best = {k: max(t[k] for t in tried) for k in keys}
+    for t in tried:
+        if all(t[k] >= best[k] - tol for k in keys):
+            return int(t["nprobe"])
+    return int(tried[-1]["nprobe"])
+
+
+def quality_gate(quality: dict, cfg: JobConfig, factory: str, live: str | None) -> None:
+    """Refuse to publish (one-line UserError, CURRENT untouched) below either minimum."""
+    icfg = cfg.index
+    fails = []
+    if quality["ten_recall_at_10"] < icfg.min_recall_at_10:
+        fails.append(f"10-recall@10 {quality['ten_recall_at_10']:.3f} < index.min_recall_at_10 = "
+                     f"{icfg.min_recall_at_10}")
+    if quality["vote_agreement"] < icfg.min_vote_agreement:
+        fails.append(f"kNN-vote agreement {quality['vote_agreement']:.3f} < index.min_vote_agreement = "
+                     f"{icfg.min_vote_agreement}")
+    if fails:
+        raise UserError(
+            f"new index not published, CURRENT stays at {live}: {'; '.join(fails)} (factory {factory}, "
+            f"nprobe {quality['nprobe']}, re-rank k' {quality['rerank_k']}); raise index.max_nprobe, "
+            "index.rerank_k or index.budget_bytes_per_vector")
+
+
+def size_report(staging: str, params: IndexParams, dim: int, total: int) -> dict:
+    """Bytes of the version's files and per vector: the index proper (quantizer, codes, ids: what a
+    reader keeps in memory or mmapped) and, separately, the on-disk re-rank store."""
+    sizes = {name: os.path.getsize(os.path.join(staging, name))
+             for name in (st.POPULATED, st.IVFDATA, st.RERANK) if os.path.exists(os.path.join(staging, name))}
+    index_bytes = sizes.get(st.POPULATED, 0) + sizes.get(st.IVFDATA, 0)
+    per_vector = index_bytes / total
+    return {**sizes, "per_vector": per_vector, "ids_per_vector": ID_BYTES,
+            "per_vector_excl_ids": per_vector - ID_BYTES, "code_bytes": params.code_bytes,
+            "fixed": fixed_bytes(params.nlist, dim, params.opq) if params.m else None,
+            "rerank_store_per_vector": sizes.get(st.RERANK, 0) / total}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,13 +633,17 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         with open(os.path.join(staging, st.TRAINED), "rb") as f:
             trained_ref = ray.put(f.read())
         q_ref = ray.put(queries)
-        kk = RECALL_K + 1
-        refs = [_shard_task.remote(trained_ref if s.name in add_names else None, s.uri, s.rows, start, q_ref, kk)
+        kk = exact_k(cfg)
+        refs = [_shard_task.remote(trained_ref if s.name in add_names else None, s.uri, s.rows, start, q_ref, kk,
+                                   icfg.rerank)
                 for s, start in layout]
         os.makedirs(os.path.join(staging, st.SHARDS_DIR), exist_ok=True)
         exact_parts, new_labels = [], []
+        rerank_store = open_rerank_writer(staging, cfg, total, db.dim)
         for (s, start), ref in zip(layout, refs):
-            blob, labels, exact = _ray_get(ref)
+            blob, labels, exact, vectors = _ray_get(ref)
+            write_rerank_rows(rerank_store, start, vectors)
+            del vectors
             if blob is not None:
                 with open(os.path.join(staging, st.SHARDS_DIR, f"{s.name}.index"), "wb") as f:
                     f.write(blob)
@@ -512,6 +658,8 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
             exact_parts.append(exact)
             del blob
         del trained_ref
+        rerank_meta = close_rerank_writer(rerank_store)
+        del rerank_store
         _checkpoint("shards")
 
         # labels: old (incremental) + new, ordered by id
@@ -526,7 +674,8 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         if not np.array_equal(labels_tab.column("id").to_numpy(), np.arange(total)):
             raise RuntimeError("internal error: label ids are not 0..N-1")
         pq.write_table(labels_tab, os.path.join(staging, st.LABELS), compression="zstd")
-        vocab = len(set(labels_tab.column("label").to_pylist()) - {""})
+        labels_by_id = _LabelsById(labels_tab.column("label"))
+        vocab = len(set(labels_by_id.names.tolist()) - {""})
         del labels_tab, tables
 
         # merge the shards' inverted lists on disk
@@ -540,18 +689,14 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         del merged
         _checkpoint("merged")
 
-        # recall of the merged index (as a reader will open it) vs exact
-        reader = st.read_faiss_index(os.path.join(staging, st.POPULATED))
-        if reader.ntotal != total:
-            raise RuntimeError(f"internal error: merged index holds {reader.ntotal} != {total}")
-        nprobe = st.set_nprobe(reader, icfg.nprobe, params.nlist)
-        _, found = reader.search(queries, kk)
-        del reader
-        _, exact_ids = _merge_topk(exact_parts, kk)
-        recall = _recall(found, exact_ids, qids)
-        recall["nprobe"] = nprobe
-
-        sizes = {name: os.path.getsize(os.path.join(staging, name)) for name in (st.POPULATED, st.IVFDATA)}
+        # quality of the merged index as a reader will search it; nprobe tuned to the targets
+        if rerank_meta.get("file"):
+            rerank_meta["k"] = icfg.rerank_k
+        base = {"count": total, "dim": db.dim, "nlist": params.nlist, "rerank": rerank_meta}
+        recall, nprobe, tuning = evaluate_index(staging, base, queries, qids, _merge_topk(exact_parts, kk),
+                                                labels_by_id, cfg)
+        del labels_by_id
+        sizes = size_report(staging, params, db.dim, total)
         shards_meta = [{"name": s.name, "rows": s.rows, "start_id": start, "input_key": s.input_key}
                        for s, start in layout]
         meta = {
@@ -564,14 +709,10 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
             "db_config_hash": db.config_hash, "shards": shards_meta, "labels_count": vocab,
             "recall": recall, "mode": "refresh" if refresh else "build", "retrain_reason": retrain_reason,
             "drift": drift, "added_shards": [s.name for s in (new_shards if incremental else db.shards)],
-            "bytes": {**sizes, "per_vector": (sizes[st.POPULATED] + sizes[st.IVFDATA]) / total},
+            "bytes": sizes, "rerank": rerank_meta, "nprobe_tuning": tuning,
             "previous_version": live,
         }
-        if recall["at10"] < icfg.min_recall_at_10:
-            raise UserError(
-                f"recall@10 of the new index is {recall['at10']:.3f} < index.min_recall_at_10 = "
-                f"{icfg.min_recall_at_10} (factory {params.factory}, nprobe {nprobe}); not published, "
-                f"CURRENT stays at {live}. Raise index.nprobe or index.budget_bytes_per_vector.")
+        quality_gate(recall, cfg, params.factory, live)
         _checkpoint("before_finalize")
         meta["created"] = time.time()
         meta["build_seconds"] = round(meta["created"] - t0, 3)
@@ -587,7 +728,8 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         "factory": params.factory, "nlist": params.nlist, "m": params.m, "nprobe": nprobe,
         "recall": recall, "mode": meta["mode"], "retrain_reason": retrain_reason, "drift": drift,
         "added_shards": meta["added_shards"], "pruned": deleted, "build_seconds": meta["build_seconds"],
-        "bytes_per_vector": meta["bytes"]["per_vector"],
+        "bytes_per_vector": meta["bytes"]["per_vector"], "rerank_k": rerank_meta["k"],
+        "nprobe_tuning": tuning,
     }
 
 

@@ -3,12 +3,14 @@
 The rule (every step is documented in :func:`choose_params`):
 
 * Metric: inner product on L2-normalised embeddings (cosine similarity).
-* Coarse quantizer: ``nlist = round(nlist_per_sqrt_n * sqrt(N))`` clamped to
+* Coarse quantizer: ``nlist = round(nlist_per_sqrt_n * sqrt(N))`` (default 4: nprobe is tuned at
+  build time, so a coarser IVF only costs a few more probes and keeps the centroids small) clamped to
   ``[1, N // train_per_list]`` so that every list gets at least ``train_per_list`` training points
   (faiss k-means wants >= 39 points per centroid). Tiny sets therefore get a small IVF; below
   ``train_per_list`` vectors this is ``IVF1`` (exact search), so the store layout (trained index,
   shard indexes, on-disk merged lists) is the same for every N.
-* Codes (B = budget_bytes_per_vector; it counts code bytes only, faiss adds 8 bytes of id per vector):
+* Codes (B = budget_bytes_per_vector; it counts what the index holds per vector except the 8 bytes
+  of id faiss adds: the code bytes plus the fixed parts amortised over N, see below):
   - ``Flat`` (exact float32) if ``4 * dim <= B``, or if there are too few vectors to train a PQ
     (``N < PQ_MIN_TRAIN`` = 39 x 256, faiss's minimum for 8-bit sub-quantizers; such a DB is small
     enough that memory does not matter);
@@ -16,13 +18,23 @@ The rule (every step is documented in :func:`choose_params`):
     dimension, PQ would have one dimension per sub-quantizer, i.e. a (non-uniform) 8-bit scalar
     quantizer of the same size whose training costs ~0.5 s per dimension in faiss; SQ8 is the same
     size, trains in milliseconds and keeps recall high;
-  - else ``PQm`` with 8 bits per sub-quantizer, ``m`` = the largest divisor of ``dim`` that is <= B
-    (budget 64 -> PQ64 for dim 768). Polysemous training is switched off (we do not use it).
-* OPQ (``opq="auto"``): a learned rotation ``OPQm_d`` (d = dim, no dimension reduction) is put in
-  front when each sub-quantizer covers at least ``OPQ_MIN_DIMS_PER_SUBQ`` = 4 dimensions
-  (``dim / m >= 4``): then the rotation balances variance across sub-vectors, which is where OPQ
-  pays; with 1-3 dims per sub-quantizer PQ is almost a scalar quantizer and OPQ only costs training
-  time. ``"on"`` / ``"off"`` force it (ignored for Flat codes).
+  - else ``PQm`` with 8 bits per sub-quantizer. The fixed parts, ``F = 4 * (nlist * dim + dim * dim
+    [OPQ] + 256 * dim)`` bytes (coarse centroids, OPQ rotation, PQ codebooks), are charged to the
+    budget per vector, at most a quarter of it: the code budget is ``b = B - min(F / N, B / 4)``
+    (above B / 4 the DB is small, its whole index a few MB, and the codes keep 3/4 of B). Without
+    OPQ ``m`` = the largest divisor of ``dim`` that is <= b; with OPQ ``m = floor(b)`` and the
+    rotation maps to ``m * floor(dim / m)`` dimensions (``OPQm_dout``, no reduction when m divides
+    dim), so the whole code budget is used. Polysemous training is switched off (unused). B = 64,
+    dim 768, nlist 4 sqrt(N), re-rank on (no OPQ): N = 1M -> F/N = 13.1, ``IVF4000,PQ48``, 61.1
+    bytes/vector besides ids; N = 30M -> F/N = 2.3, ``IVF21909,PQ48``, 50.3. Re-rank off (OPQ):
+    1M -> ``OPQ48_768,IVF4000,PQ48`` (63.5); 30M -> ``OPQ61_732,IVF21909,PQ61`` (63.3).
+* OPQ (``opq="auto"``): a learned rotation is put in front when the codes rank the final results
+  (``index.rerank`` off) and each sub-quantizer covers at least ``OPQ_MIN_DIMS_PER_SUBQ`` = 4
+  dimensions (``dim / m >= 4``): then the rotation balances variance across sub-vectors, which is
+  where OPQ pays; with 1-3 dims per sub-quantizer PQ is almost a scalar quantizer. With the re-rank
+  store (the default) the codes only pick the shortlist and the exact vectors order it: measured
+  (README, Benchmarks) OPQ then gains nothing while its training is the most expensive step of a
+  768-d CPU build, so auto leaves it off. ``"on"`` / ``"off"`` force it (ignored for Flat / SQ).
 * Training sample: ``train_per_list * nlist`` vectors, at least ``PQ_MIN_TRAIN`` when PQ is used, at
   most N.
 * ``cfg.factory`` (explicit faiss factory string) overrides the rule; nlist / m are then parsed from
@@ -71,6 +83,17 @@ def nlist_for(n: int, cfg: IndexConfig) -> int:
     return max(1, min(target, n // cfg.train_per_list))
 
 
+def fixed_bytes(nlist: int, dim: int, opq: bool, ksub: int = 1 << PQ_BITS) -> int:
+    """Bytes of the parts of an IVF-PQ index that do not grow with N: coarse centroids (float32),
+    the OPQ rotation (float32, dim x dim at most) and the PQ codebooks (ksub x dim float32)."""
+    return 4 * (nlist * dim + (dim * dim if opq else 0) + ksub * dim)
+
+
+def code_budget(n: int, nlist: int, dim: int, budget: int, opq: bool) -> float:
+    """Code bytes per vector left after charging the amortised fixed parts (at most budget / 4)."""
+    return budget - min(fixed_bytes(nlist, dim, opq) / max(n, 1), budget / 4)
+
+
 def choose_params(n: int, dim: int, cfg: IndexConfig) -> IndexParams:
     """Parameters for ``n`` vectors of dimension ``dim`` under ``cfg`` (see the module docstring)."""
     if n < 1:
@@ -88,17 +111,17 @@ def choose_params(n: int, dim: int, cfg: IndexConfig) -> IndexParams:
         return IndexParams(f"IVF{nlist},SQfp16", nlist, 0, False, train, 2 * dim)
     if dim <= budget:
         return IndexParams(f"IVF{nlist},SQ8", nlist, 0, False, train, dim)
-    m = _largest_divisor_at_most(dim, budget)
-    if cfg.opq == "on":
-        opq = True
-    elif cfg.opq == "off":
-        opq = False
-    else:
-        opq = dim / m >= OPQ_MIN_DIMS_PER_SUBQ
-    prefix = f"OPQ{m}_{dim}," if opq else ""
     train = min(n, max(cfg.train_per_list * nlist, PQ_MIN_TRAIN))
+    # OPQ candidate first (its rotation is a fixed part too); keep it only where it pays
+    if cfg.opq == "on" or (cfg.opq == "auto" and not cfg.rerank):
+        m = max(1, min(dim, int(math.floor(code_budget(n, nlist, dim, budget, True)))))
+        if cfg.opq == "on" or dim / m >= OPQ_MIN_DIMS_PER_SUBQ:
+            d_out = m * (dim // m)
+            return IndexParams(factory=f"OPQ{m}_{d_out},IVF{nlist},PQ{m}", nlist=nlist, m=m, opq=True,
+                               train_size=train, code_bytes=m)
+    m = _largest_divisor_at_most(dim, int(math.floor(code_budget(n, nlist, dim, budget, False))))
     return IndexParams(
-        factory=f"{prefix}IVF{nlist},PQ{m}", nlist=nlist, m=m, opq=opq, train_size=train, code_bytes=m,
+        factory=f"IVF{nlist},PQ{m}", nlist=nlist, m=m, opq=False, train_size=train, code_bytes=m,
     )
 
 

@@ -7,7 +7,18 @@ Layout of a version (all paths relative to the version dir)::
     populated.index    the trained index whose inverted lists are OnDiskInvertedLists ...
     merged.ivfdata     ... stored here (merged with faiss.contrib.ondisk.merge_ondisk)
     labels.parquet     faiss id -> label, image_id, segment_id, shard (row i has id i)
-    meta.json          factory, metric, dim, count, parameters, recall, shards, provenance
+    rerank.npy         optional re-rank store: the exact database vectors, row i = id i, as a
+                       NumPy ``.npy`` file (format 1.0, dtype ``<f2`` = float16, C order, shape
+                       (count, dim)); absent when ``index.rerank`` is off or in versions built before it
+    meta.json          factory, metric, dim, count, parameters, nprobe, re-rank settings, quality
+                       metrics (``recall``), nprobe tuning, shards, provenance
+
+Search (:meth:`Index.search`): with a re-rank store (``meta["rerank"]["k"] > 0``) the IVF-PQ index
+returns a shortlist of ``k' = max(rerank k, k)`` candidates, whose exact float16 vectors are read
+from the memory-mapped ``rerank.npy`` and scored exactly (inner product in float32); the top ``k``
+of those are returned with their exact similarities (:func:`rerank`). Without it the index's own
+(approximate) similarities are returned. The store is on disk and paged in on demand: the
+in-memory part of the index stays the PQ codes and the coarse quantizer.
 
 Publishing: a version is built in a staging dir, moved (local) or uploaded (remote) to
 ``v000N/`` and only then, after its recall check passed, ``CURRENT`` is replaced atomically
@@ -56,9 +67,11 @@ LABELS = "labels.parquet"
 POPULATED = "populated.index"
 IVFDATA = "merged.ivfdata"
 TRAINED = "trained.index"
+RERANK = "rerank.npy"
 SHARDS_DIR = "shards"
 STAGING = "_staging"
-READ_FILES = (META, LABELS, POPULATED, IVFDATA)  # what a reader needs
+READ_FILES = (META, LABELS, POPULATED, IVFDATA, RERANK)  # what a reader needs
+OPTIONAL_FILES = (IVFDATA, RERANK)  # IVFDATA: absent for flat codes; RERANK: optional
 
 
 def version_name(i: int) -> str:
@@ -183,7 +196,7 @@ def local_version_dir(uri: str, version: str) -> str:
     dest = os.path.join(cache_root(), "index", key, version)
     if not rio.cached_dir_complete(dest):
         got = rio.download_dir(rio.join(uri, version), READ_FILES, dest)
-        missing = [n for n in READ_FILES if n not in got and n != IVFDATA]  # IVFDATA: absent for flat codes
+        missing = [n for n in READ_FILES if n not in got and n not in OPTIONAL_FILES]
         if missing:
             raise UserError(f"index version {rio.join(uri, version)} lacks {missing}")
     return dest
@@ -253,11 +266,67 @@ def set_nprobe(index: Any, nprobe: int, nlist: int) -> int:
     return nprobe
 
 
+RERANK_CHUNK = 256  # queries re-ranked per step (bounds the gathered float32 block to 256 x k' x dim)
+
+
+def write_rerank_store(path: str, count: int, dim: int) -> np.memmap:
+    """Create the re-rank store file (module doc) and return it as a writable memmap."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(int(count), int(dim)))
+
+
+def open_rerank_store(path: str, count: int, dim: int) -> np.ndarray:
+    """Memory-map a re-rank store read-only and check its dtype and shape against the meta."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the re-rank store {path}: {e}") from None
+    if arr.dtype != np.float16 or arr.shape != (int(count), int(dim)):
+        raise UserError(f"re-rank store {path} is {arr.dtype} {arr.shape}, expected float16 ({count}, {dim})")
+    return arr
+
+
+def rerank(queries: np.ndarray, cand: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of ``queries`` (n, d) with their candidate ids ``cand`` (n, k'; -1 =
+    none) over ``vectors`` (N, d, any float dtype, e.g. a float16 memmap) -> the top ``k`` as
+    ``(sims float32 (n, k), ids int64 (n, k))``, ordered by similarity (ties: by candidate order);
+    missing entries are sim -inf, id -1. Rows are read in increasing id order (one pass over the
+    memmap per chunk of queries)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    cand = np.asarray(cand, dtype=np.int64)
+    n, kp = cand.shape
+    k = int(k)
+    out_s = np.full((n, k), -np.inf, np.float32)
+    out_i = np.full((n, k), -1, np.int64)
+    if n == 0 or kp == 0 or k <= 0:
+        return out_s, out_i
+    for lo in range(0, n, RERANK_CHUNK):
+        hi = min(n, lo + RERANK_CHUNK)
+        c = cand[lo:hi]
+        valid = c >= 0
+        uniq, inv = np.unique(np.where(valid, c, 0), return_inverse=True)
+        vecs = np.asarray(vectors[uniq], dtype=np.float32)  # sorted ids: sequential-ish reads
+        sims = np.einsum("nkd,nd->nk", vecs[inv.reshape(c.shape)], q[lo:hi], optimize=True)
+        sims = np.where(valid, sims, -np.inf).astype(np.float32)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        s = np.take_along_axis(sims, order, axis=1)
+        i = np.where(np.isfinite(s), np.take_along_axis(c, order, axis=1), -1)
+        out_s[lo:hi, : s.shape[1]] = s
+        out_i[lo:hi, : i.shape[1]] = i
+    return out_s, out_i
+
+
 class Index:
-    """A read-only handle on one version of an index store."""
+    """A read-only handle on one version of an index store.
+
+    ``nprobe`` (lists probed) and ``rerank_k`` (shortlist size re-ranked with the exact vectors;
+    0 = off) default to the values the build tuned and recorded in ``meta.json``; both can be
+    changed on an open handle. Versions built before the re-rank store existed open with
+    ``rerank_k = 0`` (no ``rerank.npy``, no ``meta["rerank"]``).
+    """
 
     def __init__(self, uri: str, version: str, local_dir: str, index: Any, meta: dict,
-                 labels: np.ndarray, image_ids: np.ndarray, segment_ids: np.ndarray, nprobe: int):
+                 labels: np.ndarray, image_ids: np.ndarray, segment_ids: np.ndarray, nprobe: int,
+                 vectors: np.ndarray | None = None):
         self.uri = uri
         self.version = version
         self.local_dir = local_dir
@@ -267,11 +336,13 @@ class Index:
         self._image_ids = image_ids
         self._segment_ids = segment_ids
         self._nprobe = nprobe
+        self.vectors = vectors  # the re-rank store (memmap) or None
+        self._rerank_k = 0
         self.labels_vocab: set[str] = set(np.unique(labels).tolist()) - {""}
 
     @classmethod
     def open(cls, uri: str, version: str | None = None, nprobe: int | None = None,
-             use_gpu: str = "auto") -> "Index":
+             use_gpu: str = "auto", rerank_k: int | None = None) -> "Index":
         """Open ``version`` (default: the one CURRENT names now) of the store at ``uri``."""
         version = version or current_version(uri)
         if version is None:
@@ -281,6 +352,15 @@ class Index:
         d = local_version_dir(uri, version)
         with open(os.path.join(d, META)) as f:
             meta = json.load(f)
+        return cls.from_dir(d, meta, uri=uri, version=version, nprobe=nprobe, use_gpu=use_gpu, rerank_k=rerank_k)
+
+    @classmethod
+    def from_dir(cls, d: str, meta: dict, uri: str | None = None, version: str | None = None,
+                 nprobe: int | None = None, use_gpu: str = "auto", rerank_k: int | None = None) -> "Index":
+        """Open the version files in the local directory ``d`` described by ``meta`` (the build uses
+        this on its staging dir to measure the index exactly as readers will search it)."""
+        version = version or str(meta.get("version", os.path.basename(d)))
+        uri = uri or os.path.dirname(d)
         for name in (POPULATED, LABELS):
             if not os.path.exists(os.path.join(d, name)):
                 raise UserError(f"index version {version} is missing {name} ({d})")
@@ -297,6 +377,13 @@ class Index:
         labels = np.asarray(tab.column("label").cast("string").to_pylist() + [""], dtype=object)
         image_ids = np.asarray(tab.column("image_id").to_pylist() + [""], dtype=object)
         segment_ids = np.append(tab.column("segment_id").to_numpy().astype(np.int64), -1)
+        rr = meta.get("rerank") or {}
+        vectors = None
+        if int(rr.get("k", 0)) > 0:
+            p = os.path.join(d, str(rr.get("file", RERANK)))
+            if not os.path.exists(p):
+                raise UserError(f"index version {version} is missing its re-rank store {p}")
+            vectors = open_rerank_store(p, meta["count"], meta["dim"])
         if use_gpu_for(use_gpu):
             try:
                 import faiss
@@ -304,8 +391,9 @@ class Index:
                 index = faiss.index_cpu_to_all_gpus(index)
             except Exception as e:  # e.g. a factory the GPU code does not support
                 log.warning("GPU search unavailable for %s (%s); using CPU", meta.get("factory"), e)
-        self = cls(uri, version, d, index, meta, labels, image_ids, segment_ids, 0)
+        self = cls(uri, version, d, index, meta, labels, image_ids, segment_ids, 0, vectors)
         self.nprobe = nprobe if nprobe is not None else int(meta.get("nprobe", 16))
+        self.rerank_k = rerank_k if rerank_k is not None else int(rr.get("k", 0))
         return self
 
     @property
@@ -315,6 +403,18 @@ class Index:
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         self._nprobe = set_nprobe(self.index, value, int(self.meta.get("nlist", 0)))
+
+    @property
+    def rerank_k(self) -> int:
+        """Shortlist size re-ranked with the exact vectors (0: no re-ranking)."""
+        return self._rerank_k
+
+    @rerank_k.setter
+    def rerank_k(self, value: int) -> None:
+        value = max(0, int(value))
+        if value and self.vectors is None:
+            raise UserError(f"index version {self.version} has no re-rank store; rerank_k must be 0")
+        self._rerank_k = value
 
     @property
     def ntotal(self) -> int:
@@ -330,19 +430,27 @@ class Index:
         if q.shape[0] == 0 or k <= 0:
             z = np.zeros((q.shape[0], max(k, 0)))
             return (z.astype(np.float32), z.astype(object), z.astype(object), z.astype(np.int64))
-        sims, ids = self.index.search(q, k)
+        sims, ids = self.search_ids(q, k)
         missing = ids < 0
         ids = np.where(missing, len(self._labels) - 1, ids)  # last slot is the "missing" entry
         sims = np.where(missing, -np.inf, sims).astype(np.float32)
         return sims, self._labels[ids], self._image_ids[ids], self._segment_ids[ids]
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of the ``k`` nearest database vectors; re-ranked when ``rerank_k > 0``."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        return self.index.search(q, int(k))
+        k = int(k)
+        if self._rerank_k <= 0 or self.vectors is None or k <= 0:
+            return self.index.search(q, k)
+        _, cand = self.index.search(q, max(self._rerank_k, k))
+        return rerank(q, cand, self.vectors, k)
 
 
 def index_info(uri: str) -> dict:
-    """Version, counts, parameters, recall and the versions list of a store (reads meta only)."""
+    """Version, counts, parameters, search settings, quality metrics and the versions list of a
+    store (reads meta only). ``quality`` holds 1-recall@1, 1-recall@10, 10-recall@10 and the kNN-vote
+    agreement measured at build (ragseg.index.quality); versions built before those metrics existed
+    show what their meta has (``recall``: at1 / at10)."""
     live = current_version(uri)
     versions = list_versions(uri)
     out: dict[str, Any] = {"uri": uri, "version": live, "versions": versions}
@@ -351,8 +459,22 @@ def index_info(uri: str) -> dict:
         return out
     meta = read_meta(uri, live)
     for key in ("count", "dim", "factory", "metric", "nlist", "m", "opq", "nprobe", "train_size",
-                "recall", "embed_model", "embed_mode", "trained_from", "created", "build_seconds"):
+                "embed_model", "embed_mode", "trained_from", "created", "build_seconds"):
         out[key] = meta.get(key)
+    rr = meta.get("rerank") or {}
+    out["rerank_k"] = int(rr.get("k", 0))
+    rec = dict(meta.get("recall") or {})
+    out["quality"] = {key: rec.get(key) for key in
+                      ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement", "vote_k",
+                       "vote_temperature", "queries", "without_rerank") if key in rec} if "vote_agreement" in rec else {}
+    out["recall"] = rec
+    tuning = meta.get("nprobe_tuning")
+    if tuning:
+        out["nprobe_tuning"] = {key: tuning.get(key) for key in ("target", "met", "chosen")}
+    b = meta.get("bytes") or {}
+    if b:
+        out["bytes_per_vector"] = {key: b.get(key) for key in ("per_vector", "per_vector_excl_ids", "code_bytes",
+                                                               "rerank_store_per_vector") if key in b}
     out["shards"] = len(meta.get("shards", []))
     out["labels"] = meta.get("labels_count")
     return out

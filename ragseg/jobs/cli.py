@@ -137,8 +137,9 @@ def search_cmd(
 
 @app.command("info")
 def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB or label output URI.")]) -> None:
-    """An index store: version, counts, parameters and recall of the live version. A feature DB or a
-    label output: its header, committed totals and pieces (read from the ledger, in bulk)."""
+    """An index store: the live version's counts, parameters, nprobe / re-rank settings, bytes per vector
+    and the quality measured at build (1-recall@1, 1-recall@10, 10-recall@10, kNN-vote agreement). A
+    feature DB or a label output: its header, committed totals and pieces (read from the ledger, in bulk)."""
     from ragseg.index.store import index_info
     from ragseg.io import exists, join
 

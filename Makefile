@@ -24,10 +24,15 @@ demo: setup
 # bench/index.py's defaults (100k and 1M); the default here is the 100k run.
 BENCH_INDEX_ARGS ?= --sizes 100000 --nlist-per-sqrt-n 2 --opq off
 
+# bench/scale.py (the commit path at 30k pieces, local and moto S3; driver CPU; driver RSS labelling
+# 10k and 100k generated images): about 12 minutes on 2 shared CPUs
+BENCH_SCALE_ARGS ?=
+
 bench: setup
 	$(BIN)/python bench/stages.py
 	$(BIN)/python bench/index.py $(BENCH_INDEX_ARGS)
 	$(BIN)/python bench/build_db.py
+	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)
 
 lint: setup
 	$(BIN)/ruff check ragseg tests bench

@@ -14,9 +14,10 @@ Four benchmarks, one JSON object each on stdout, all of them in ``bench/results/
   segments of ``commit.compact_every`` records (written by the real ``Compactor``) plus an uncompacted
   tail of ``compact_every / 2`` commit objects, which the compactor holds as pending; their data files
   do not exist (on local disk an empty placeholder per piece keeps ``features/`` as full as a real
-  run's). Median/p90 over ``--commits`` timed commits per level, the files each commit writes (listed at
-  every level, so that a file growing with N shows) and, apart, one compaction (a flush of
-  ``compact_every`` records: segment, header, bulk delete) amortised per piece.
+  run's). Median/p90 over ``--commits`` timed commits per level (round-robin over the levels, so that
+  the machine's load weighs on all alike), the files each commit writes (listed at every level, so
+  that a file growing with N shows) and, apart, one compaction (a flush of ``compact_every`` records:
+  segment, header, bulk delete) amortised per piece.
 ``scale_resume`` (per store): resume start-up at 10k pieces: ``ledger.load`` + ``pending_rows`` for
   a listing of (10k pieces x piece images) committed image rows plus 1 % new ones.
 ``scale_driver_cpu``: driver CPU seconds per 1M segments: a real Ray Data job (``run_build_db`` through
@@ -252,23 +253,29 @@ def bench_commit(store: str, base: str, a, batches: _Batches, resume_at: int | N
 
     levels, resume = [], None
     load0 = _load()
+    # every level's folder first; then the timed commits round-robin over the levels, so that the
+    # load of this shared machine weighs on all levels alike
+    st = []
     for n in a.levels:
         root = io.join(base, f"commit-{n}")
         t0 = time.perf_counter()
         comp, shape = populate(root, n, a.compact_every, a.piece_images, a.segments, placeholders=True)
-        prep_s = time.perf_counter() - t0
-        writer = WriteDbPiece(root, "gt", MODEL_ID, MODE, DIM)
-        stats = RunStats()
-        ids = functools.partial(_new_ids, n, itertools.count(), a.piece_images)
-        _commit_once(writer, comp, stats, batches.get(0, ids()))  # warm-up (first write on a new folder)
-        write_s, add_s, total_s = [], [], []
-        for c in range(a.commits):
-            w, d = _commit_once(writer, comp, stats, batches.get(c, ids()))
-            write_s.append(w)
-            add_s.append(d)
-            total_s.append(w + d)
+        lv = {"n": n, "root": root, "comp": comp, "shape": shape, "prep_s": time.perf_counter() - t0,
+              "writer": WriteDbPiece(root, "gt", MODEL_ID, MODE, DIM), "stats": RunStats(),
+              "ids": functools.partial(_new_ids, n, itertools.count(), a.piece_images),
+              "write_s": [], "add_s": [], "total_s": []}
+        _commit_once(lv["writer"], comp, lv["stats"], batches.get(0, lv["ids"]()))  # warm-up: first write there
+        st.append(lv)
+    for c in range(a.commits):
+        for lv in st:
+            w, d = _commit_once(lv["writer"], lv["comp"], lv["stats"], batches.get(c, lv["ids"]()))
+            lv["write_s"].append(w)
+            lv["add_s"].append(d)
+            lv["total_s"].append(w + d)
+    for lv in st:
+        n, root, comp = lv["n"], lv["root"], lv["comp"]
         before = _snapshot(root)
-        _commit_once(writer, comp, stats, batches.get(0, ids()))
+        _commit_once(lv["writer"], comp, lv["stats"], batches.get(0, lv["ids"]()))
         one = _diff(before, _snapshot(root))
         header_bytes = len(json.dumps(comp.header, indent=2, sort_keys=True).encode())
 
@@ -288,9 +295,10 @@ def bench_commit(store: str, base: str, a, batches: _Batches, resume_at: int | N
         comp.flush()
         flush_s = time.perf_counter() - t0
         fl = _diff(before, _snapshot(root))
-        med = statistics.median(total_s)
-        levels.append({"pieces": n, **shape, "prep_s": round(prep_s, 2),
-                       "commit_s": _stats(total_s), "write_s": _stats(write_s), "driver_add_s": _stats(add_s),
+        med = statistics.median(lv["total_s"])
+        levels.append({"pieces": n, **lv["shape"], "prep_s": round(lv["prep_s"], 2),
+                       "commit_s": _stats(lv["total_s"]), "write_s": _stats(lv["write_s"]),
+                       "driver_add_s": _stats(lv["add_s"]),
                        "files_written_per_commit": one["written"], "bytes_per_commit": one["bytes_written"],
                        "header_bytes": header_bytes,
                        "flush": {"records": flushed, "seconds": round(flush_s, 4),
@@ -347,12 +355,15 @@ def _dummy_images(d: str, ids: range) -> None:
 class GenDbStage:
     """Ray Data callable: rows -> the generated results WriteDbPiece reads (DbResults)."""
 
-    def __init__(self, hw, segs):
+    def __init__(self, hw, segs, sleep_s: float = 0.0):
         from ragseg.pipelines.generated import DbResults
 
         self.gen = DbResults(dim=DIM, segments_per_image=segs, hw=tuple(hw))
+        self.sleep_s = sleep_s
 
     def __call__(self, batch):
+        if self.sleep_s:
+            time.sleep(self.sleep_s)  # a slower model stage: same work, longer job
         rows = [{"image_id": i, "uri": u} for i, u in zip(batch["image_id"], batch["uri"])]
         return self.gen(rows)
 
@@ -500,7 +511,7 @@ def child_cpu(a) -> dict:
 
             init_ray(cfg.ray)  # Ray's start-up is not part of the job's per-segment cost
         sink: dict = {}
-        factory = functools.partial(GenDbStage, a.cpu_hw, a.segments)
+        factory = functools.partial(GenDbStage, a.cpu_hw, a.segments, a.cpu_stage_sleep)
         inline = DbResults(dim=DIM, segments_per_image=a.segments, hw=tuple(a.cpu_hw))
         load0 = _load()
         c0, w0 = _cpu(), time.perf_counter()
@@ -508,6 +519,7 @@ def child_cpu(a) -> dict:
         job_cpu, job_wall = _cpu() - c0, time.perf_counter() - w0
         return {"images": s["images"], "segments": s["segments"], "pieces": s["shards_written"],
                 "driver_cpu_s_drain": round(sink["drain_cpu_s"], 3), "drain_wall_s": round(sink["drain_wall_s"], 2),
+                "driver_cpu_share_of_one_core": round(sink["drain_cpu_s"] / sink["drain_wall_s"], 4),
                 "driver_cpu_s_drain_by_thread": sink["drain_cpu_s_by_thread"],
                 "driver_cpu_s_job": round(job_cpu, 3), "job_wall_s": round(job_wall, 2),
                 "driver_cpu_s_per_1m_segments": round(sink["drain_cpu_s"] / max(s["segments"], 1) * 1e6, 3),
@@ -630,7 +642,7 @@ def bench_cpu(a, common: list[str]) -> dict:
     limit = LIMITS["driver_cpu_s_per_1m_segments"]
     return {"benchmark": "scale_driver_cpu", "executor": a.executor, "dim": DIM, "mask_hw": list(a.cpu_hw),
             "segments_per_image": a.segments, "piece_images": a.piece_images, "images_per_block": a.images_per_block,
-            "runs": runs, "driver_cpu_s_per_1m_segments": per_1m, "marginal_driver_cpu_s_per_1m_segments": marginal,
+            "stage_sleep_s_per_block": a.cpu_stage_sleep, "runs": runs, "driver_cpu_s_per_1m_segments": per_1m, "marginal_driver_cpu_s_per_1m_segments": marginal,
             "limit": limit,
             # inline (--quick): the piece writers run in the driver, so the figure is no driver figure
             "ok": bool(per_1m <= limit) if a.executor == "ray" else None,
@@ -681,6 +693,8 @@ def main() -> None:
     ap.add_argument("--cpu-images", type=_ints, default=[2000, 8000], help="one driver per size")
     ap.add_argument("--images-per-block", type=int, default=None, help="default: RayConfig().images_per_block")
     ap.add_argument("--cpu-hw", type=_ints, default=[120, 160])
+    ap.add_argument("--cpu-stage-sleep", type=float, default=0.0,
+                    help="seconds the generated stage sleeps per block (does the driver's CPU follow the wall time?)")
     ap.add_argument("--label-images", type=_ints, default=[10000, 100000])
     ap.add_argument("--label-hw", type=_ints, default=[24, 32])
     ap.add_argument("--label-segments", type=int, default=2)
@@ -708,7 +722,7 @@ def main() -> None:
         return
 
     common = ["--piece-images", str(a.piece_images), "--segments", str(a.segments), "--executor", a.executor,
-              "--images-per-block", str(a.images_per_block), "--cpu-hw", ",".join(map(str, a.cpu_hw)),
+              "--images-per-block", str(a.images_per_block), "--cpu-stage-sleep", str(a.cpu_stage_sleep), "--cpu-hw", ",".join(map(str, a.cpu_hw)),
               "--label-hw", ",".join(map(str, a.label_hw)), "--label-segments", str(a.label_segments),
               "--compact-every", str(a.compact_every)]
     sections = set(a.sections.split(","))

@@ -36,10 +36,15 @@ demo: setup
 # `make bench BENCH_INDEX_ARGS="--n 1000000 --settings medium:1000:1.0"`.
 BENCH_INDEX_ARGS ?= --n 100000
 
+# bench/scale.py (the commit path at 30k pieces, local and moto S3; driver CPU; driver RSS labelling
+# 10k and 100k generated images): about 12 minutes on 2 shared CPUs
+BENCH_SCALE_ARGS ?=
+
 bench: setup
 	$(BIN)/python bench/stages.py
 	$(BIN)/python bench/index.py $(BENCH_INDEX_ARGS)
 	$(BIN)/python bench/build_db.py
+	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)
 
 lint: setup
 	$(BIN)/ruff check ragseg tests bench

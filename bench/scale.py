@@ -328,7 +328,12 @@ def bench_resume(store: str, root: str, n: int, per_piece: int, make_row) -> dic
 
     ids = [i for p in range(n) for i in _image_ids(p, per_piece)]
     ids += [f"fresh-{j:07d}" for j in range(len(ids) // 100)]
-    rows = [make_row(i, f"s3://bucket/imgs/{i}.jpg", "folder", file_name=f"{i}.jpg") for i in ids]
+    import pyarrow as pa
+
+    from ragseg.sources import row_schema
+
+    rows = pa.Table.from_pylist([make_row(i, f"s3://bucket/imgs/{i}.jpg", "folder", file_name=f"{i}.jpg")
+                                 for i in ids], schema=row_schema())
     load0 = _load()
     t0 = time.perf_counter()
     led = dblib.open_db(root)
@@ -338,7 +343,7 @@ def bench_resume(store: str, root: str, n: int, per_piece: int, make_row) -> dic
     total = t2 - t0
     return {"benchmark": "scale_resume", "store": store, "pieces": led.records.num_rows,
             "segments": len(led.header["segments"]), "uncompacted": len(led.uncompacted),
-            "listed_rows": len(rows), "pending": len(pending), "load_s": round(t1 - t0, 3),
+            "listed_rows": rows.num_rows, "pending": pending.num_rows, "load_s": round(t1 - t0, 3),
             "pending_rows_s": round(t2 - t1, 3), "total_s": round(total, 3), "limit_s": LIMITS["resume_s"],
             "ok": bool(total <= LIMITS["resume_s"]), "loadavg": load0}
 
@@ -388,13 +393,11 @@ class GenLabelStage:
 
 
 def _graph(stage_factory, cfg, pending):
-    import ray
-
-    from ragseg.pipelines.common import add_stage
+    from ragseg.pipelines.common import add_stage, dataset_of
 
     per_block = cfg.ray.images_per_block
-    ds = ray.data.from_items(pending, override_num_blocks=max(1, -(-len(pending) // per_block)))
-    return add_stage(ds, stage_factory, "generate", cfg, actor=False, batch_size=per_block)
+    return add_stage(dataset_of(pending, per_block), stage_factory, "generate", cfg, actor=False,
+                     batch_size=per_block)
 
 
 def _executor(kind: str, stage_factory, inline_results):

@@ -25,6 +25,7 @@ from ragseg.pipelines.common import (
     Executor,
     RunStats,
     add_stage,
+    dataset_of,
     drain_records,
     empty_record_batch,
     pending_rows,
@@ -126,24 +127,21 @@ class WriteDbPiece:
         return record_batch(rec)
 
 
-def _source_rows(cfg: JobConfig, source_errors: list[dict]) -> list[dict]:
-    from ragseg.sources import list_rows
+def _source_rows(cfg: JobConfig, source_errors: list[dict]):
+    from ragseg.sources import list_table
 
     if cfg.source is None:
         raise UserError("build-db needs a `source:` section in the config (kind, uri, split)")
-    return list_rows(cfg.source, errors=source_errors)
+    return list_table(cfg.source, errors=source_errors)
 
 
-def build_graph(cfg: JobConfig, rows: list[dict]):
-    """The Ray Data graph over the pending image rows (each carrying its ``shard`` name)."""
-    import ray
-
+def build_graph(cfg: JobConfig, rows):
+    """The Ray Data graph over the pending image rows (an Arrow table)."""
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
     from ragseg.stages.embed import Embed
 
-    n_blocks = max(1, min(len(rows), -(-len(rows) // cfg.ray.images_per_block)))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     per_block = cfg.ray.images_per_block
+    ds = dataset_of(rows, per_block)
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
     model = functools.partial(add_stage, cfg=cfg, actor=True, gpu=True,
                               model_stages=1 if cfg.build_db.masks == "gt" else 3)
@@ -178,16 +176,16 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
         run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
-                    "config_hash": cfg.hash(), "listed": len(rows), "pending": len(pending),
+                    "config_hash": cfg.hash(), "listed": rows.num_rows, "pending": pending.num_rows,
                     "source_errors": len(source_errors)}
         stats.errors += write_source_errors(out, source_errors)
         del rows
 
-        if pending:
+        if pending.num_rows:
             execute = execute or ray_executor(functools.partial(build_graph, cfg))
             writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim)
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
-            drain_records(records, comp, stats, len(pending), "build-db", cfg.ray.progress)
+            drain_records(records, comp, stats, pending.num_rows, "build-db", cfg.ray.progress)
 
         header["runs"].append({**run_info, "summary": stats.summary()})
         ledger.write_header(out, header)

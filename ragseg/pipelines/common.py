@@ -110,16 +110,25 @@ def select_columns(batch: dict[str, np.ndarray], keep: frozenset[str]) -> dict[s
 # ----------------------------------------------------------------------------------------------
 # Pending work, pieces and the driver loop
 # ----------------------------------------------------------------------------------------------
-def pending_rows(rows: list[dict], ledger) -> list[dict]:
-    """The listed rows whose image no committed piece covers (vectorised: no per-id Python set)."""
-    if ledger is None or ledger.records.num_rows == 0 or not rows:
-        return list(rows)
-    import pyarrow as pa
+def pending_rows(rows, ledger):
+    """The listed rows (an Arrow table, ragseg.sources.row_schema) whose image no committed piece
+    covers: one vectorised ``is_in`` against the ledger's image ids, no per-id Python object."""
     import pyarrow.compute as pc
 
-    ids = pa.array([str(r["image_id"]) for r in rows], pa.string())
-    done = pc.is_in(ids, value_set=ledger.covered_image_ids()).to_numpy(zero_copy_only=False)
-    return [rows[i] for i in np.flatnonzero(~done)]
+    if ledger is None or ledger.records.num_rows == 0 or rows.num_rows == 0:
+        return rows
+    done = pc.is_in(rows.column("image_id"), value_set=ledger.covered_image_ids())
+    return rows.filter(pc.invert(done))
+
+
+def dataset_of(rows, per_block: int):
+    """A Ray Dataset over an Arrow table of image rows, ``per_block`` rows a block (so that the first
+    stage spreads over the cluster), with the ``error`` column every stage expects."""
+    import pyarrow as pa
+    import ray
+
+    rows = rows.append_column("error", pa.array([""] * rows.num_rows, pa.string()))
+    return ray.data.from_arrow([rows.slice(i, per_block) for i in range(0, max(rows.num_rows, 1), per_block)])
 
 
 def stage_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
@@ -143,16 +152,16 @@ def empty_record_batch() -> dict[str, np.ndarray]:
     return {k: np.empty(0, dtype=object) for k in RECORD_FIELDS}
 
 
-# An executor runs the pending rows through a job's stages and its piece writer and yields the commit
-# records: ``execute(cfg, pending_rows, writer_factory, images_per_piece) -> Iterator[record]``.
-Executor = Callable[[JobConfig, list[dict], Callable[[], Callable], int], Iterator[dict]]
+# An executor runs the pending rows (an Arrow table) through a job's stages and its piece writer and
+# yields the commit records: ``execute(cfg, pending, writer_factory, images_per_piece) -> Iterator[record]``.
+Executor = Callable[[JobConfig, Any, Callable[[], Callable], int], Iterator[dict]]
 
 
-def ray_executor(graph: Callable[[list[dict]], Any]) -> Executor:
+def ray_executor(graph: Callable[[Any], Any]) -> Executor:
     """The production executor: the Ray Data graph ``graph(pending)`` (decode, models, ...) then the
     piece writer as a CPU task stage; only its one-row commit records stream back to the driver."""
 
-    def execute(cfg: JobConfig, pending: list[dict], writer: Callable[[], Callable], per_piece: int):
+    def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
         from ragseg.runtime import init_ray
 
         init_ray(cfg.ray)
@@ -167,10 +176,10 @@ def inline_executor(results: Callable[[list[dict]], dict[str, np.ndarray]]) -> E
     columns the writer reads), the writer writes and commits it. For the commit-path harness of the
     tests and benchmarks (no models)."""
 
-    def execute(cfg: JobConfig, pending: list[dict], writer: Callable[[], Callable], per_piece: int):
+    def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
         w = writer()
-        for i in range(0, len(pending), per_piece):
-            rec = w(results(pending[i : i + per_piece]))
+        for i in range(0, pending.num_rows, per_piece):
+            rec = w(results(pending.slice(i, per_piece).to_pylist()))
             yield {k: v[0] for k, v in rec.items()}
 
     return execute

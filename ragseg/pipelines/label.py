@@ -24,6 +24,7 @@ from ragseg.pipelines.common import (
     Executor,
     RunStats,
     add_stage,
+    dataset_of,
     drain_records,
     empty_record_batch,
     pending_rows,
@@ -112,8 +113,7 @@ def _check_index(cfg: JobConfig, index_uri: str) -> dict:
     return meta
 
 
-def build_graph(cfg: JobConfig, rows: list[dict], vocab):
-    import ray
+def build_graph(cfg: JobConfig, rows, vocab):
 
     from ragseg.stages.classify import Classify
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
@@ -126,8 +126,7 @@ def build_graph(cfg: JobConfig, rows: list[dict], vocab):
         cfg = label_config(cfg)
     lc = cfg.label
     per_block = cfg.ray.images_per_block
-    n_blocks = max(1, min(len(rows), -(-len(rows) // per_block)))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    ds = dataset_of(rows, per_block)
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
     n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3, "fcclip": 2}[lc.proposals]  # actor stages in this graph
     model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
@@ -251,7 +250,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
     commit path, which then need no index)."""
     if execute is None:
         preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
-    from ragseg.sources import list_rows
+    from ragseg.sources import list_table
     from ragseg.vocab import load_vocab
 
     lc = cfg.label
@@ -280,17 +279,17 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
                                       vocab=vocab.categories()), check)
 
         source_errors: list[dict] = []
-        rows = list_rows(lc.images, errors=source_errors)
-        n_listed = len(rows)
+        rows = list_table(lc.images, errors=source_errors)
+        n_listed = rows.num_rows
         pending = pending_rows(rows, led)
         del rows
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         stats.errors += write_source_errors(out, source_errors)
 
-        if pending:
+        if pending.num_rows:
             execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab))
             records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
-            drain_records(records, comp, stats, len(pending), "label", cfg.ray.progress)
+            drain_records(records, comp, stats, pending.num_rows, "label", cfg.ray.progress)
 
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
                                                   lc.panoptic_json_max_images, changed=stats.shards_written > 0)

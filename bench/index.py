@@ -128,12 +128,10 @@ def make_db(db: str, model, n: int, shards: int, seed: int, queries: np.ndarray,
             writers[s].write_table(tab)
     for w in writers:
         w.close()
-    man = {"format": 1, "embed_model": "bench", "embed_mode": "pool", "dim": dim, "config_hash": "bench",
-           "models": {}, "source": {}, "shards": [
-               {"name": f"s{s:05d}", "path": f"features/s{s:05d}.parquet", "rows": hi - lo, "images": 0,
-                "errors": 0, "input_key": str(s)} for s, (lo, hi) in enumerate(bounds)]}
-    with open(os.path.join(db, "manifest.json"), "w") as f:
-        json.dump(man, f)
+    from ragseg.db import commit_files
+
+    commit_files(db, dim, [{"name": f"s{s:05d}", "path": f"features/s{s:05d}.parquet", "rows": hi - lo}
+                           for s, (lo, hi) in enumerate(bounds)], embed_model="bench")
     return (best_s, best_i), labels
 
 

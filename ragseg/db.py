@@ -50,22 +50,33 @@ def check_compatible(h: dict, embed_model: str, embed_mode: str, dim: int, db: s
         )
 
 
+def commit_files(db: str, dim: int, pieces: list[dict], embed_model: str = "test", embed_mode: str = "pool") -> None:
+    """Make ``db`` a DB whose committed pieces are exactly ``pieces`` (``{"name", "path", "rows"}``
+    plus optional ``image_ids``), their feature files written already: for benchmarks and tests that
+    feed realistic rows into the index without running models. Replaces any earlier ledger."""
+    io.remove(io.join(db, ledger.SEGMENTS), recursive=True)
+    io.remove(io.join(db, ledger.COMMITS), recursive=True)
+    header = new_header(embed_model, embed_mode, dim, "", {})
+    recs = [ledger.new_record(p["name"], p.get("image_ids") or [f"{p['name']}/*"], images=len(p.get("image_ids") or [1]),
+                              segments=int(p["rows"]), errors=0, empty_images=0, data_path=p["path"],
+                              errors_path=None, parts_path=None, stage_seconds={}) for p in pieces]
+    comp = ledger.Compactor(db, header, every=max(1, len(recs)), seconds=float("inf"))
+    if recs:
+        comp._write(recs, [])
+    else:
+        ledger.write_header(db, header)
+
+
 def write_db(db: str, dim: int, pieces: dict[str, pa.Table], embed_model: str = "test",
              embed_mode: str = "pool") -> None:
-    """Write a complete DB from ready feature tables (benchmarks and tests that feed realistic rows
-    into the index without running models): each table becomes one committed piece."""
-    header = new_header(embed_model, embed_mode, dim, "", {})
-    ledger.write_header(db, header)
-    comp = ledger.Compactor(db, header, every=len(pieces) or 1, seconds=float("inf"))
+    """Write a complete DB from ready feature tables (one committed piece each), see :func:`commit_files`."""
+    listed = []
     for name, table in pieces.items():
-        paths = piece_paths(name)
-        io.write_parquet_atomic(io.join(db, paths["features"]), table)
-        ids = sorted({str(v) for v in table.column("image_id").to_pylist()}) if "image_id" in table.column_names else []
-        rec = ledger.new_record(name, ids, images=len(ids), segments=table.num_rows, errors=0, empty_images=0,
-                                data_path=paths["features"], errors_path=None, parts_path=None, stage_seconds={})
-        ledger.write_commit(db, rec)
-        comp.add(rec)
-    comp.flush()
+        path = piece_paths(name)["features"]
+        io.write_parquet_atomic(io.join(db, path), table)
+        ids = sorted({str(v) for v in table.column("image_id").to_pylist()})
+        listed.append({"name": name, "path": path, "rows": table.num_rows, "image_ids": ids})
+    commit_files(db, dim, listed, embed_model, embed_mode)
 
 
 def migrate_v1(root: str, kind: str) -> dict[str, Any]:

@@ -63,10 +63,10 @@ def write_shard(db: str, name: str, x: np.ndarray, y: np.ndarray, image_prefix: 
 
 
 def write_manifest(db: str, shards: list[dict], dim: int = DIM) -> None:
-    man = {"format": 1, "embed_model": "test:model", "embed_mode": "pool", "dim": dim, "config_hash": "x",
-           "models": {}, "source": {}, "shards": shards}
-    with open(os.path.join(db, "manifest.json"), "w") as f:
-        json.dump(man, f)
+    """Commit exactly these shards (feature files already written) in the DB's ledger."""
+    from ragseg.db import commit_files
+
+    commit_files(db, dim, shards, embed_model="test:model")
 
 
 def make_db(db: str, sizes: list[int], seed: int = 0, **kw) -> tuple[np.ndarray, np.ndarray, list[dict]]:

@@ -588,7 +588,6 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         if incremental:
             assert live_meta is not None and live is not None
             by_name = {s.name: s for s in db.shards}
-            old = [by_name[s["name"]] for s in live_meta["shards"]]
             layout_old = [(by_name[s["name"]], int(s["start_id"])) for s in live_meta["shards"]]
             layout_new = _layout(new_shards, int(live_meta["count"]))
             layout = layout_old + layout_new
@@ -597,10 +596,9 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
             trained_count = live_meta["trained_count"]
             train_err = live_meta["train_coarse_error"]
             gpu_train = live_meta.get("gpu_train", False)
-            _fetch(store_uri, live, st.TRAINED, os.path.join(staging, st.TRAINED))
-            for s in old:
-                rel = f"{st.SHARDS_DIR}/{s.name}.index"
-                _fetch(store_uri, live, rel, os.path.join(staging, rel))
+            # the live version's merged lists hold every old shard: two files, not one per old shard
+            for rel in (st.TRAINED, f"{LIVE_DIR}/{st.POPULATED}", f"{LIVE_DIR}/{st.IVFDATA}"):
+                _fetch(store_uri, live, rel.removeprefix(LIVE_DIR + "/"), os.path.join(staging, rel))
             total = db.total
             rng = np.random.default_rng(icfg.seed + 1)
             nq = min(icfg.recall_queries, total)
@@ -681,10 +679,16 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         # merge the shards' inverted lists on disk
         from faiss.contrib.ondisk import merge_ondisk
 
-        shard_files = [os.path.join(staging, st.SHARDS_DIR, f"{s.name}.index") for s, _ in layout]
+        shard_files = [os.path.join(staging, st.SHARDS_DIR, f"{s.name}.index") for s, _ in layout
+                       if s.name in add_names]
         with st.quiet_stdout():
             merged = faiss.read_index(os.path.join(staging, st.TRAINED))
-            merge_ondisk(merged, shard_files, os.path.abspath(os.path.join(staging, st.IVFDATA)))
+            if incremental:
+                _merge_with_live(merged, os.path.join(staging, LIVE_DIR, st.POPULATED), shard_files,
+                                 os.path.abspath(os.path.join(staging, st.IVFDATA)))
+                shutil.rmtree(os.path.join(staging, LIVE_DIR), ignore_errors=True)
+            else:
+                merge_ondisk(merged, shard_files, os.path.abspath(os.path.join(staging, st.IVFDATA)))
             faiss.write_index(merged, os.path.join(staging, st.POPULATED))
         del merged
         _checkpoint("merged")
@@ -731,6 +735,34 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         "bytes_per_vector": meta["bytes"]["per_vector"], "rerank_k": rerank_meta["k"],
         "nprobe_tuning": tuning,
     }
+
+
+LIVE_DIR = "_live"  # staging copy of the live version's merged lists during an incremental refresh
+
+
+def _merge_with_live(trained, live_populated: str, shard_files: list[str], ivfdata: str) -> None:
+    """``faiss.contrib.ondisk.merge_ondisk`` with the live version's merged on-disk lists as one more
+    source (read next to their index file: IO_FLAG_ONDISK_SAME_DIR), so a refresh needs only the live
+    version's two files, not its shard indexes. Ids are global already: no shift."""
+    import faiss
+
+    keep = []
+    ivfs = faiss.InvertedListsPtrVector()
+    for path, flag in [(live_populated, faiss.IO_FLAG_ONDISK_SAME_DIR)] + [(f, faiss.IO_FLAG_MMAP) for f in shard_files]:
+        index = faiss.read_index(os.path.abspath(path), flag)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.own_invlists = False
+        keep.append(index)
+        ivfs.push_back(ivf.invlists)
+    out_ivf = faiss.extract_index_ivf(trained)
+    if trained.ntotal != 0:
+        raise RuntimeError("internal error: merging into a non-empty index")
+    invlists = faiss.OnDiskInvertedLists(out_ivf.nlist, out_ivf.code_size, ivfdata)
+    ntotal = invlists.merge_from_multiple(ivfs.data(), ivfs.size(), False)
+    trained.ntotal = out_ivf.ntotal = ntotal
+    out_ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    del keep
 
 
 def _read_trained(store_uri: str, version: str):

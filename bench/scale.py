@@ -360,10 +360,10 @@ def _dummy_images(d: str, ids: range) -> None:
 class GenDbStage:
     """Ray Data callable: rows -> the generated results WriteDbPiece reads (DbResults)."""
 
-    def __init__(self, hw, segs, sleep_s: float = 0.0):
+    def __init__(self, hw, segs, sleep_s: float = 0.0, mask_pool: int = 0):
         from ragseg.pipelines.generated import DbResults
 
-        self.gen = DbResults(dim=DIM, segments_per_image=segs, hw=tuple(hw))
+        self.gen = DbResults(dim=DIM, segments_per_image=segs, hw=tuple(hw), mask_pool=mask_pool)
         self.sleep_s = sleep_s
 
     def __call__(self, batch):
@@ -514,8 +514,8 @@ def child_cpu(a) -> dict:
 
             init_ray(cfg.ray)  # Ray's start-up is not part of the job's per-segment cost
         sink: dict = {}
-        factory = functools.partial(GenDbStage, a.cpu_hw, a.segments, a.cpu_stage_sleep)
-        inline = DbResults(dim=DIM, segments_per_image=a.segments, hw=tuple(a.cpu_hw))
+        factory = functools.partial(GenDbStage, a.cpu_hw, a.segments, a.cpu_stage_sleep, a.mask_pool)
+        inline = DbResults(dim=DIM, segments_per_image=a.segments, hw=tuple(a.cpu_hw), mask_pool=a.mask_pool)
         load0 = _load()
         c0, w0 = _cpu(), time.perf_counter()
         s = run_build_db(cfg, execute=_measured(_executor(a.executor, factory, inline), sink))
@@ -644,6 +644,7 @@ def bench_cpu(a, common: list[str]) -> dict:
                          / (runs[-1]["segments"] - runs[0]["segments"]) * 1e6, 3)
     limit = LIMITS["driver_cpu_s_per_1m_segments"]
     return {"benchmark": "scale_driver_cpu", "executor": a.executor, "dim": DIM, "mask_hw": list(a.cpu_hw),
+            "mask_pool": a.mask_pool,
             "segments_per_image": a.segments, "piece_images": a.piece_images, "images_per_block": a.images_per_block,
             "stage_sleep_s_per_block": a.cpu_stage_sleep, "runs": runs, "driver_cpu_s_per_1m_segments": per_1m, "marginal_driver_cpu_s_per_1m_segments": marginal,
             "limit": limit,
@@ -696,6 +697,9 @@ def main() -> None:
     ap.add_argument("--cpu-images", type=_ints, default=[2000, 8000], help="one driver per size")
     ap.add_argument("--images-per-block", type=int, default=None, help="default: RayConfig().images_per_block")
     ap.add_argument("--cpu-hw", type=_ints, default=[120, 160])
+    ap.add_argument("--mask-pool", type=int, default=256,
+                    help="(b): segments' RLEs drawn from this many masks made once (0: a new mask each), so the "
+                         "results come at GPU pace and the driver is measured at a realistic segment rate")
     ap.add_argument("--cpu-stage-sleep", type=float, default=0.0,
                     help="seconds the generated stage sleeps per block (does the driver's CPU follow the wall time?)")
     ap.add_argument("--label-images", type=_ints, default=[10000, 100000])
@@ -725,7 +729,8 @@ def main() -> None:
         return
 
     common = ["--piece-images", str(a.piece_images), "--segments", str(a.segments), "--executor", a.executor,
-              "--images-per-block", str(a.images_per_block), "--cpu-stage-sleep", str(a.cpu_stage_sleep), "--cpu-hw", ",".join(map(str, a.cpu_hw)),
+              "--images-per-block", str(a.images_per_block), "--cpu-stage-sleep", str(a.cpu_stage_sleep),
+              "--cpu-hw", ",".join(map(str, a.cpu_hw)), "--mask-pool", str(a.mask_pool),
               "--label-hw", ",".join(map(str, a.label_hw)), "--label-segments", str(a.label_segments),
               "--compact-every", str(a.compact_every)]
     sections = set(a.sections.split(","))

@@ -26,7 +26,8 @@ def models_needed(cfg: JobConfig, job: Job) -> set[str]:
     if job == "build-db":
         return {"clip"} | ({"gdino", "sam"} if cfg.build_db.masks == "detector" else set())
     if job == "label":
-        extra = {"gdino-sam": {"gdino", "sam"}, "sam-grid": {"sam"}, "gt": set()}[cfg.label.proposals]
+        extra = {"gdino-sam": {"gdino", "sam"}, "sam-grid": {"sam"}, "gt": set(),
+                 "fcclip": {"fcclip"}}[cfg.label.proposals]
         return {"clip"} | extra
     raise ValueError(job)
 
@@ -68,6 +69,14 @@ def gdino_problems(g: GroundingDinoConfig) -> list[str]:
     return []
 
 
+def fcclip_problems(checkpoint: str | None) -> list[str]:
+    """Label jobs load FC-CLIP weights only as safetensors (the official .pth needs `convert-weights`)."""
+    if checkpoint and not checkpoint.endswith(".safetensors"):
+        return [f"models.fcclip.checkpoint {checkpoint!r} is not a .safetensors file: convert the official "
+                f"checkpoint once with `ragseg convert-weights SRC.pth OUT.safetensors` and point the config at OUT"]
+    return []
+
+
 def device_problems(cfg: JobConfig) -> list[str]:
     """``device: cuda`` on a local run without CUDA. On a cluster the driver may have no GPU while
     the workers do, so nothing is checked there."""
@@ -95,6 +104,8 @@ def problems(cfg: JobConfig, job: Job) -> list[str]:
         out += sam.config_problems(m.sam)
     if "gdino" in need:
         out += gdino_problems(m.gdino)
+    if "fcclip" in need:
+        out += fcclip_problems(m.fcclip.checkpoint)
     out += device_problems(cfg)
     if not out:  # weights only for a sound config (a bad arch names no meaningful checkpoint)
         for ck in weights.checkpoints(m, need):

@@ -248,6 +248,10 @@ def checkpoints(models, include: set[str] | None = None) -> list[Checkpoint]:
     s = models.sam
     if "sam" in include and s.checkpoint:
         out.append(Checkpoint("models.sam.checkpoint", "file", s.checkpoint, s.sha256, what="SAM checkpoint"))
+    f = getattr(models, "fcclip", None)
+    if "fcclip" in include and f is not None and f.checkpoint:
+        out.append(Checkpoint("models.fcclip.checkpoint", "file", f.checkpoint, f.sha256,
+                              what="FC-CLIP head checkpoint (.safetensors)"))
     g = models.gdino
     if "gdino" in include and g.model_id:
         kind = "dir" if (is_remote(g.model_id) or not is_hub_id(g.model_id)) else "hf"

@@ -172,3 +172,23 @@ def s3_server():
         s3fs.S3FileSystem.clear_instance_cache()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def run_cli_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``ragseg ARGV`` in this process (its real ``main``: one-line errors, exit codes); returns
+    (exit code, stdout, stderr)."""
+    import sys
+
+    from ragseg.jobs import cli
+
+    old = sys.argv
+    sys.argv = ["ragseg", *argv]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err

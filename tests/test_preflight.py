@@ -96,19 +96,9 @@ def test_offline_missing_checkpoint_named(tiny_cfg, tmp_path, monkeypatch):
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from ragseg.jobs import cli
+    from conftest import run_cli_main
 
-    old = sys.argv
-    sys.argv = ["ragseg", *argv]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli_main(argv, capsys)
 
 
 def test_cli_build_db_fails_before_ray(tiny_cfg_path, synthetic_root, tmp_path, capsys):

@@ -119,7 +119,6 @@ def test_fetch_failure_missing_message(cache):
 # ----------------------------------------------------------------------------------------------
 import json  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 TAG = "ragsegtest"  # an open_clip pretrained tag registered for the tiny test architecture
@@ -336,19 +335,9 @@ def test_gdino_hub_id_from_prefilled_cache_then_mirror(tiny_cfg, origin, tmp_pat
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from ragseg.jobs import cli
+    from conftest import run_cli_main
 
-    old = sys.argv
-    sys.argv = ["ragseg", *argv]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli_main(argv, capsys)
 
 
 def test_cli_weights_sync_and_check(tiny_cfg_path, origin, tmp_path, capsys, no_env_cache):

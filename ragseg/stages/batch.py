@@ -49,3 +49,29 @@ def object_column(values: list) -> np.ndarray:
     return col
 
 
+
+
+def run_batched(prepared: dict, fn, errors: list[str], stage: str, log=None) -> dict:
+    """``fn(list of prepared inputs) -> list of outputs`` over every prepared row at once; when the
+    batched call fails, row by row, so one bad row errors alone (``errors[i]`` set). Returns
+    ``{row index: output}`` for the rows that succeeded."""
+    from ragseg.errors import error_text
+
+    out: dict = {}
+    if not prepared:
+        return out
+    try:
+        for i, o in zip(prepared, fn(list(prepared.values())), strict=True):
+            out[i] = o
+    except Exception as batch_exc:  # noqa: BLE001 - one bad row never stops the batch
+        if len(prepared) == 1:
+            errors[next(iter(prepared))] = error_text(stage, batch_exc)
+            return out
+        if log is not None:
+            log.warning("%s: batched pass failed (%s); retrying row by row", stage, batch_exc)
+        for i, x in prepared.items():
+            try:
+                out[i] = fn([x])[0]
+            except Exception as e:  # noqa: BLE001
+                errors[i] = error_text(stage, e)
+    return out

@@ -22,7 +22,7 @@ import numpy as np
 
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text
-from ragseg.stages.batch import as_list
+from ragseg.stages.batch import as_list, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +90,8 @@ class Embed:
             except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
                 errors[i] = error_text(STAGE, e)
 
-        if prepared:
-            try:
-                out_rows = self.embed_rows(list(prepared.values()))
-                for i, emb in zip(prepared, out_rows, strict=True):
-                    out[i] = emb
-            except Exception as batch_exc:  # noqa: BLE001
-                if len(prepared) == 1:
-                    errors[next(iter(prepared))] = error_text(STAGE, batch_exc)
-                else:
-                    log.warning("embed: batched pass failed (%s); retrying row by row", batch_exc)
-                    for i, row in prepared.items():
-                        try:
-                            out[i] = self.embed_rows([row])[0]
-                        except Exception as e:  # noqa: BLE001
-                            errors[i] = error_text(STAGE, e)
+        for i, emb in run_batched(prepared, self.embed_rows, errors, STAGE, log).items():
+            out[i] = emb
 
         res = dict(batch)
         emb_col = np.empty(n, dtype=object)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text
+from ragseg.stages.batch import run_batched
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,8 @@ class FcclipProposals:
                 prepared[i] = img
             except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
                 errors[i] = error_text(STAGE, e)
-        if prepared:
-            try:
-                for i, o in zip(prepared, self.predict(list(prepared.values())), strict=True):
-                    outs[i] = o
-            except Exception as batch_exc:  # noqa: BLE001
-                if len(prepared) == 1:
-                    errors[next(iter(prepared))] = error_text(STAGE, batch_exc)
-                else:
-                    log.warning("fcclip: batched pass failed (%s); retrying row by row", batch_exc)
-                    for i, img in prepared.items():
-                        try:
-                            outs[i] = self.predict([img])[0]
-                        except Exception as e:  # noqa: BLE001
-                            errors[i] = error_text(STAGE, e)
+        for i, o in run_batched(prepared, self.predict, errors, STAGE, log).items():
+            outs[i] = o
         res = dict(batch)
         for k in OUT_COLUMNS:
             col = np.empty(n, dtype=object)

@@ -169,7 +169,9 @@ def test_cli_worker_user_error_one_line(tiny_cfg_path, synthetic_root, tmp_path)
     cmd = [str(BIN / "ragseg"), "build-db", "--config", tiny_cfg_path, "--set", "source.kind=synthetic",
            "--set", f"source.uri={synthetic_root}", "--set", "source.split=val", "--set", "source.limit=2",
            "--set", "build_db.masks=detector", "--set", f"models.sam.checkpoint={ck}",
-           "--set", "ray.num_cpus=1", "--set", "ray.model_actors=1", "--out", str(tmp_path / "db")]
+           # one actor per model stage, and CPUs for all three (detect, segment, embed) plus a task: with
+           # fewer, the segment actor may wait forever for a CPU instead of failing in its constructor
+           "--set", "ray.num_cpus=4", "--set", "ray.model_actors=1", "--out", str(tmp_path / "db")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     last = res.stderr.strip().splitlines()[-1]

@@ -336,6 +336,9 @@ def env_cmd(
 
 
 def _exit_user_error(e: UserError) -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # workers' log lines stop here: the error stays the last line
     typer.echo(f"error: {' '.join(str(e).split())}", err=True)
     sys.exit(2)
 

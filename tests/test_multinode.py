@@ -36,12 +36,18 @@ lab_args = ["label.images.kind=synthetic", f"label.images.uri={syn}", "label.ima
             "label.images_per_shard=2", "label.ensemble.scores=retrieval"]
 out = {"driver_pid": os.getpid()}
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "object_store_memory": 150 * MB})
-worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=150 * MB)
-ray.init(address=cluster.address)
-out["driver_node"] = ray.get_runtime_context().get_node_id()
-out["worker_node"] = worker.node_id
+def two_nodes(suffix=""):
+    # a head without CPUs (the driver's node) and a 2-CPU worker node, both on 127.0.0.1
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                           "object_store_memory": 150 * MB})
+    worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=150 * MB)
+    ray.init(address=cluster.address)
+    out["driver_node" + suffix] = ray.get_runtime_context().get_node_id()
+    out["worker_node" + suffix] = worker.node_id
+    return cluster
+
+
+cluster = two_nodes()
 out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
 run_build_db(load_config(tiny, common + db_args + ["build_db.out=s3://multinode/db-multi"]))
 ray.shutdown()
@@ -54,12 +60,7 @@ build_index("s3://multinode/db-single", load_config(tiny, [f"index.out={index}",
 run_label(load_config(tiny, common + lab_args + ["label.out=s3://multinode/lab-single"]))
 ray.shutdown()
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "object_store_memory": 150 * MB})
-worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=150 * MB)
-ray.init(address=cluster.address)
-out["driver_node_2"] = ray.get_runtime_context().get_node_id()
-out["worker_node_2"] = worker.node_id
+cluster = two_nodes("_2")
 run_label(load_config(tiny, common + lab_args + ["label.out=s3://multinode/lab-multi"]))
 ray.shutdown()
 cluster.shutdown()

@@ -3,7 +3,7 @@ S3 server (moto, 127.0.0.1), with generated stage results instead of models
 (ragseg.pipelines.generated).
 
     python bench/scale.py [--quick] [--stores local,s3] [--levels 100,1000,10000,30000]
-                          [--cpu-images 2000] [--label-images 10000,100000]
+                          [--cpu-images 5000,50000] [--label-images 10000,100000]
 
 Four benchmarks, one JSON object each on stdout, all of them in ``bench/results/scale.json``:
 
@@ -21,12 +21,12 @@ Four benchmarks, one JSON object each on stdout, all of them in ``bench/results/
 ``scale_resume`` (per store): resume start-up at 10k pieces: ``ledger.load`` + ``pending_rows`` for
   a listing of (10k pieces x piece images) committed image rows plus 1 % new ones.
 ``scale_driver_cpu``: driver CPU seconds per 1M segments: a real Ray Data job (``run_build_db`` through
-  ``ray_executor``: from_items -> generated DbResults task -> the real WriteDbPiece task), measuring the
+  ``ray_executor``: listing read tasks -> generated DbResults task -> the real WriteDbPiece task), measuring the
   driver process's own CPU time (psutil, this pid only, all its threads; not the Ray workers) from the
   executor's start to the last record drained. Masks are smaller than 480x640 here (``--cpu-hw``): only
   the workers ever see them.
 ``scale_driver_rss``: driver peak RSS while labelling generated images through the commit path
-  (``run_label`` through ``ray_executor``: from_items -> generated LabelResults task (PNG written)
+  (``run_label`` through ``ray_executor``: listing read tasks -> generated LabelResults task (PNG written)
   -> the real WriteLabelPiece task), tiny masks (the driver's memory must not depend on the images),
   one fresh driver per size; peak = the driver's ``ru_maxrss``, and the peak of psutil samples.
 
@@ -392,20 +392,20 @@ class GenLabelStage:
         return out
 
 
-def _graph(stage_factory, cfg, pending):
-    from ragseg.pipelines.common import add_stage, dataset_of
+def _graph(stage_factory, cfg, ds):
+    from ragseg.pipelines.common import add_stage
 
     per_block = cfg.ray.images_per_block
-    return add_stage(dataset_of(pending, per_block), stage_factory, "generate", cfg, actor=False,
+    return add_stage(ds, stage_factory, "generate", cfg, actor=False,
                      batch_size=per_block)
 
 
-def _executor(kind: str, stage_factory, inline_results):
+def _executor(kind: str, stage_factory, inline_results, out: str):
     from ragseg.pipelines.common import inline_executor, ray_executor
 
     if kind == "inline":
         return inline_executor(inline_results)
-    return ray_executor(lambda pending: _graph(stage_factory, _CFG, pending))
+    return ray_executor(lambda ds: _graph(stage_factory, _CFG, ds), out)
 
 
 _CFG = None  # the child's config, for the graph
@@ -518,7 +518,7 @@ def child_cpu(a) -> dict:
         inline = DbResults(dim=DIM, segments_per_image=a.segments, hw=tuple(a.cpu_hw), mask_pool=a.mask_pool)
         load0 = _load()
         c0, w0 = _cpu(), time.perf_counter()
-        s = run_build_db(cfg, execute=_measured(_executor(a.executor, factory, inline), sink))
+        s = run_build_db(cfg, execute=_measured(_executor(a.executor, factory, inline, cfg.build_db.out), sink))
         job_cpu, job_wall = _cpu() - c0, time.perf_counter() - w0
         return {"images": s["images"], "segments": s["segments"], "pieces": s["shards_written"],
                 "driver_cpu_s_drain": round(sink["drain_cpu_s"], 3), "drain_wall_s": round(sink["drain_wall_s"], 2),
@@ -608,7 +608,7 @@ def child_rss(a) -> dict:
         load0 = _load()
         t0 = time.perf_counter()
         with _RssSampler() as smp:
-            s = run_label(cfg, execute=_measured(_executor(a.executor, factory, inline), sink))
+            s = run_label(cfg, execute=_measured(_executor(a.executor, factory, inline, out), sink))
         wall = time.perf_counter() - t0
         ru_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"images": s["images"], "segments": s["segments"], "pieces": s["shards_written"],
@@ -694,7 +694,8 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=20, help="segments per image")
     ap.add_argument("--hw", type=_ints, default=[480, 640], help="mask size of the timed commits")
     ap.add_argument("--compact-every", type=int, default=None, help="default: CommitConfig().compact_every")
-    ap.add_argument("--cpu-images", type=_ints, default=[2000, 8000], help="one driver per size")
+    ap.add_argument("--cpu-images", type=_ints, default=[5000, 50000],
+                    help="one driver per size; the largest, 50k images x 20 segments, is the real N of (b): 1M segments")
     ap.add_argument("--images-per-block", type=int, default=None, help="default: RayConfig().images_per_block")
     ap.add_argument("--cpu-hw", type=_ints, default=[120, 160])
     ap.add_argument("--mask-pool", type=int, default=256,

@@ -122,6 +122,12 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a file (one ranged GET on an object store)."""
+    fs, path = fs_and_path(uri)
+    return fs.cat_file(path, start=start, end=end)
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

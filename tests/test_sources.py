@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import posixpath
 import shutil
 import threading
 from pathlib import Path
@@ -255,3 +256,27 @@ def test_coco_over_http(synthetic_root, http_root):
     from ragseg.io import read_bytes
 
     assert read_bytes(remote[0]["uri"]) == Path(local[0]["uri"]).read_bytes()
+
+
+def test_folder_listing_pages_local_and_s3(tmp_path, s3_server, monkeypatch):
+    """A folder is listed a page at a time (os.scandir locally, ListObjectsV2 pages of 1000 keys on
+    S3): more than one page each, nested keys, non-images and a glob pattern, same rows as expected."""
+    import fsspec
+
+    from ragseg.sources import folder, list_table
+
+    monkeypatch.setattr(folder, "LOCAL_PAGE", 7)
+    names = [f"d{i % 3}/im{i:05d}.jpg" for i in range(1205)] + ["top.png", "notes.txt", "d0/x.y.JPG"]
+    want = sorted(posixpath.splitext(n)[0] for n in names if not n.endswith(".txt"))
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_bytes(b"")
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("pages")
+    fs.pipe({f"pages/imgs/{n}": b"" for n in names})
+    for uri in (str(tmp_path), "s3://pages/imgs"):
+        t = list_table(SourceConfig(kind="folder", uri=uri))
+        assert t.column("image_id").to_pylist() == want, uri
+        assert t.column("uri")[0].as_py() == f"{uri}/d0/im00000.jpg"
+        sub = list_table(SourceConfig(kind="folder", uri=uri, pattern="d1/*.jpg")).column("image_id").to_pylist()
+        assert sub == [w for w in want if w.startswith("d1/")]

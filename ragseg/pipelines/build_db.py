@@ -25,7 +25,6 @@ from ragseg.pipelines.common import (
     Executor,
     RunStats,
     add_stage,
-    dataset_of,
     drain_records,
     empty_record_batch,
     pending_rows,
@@ -36,6 +35,7 @@ from ragseg.pipelines.common import (
     stage_seconds,
     write_source_errors,
 )
+from ragseg.pipelines.listing import clear_listings
 from ragseg.preflight import preflight
 from ragseg.schema import embeddings_to_arrow, feature_schema
 from ragseg.stages.batch import as_list
@@ -135,13 +135,12 @@ def _source_rows(cfg: JobConfig, source_errors: list[dict]):
     return list_table(cfg.source, errors=source_errors)
 
 
-def build_graph(cfg: JobConfig, rows):
-    """The Ray Data graph over the pending image rows (an Arrow table)."""
+def build_graph(cfg: JobConfig, ds):
+    """The Ray Data graph over ``ds``, the pending image rows (one piece a block)."""
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
     from ragseg.stages.embed import Embed
 
     per_block = cfg.ray.images_per_block
-    ds = dataset_of(rows, per_block)
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
     model = functools.partial(add_stage, cfg=cfg, actor=True, gpu=True,
                               model_stages=1 if cfg.build_db.masks == "gt" else 3)
@@ -164,6 +163,7 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
     out = cfg.build_db.out
     model_id, mode, dim = embed_identity(cfg)
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db"):
+        clear_listings(out)
         c = cfg.commit
         led, header, comp = ledger.open_for_writing(
             out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
@@ -182,7 +182,7 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
         del rows
 
         if pending.num_rows:
-            execute = execute or ray_executor(functools.partial(build_graph, cfg))
+            execute = execute or ray_executor(functools.partial(build_graph, cfg), out)
             writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim)
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
             drain_records(records, comp, stats, pending.num_rows, "build-db", cfg.ray.progress)

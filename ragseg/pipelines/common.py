@@ -121,23 +121,6 @@ def pending_rows(rows, ledger):
     return rows.filter(pc.invert(done))
 
 
-def dataset_of(rows, per_block: int, chunk: int = 8192):
-    """A Ray Dataset over an Arrow table of image rows, ``per_block`` rows a block (so that the first
-    stage spreads over the cluster), with the ``error`` column every stage expects.
-
-    Built with ``from_items`` over ``chunk`` rows at a time (then one union): Python dicts exist for
-    one chunk at a time only. (``from_arrow`` over per-block tables costs the driver ~64 KB of object
-    store per block, and one big block would serialise the first stage.)"""
-    import ray
-
-    n = rows.num_rows
-    parts = []
-    for i in range(0, max(n, 1), chunk):
-        items = [{**r, "error": ""} for r in rows.slice(i, chunk).to_pylist()]
-        parts.append(ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per_block))))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
 def stage_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Busy seconds per stage of a batch's rows (the ``t_<stage>`` columns :class:`StageActor` adds)."""
     return {k[len(TIME_PREFIX):]: float(np.sum(v)) for k, v in batch.items() if k.startswith(TIME_PREFIX)}
@@ -164,16 +147,34 @@ def empty_record_batch() -> dict[str, np.ndarray]:
 Executor = Callable[[JobConfig, Any, Callable[[], Callable], int], Iterator[dict]]
 
 
-def ray_executor(graph: Callable[[Any], Any]) -> Executor:
-    """The production executor: the Ray Data graph ``graph(pending)`` (decode, models, ...) then the
-    piece writer as a CPU task stage; only its one-row commit records stream back to the driver."""
+def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
+    """The production executor: the pending rows go to ``<out>/_listing/`` (ragseg.pipelines.listing),
+    which Ray's read tasks read one piece a block; then the Ray Data graph ``graph(ds)`` (decode,
+    models, ...) and the piece writer as a CPU task stage; only its one-row commit records stream
+    back to the driver. The listing file is removed when the job ends."""
 
     def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
+        import ray
+
+        from ragseg.pipelines import listing
         from ragseg.runtime import init_ray
 
         init_ray(cfg.ray)
-        ds = add_stage(graph(pending), writer, "write", cfg, actor=False, batch_size=per_piece)
-        return ds.iter_rows()
+        uri, offsets, schema = listing.write_listing(out, pending, per_piece)
+        try:
+            pieces = len(offsets) - 1
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            plan = listing.read_task_plan(pieces, cfg.ray.pieces_per_read_task, cfg.ray.max_read_tasks,
+                                          min_tasks=2 * cpus)
+            source = listing.make_datasource(uri, offsets, schema, pending.num_rows, per_piece, plan)
+            # one block per read task (no SplitBlocks: Ray would otherwise split them up to its
+            # default parallelism); a read is one small ranged GET, so it takes no CPU slot (the
+            # model actors may hold them all)
+            ds = ray.data.read_datasource(source, override_num_blocks=len(plan), num_cpus=0)
+            ds = add_stage(graph(ds), writer, "write", cfg, actor=False, batch_size=per_piece)
+            yield from ds.iter_rows()
+        finally:
+            listing.clear_listings(out)  # ours is the only one: the job holds the folder's lease
 
     return execute
 

@@ -24,7 +24,6 @@ from ragseg.pipelines.common import (
     Executor,
     RunStats,
     add_stage,
-    dataset_of,
     drain_records,
     empty_record_batch,
     pending_rows,
@@ -35,6 +34,7 @@ from ragseg.pipelines.common import (
     stage_seconds,
     write_source_errors,
 )
+from ragseg.pipelines.listing import clear_listings
 from ragseg.preflight import preflight
 
 # columns the piece writer reads (pixels are dropped before it)
@@ -113,8 +113,8 @@ def _check_index(cfg: JobConfig, index_uri: str) -> dict:
     return meta
 
 
-def build_graph(cfg: JobConfig, rows, vocab):
-
+def build_graph(cfg: JobConfig, ds, vocab):
+    """The Ray Data graph over ``ds``, the pending image rows (one piece a block)."""
     from ragseg.stages.classify import Classify
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
     from ragseg.stages.embed import Embed
@@ -126,7 +126,6 @@ def build_graph(cfg: JobConfig, rows, vocab):
         cfg = label_config(cfg)
     lc = cfg.label
     per_block = cfg.ray.images_per_block
-    ds = dataset_of(rows, per_block)
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
     n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3, "fcclip": 2}[lc.proposals]  # actor stages in this graph
     model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
@@ -266,6 +265,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
     job_hash = label_hash(cfg)
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "label"):
         io.remove_tmp_litter(out)
+        clear_listings(out)
         def check(header: dict) -> None:
             if header.get("config_hash") != job_hash:
                 raise UserError(
@@ -287,7 +287,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
         stats.errors += write_source_errors(out, source_errors)
 
         if pending.num_rows:
-            execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab))
+            execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab), out)
             records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
             drain_records(records, comp, stats, pending.num_rows, "label", cfg.ray.progress)
 

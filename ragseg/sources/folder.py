@@ -6,11 +6,13 @@ and report the other as an error."""
 
 from __future__ import annotations
 
+import os
 import posixpath
+from collections.abc import Iterator
 
 from ragseg.config import SourceConfig
 from ragseg.errors import UserError
-from ragseg.io import fs_and_path, unstrip
+from ragseg.io import fs_and_path, protocol_of_fs, unstrip
 from ragseg.sources import IMAGE_EXTENSIONS, add_error, parse_shard
 
 GLOB_CHARS = "*?["
@@ -26,18 +28,67 @@ def _split_glob(uri: str, pattern: str) -> tuple[str, str]:
     return uri.rstrip("/"), pattern
 
 
+# names per listing page of a local folder (S3 pages are the store's: 1000 keys)
+LOCAL_PAGE = 10_000
+
+
+def _pages(fs, base_path: str) -> Iterator[list[str]]:
+    """Full paths of the files below ``base_path``, one page at a time, so that no per-file info dict
+    of the whole folder ever exists at once (fsspec's glob/find build one per file: ~1 KB each, GBs
+    for a 10M-image bucket): ``os.scandir`` locally, ListObjectsV2 pages on S3, else ``fs.find``."""
+    proto = protocol_of_fs(fs)
+    if proto == "file":
+        stack, page = [base_path], []
+        while stack:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.is_dir():
+                        stack.append(e.path)
+                    else:
+                        page.append(e.path)
+                        if len(page) >= LOCAL_PAGE:
+                            yield page
+                            page = []
+        if page:
+            yield page
+    elif proto in ("s3", "s3a"):
+        from fsspec.asyn import sync
+
+        bucket, key, _ = fs.split_path(base_path)
+        pages = fs._list_pages("list_objects_v2", Bucket=bucket, Prefix=f"{key}/" if key else "", **fs.req_kw)
+        while True:
+            try:
+                page = sync(fs.loop, pages.__anext__)
+            except StopAsyncIteration:
+                return
+            yield [f"{bucket}/{c['Key']}" for c in page.get("Contents", [])]
+    else:
+        yield [str(p) for p in fs.find(base_path)]
+
+
 def _listing(cfg: SourceConfig):
-    """(fs, base path, sorted file paths) of the folder's images, names only (no per-file metadata)."""
+    """(fs, base path, Arrow array of the image paths below it relative to it), unsorted; built page
+    by page (:func:`_pages`), filtered by extension and by the glob ``cfg.pattern``."""
+    import re
+
+    import pyarrow as pa
+    from fsspec.utils import glob_translate
+
     base, pattern = _split_glob(cfg.uri, cfg.pattern)
     fs, base_path = fs_and_path(base)
     base_path = base_path.rstrip("/")
+    prefix = base_path + "/"
+    match = re.compile(glob_translate(prefix + (pattern or "**"))).match
+    chunks = []
     try:
         if not any(ch in cfg.uri for ch in GLOB_CHARS) and not fs.isdir(base_path):
             if fs.isfile(base_path) and base_path.lower().endswith(IMAGE_EXTENSIONS):
                 # a single image file
-                return fs, posixpath.dirname(base_path), [base_path]
+                return fs, posixpath.dirname(base_path), pa.array([posixpath.basename(base_path)], pa.string())
             raise UserError(f"image folder not found: {cfg.uri}")
-        found = fs.glob(base_path + "/" + (pattern or "**"))
+        for page in _pages(fs, base_path):
+            chunks.append(pa.array([p[len(prefix):] for p in page if p.lower().endswith(IMAGE_EXTENSIONS)
+                                    and p.startswith(prefix) and match(p)], pa.string()))
     except UserError:
         raise
     except NotImplementedError:
@@ -45,8 +96,19 @@ def _listing(cfg: SourceConfig):
                         "(use a source with an annotation file or image list)") from None
     except OSError as e:
         raise UserError(f"cannot list images under {cfg.uri}: {e}") from None
-    prefix = base_path + "/"
-    return fs, base_path, sorted(p for p in map(str, found) if p.lower().endswith(IMAGE_EXTENSIONS) and p.startswith(prefix))
+    return fs, base_path, pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+# posixpath.splitext on Arrow strings: the extension starts at the basename's last dot, unless
+# everything before that dot is dots (".jpg", "..jpg" have none)
+_EXT = r"^(.*/)?(\.*[^./][^/]*)\.([^./]*)$"
+
+
+def strip_extension(paths):
+    """``posixpath.splitext(p)[0]`` of each path of an Arrow string array, vectorised."""
+    import pyarrow.compute as pc
+
+    return pc.replace_substring_regex(paths, pattern=_EXT, replacement=r"\1\2")
 
 
 def list_table(cfg: SourceConfig, errors: list[dict] | None = None):
@@ -59,13 +121,11 @@ def list_table(cfg: SourceConfig, errors: list[dict] | None = None):
 
     from ragseg.sources import row_schema
 
-    fs, base_path, paths = _listing(cfg)
-    rels = [p[len(base_path) + 1:] for p in paths]
-    del paths
-    ids = pa.array([posixpath.splitext(r)[0] for r in rels], pa.string())
-    rel_arr = pa.array(rels, pa.string())
-    del rels
-    order = pc.sort_indices(ids)  # stable: of two files with one id the first path wins
+    fs, base_path, rel_arr = _listing(cfg)
+    # sorted by path, so that of two files with one id the first path wins (a stable sort by id next)
+    rel_arr = rel_arr.take(pc.sort_indices(rel_arr))
+    ids = strip_extension(rel_arr)
+    order = pc.sort_indices(ids)
     ids, rel_arr = ids.take(order), rel_arr.take(order)
     n = len(ids)
     if n > 1:
@@ -86,11 +146,11 @@ def list_table(cfg: SourceConfig, errors: list[dict] | None = None):
         ids, rel_arr = ids.take(take), rel_arr.take(take)
     n = len(ids)
     root = unstrip(fs, base_path).rstrip("/") + "/"
-    uris = pc.binary_join_element_wise(pa.array([root] * n, pa.string()), rel_arr, "") if n else pa.array([], pa.string())
+    uris = pc.binary_join_element_wise(pa.scalar(root, pa.string()), rel_arr, "") if n else pa.array([], pa.string())
     const = {"source": "folder", "gt_format": "", "gt_png_uri": "", "gt_segments": "[]", "coco_id": ""}
     cols = {"image_id": ids, "uri": uris, "file_name": rel_arr,
-            "labels": pa.array([[]] * n, pa.list_(pa.string()))}
-    cols.update({c: pa.array([v] * n, pa.string()) for c, v in const.items()})
+            "labels": pa.repeat(pa.scalar([], pa.list_(pa.string())), n)}
+    cols.update({c: pa.repeat(pa.scalar(v, pa.string()), n) for c, v in const.items()})
     schema = row_schema()
     return pa.table([cols[f.name] for f in schema], schema=schema)
 

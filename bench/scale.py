@@ -483,7 +483,9 @@ def _measured(execute, sink: dict):
     def ex(cfg, pending, writer, per_piece):
         c0, w0 = _cpu(), time.perf_counter()
         with _ThreadCpu() as th:
-            yield from execute(cfg, pending, writer, per_piece)
+            gen = execute(cfg, pending, writer, per_piece)
+            del pending  # the executor's now, as in the jobs
+            yield from gen
         split = th.by_thread(top=100)
         own = split.pop(_ThreadCpu.NAME, 0.0)
         sink["drain_cpu_s"] = _cpu() - c0 - own

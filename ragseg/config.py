@@ -52,6 +52,8 @@ class RayConfig(Strict):
     # max_read_tasks tasks, fewer when it would make under two per cluster CPU (a small job spreads)
     pieces_per_read_task: int = Field(default=4, ge=1)
     max_read_tasks: int = Field(default=4000, ge=1)
+    # read tasks of the listing running at once (they take no CPU slot; each is a worker process)
+    read_concurrency: int = Field(default=4, ge=1)
     max_errored_blocks: int = 0
     progress: bool = True
 

@@ -335,22 +335,29 @@ def env_cmd(
         typer.echo(format_text(info))
 
 
-def _exit_user_error(e: UserError) -> None:
+def _ray_running() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()  # workers' log lines stop here: the error stays the last line
+    return ray is not None and ray.is_initialized()
+
+
+def _exit_user_error(e: UserError, ray_was_running: bool) -> None:
+    if _ray_running() and not ray_was_running:
+        # the job's own Ray: its workers' log lines stop here, so the error stays the last line (a
+        # Ray that the caller started, e.g. main() called in a test session, is the caller's)
+        sys.modules["ray"].shutdown()
     typer.echo(f"error: {' '.join(str(e).split())}", err=True)
     sys.exit(2)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ray_was_running = _ray_running()
     try:
         app(standalone_mode=False)
     except UserError as e:  # a Ray error that is also a UserError carries a traceback: its cause's line
         from ragseg.errors import user_error_from_ray
 
-        _exit_user_error(user_error_from_ray(e) or e)
+        _exit_user_error(user_error_from_ray(e) or e, ray_was_running)
     except FileNotFoundError as e:
         typer.echo(f"error: file not found: {e.filename or e}", err=True)
         sys.exit(2)
@@ -372,7 +379,7 @@ def main() -> None:
         found = user_error_from_ray(e)
         if found is None:
             raise
-        _exit_user_error(found)
+        _exit_user_error(found, ray_was_running)
 
 if __name__ == "__main__":
     main()

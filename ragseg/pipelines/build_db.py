@@ -181,11 +181,13 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
         stats.errors += write_source_errors(out, source_errors)
         del rows
 
-        if pending.num_rows:
+        n_pending = pending.num_rows
+        if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg), out)
             writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim)
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
-            drain_records(records, comp, stats, pending.num_rows, "build-db", cfg.ray.progress)
+            del pending  # the executor's now (the Ray one writes the rows out and drops them)
+            drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress)
 
         header["runs"].append({**run_info, "summary": stats.summary()})
         ledger.write_header(out, header)

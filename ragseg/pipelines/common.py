@@ -149,7 +149,7 @@ Executor = Callable[[JobConfig, Any, Callable[[], Callable], int], Iterator[dict
 
 def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
     """The production executor: the pending rows go to ``<out>/_listing/`` (ragseg.pipelines.listing),
-    which Ray's read tasks read one piece a block; then the Ray Data graph ``graph(ds)`` (decode,
+    which Ray's read tasks read a few pieces each; then the Ray Data graph ``graph(ds)`` (decode,
     models, ...) and the piece writer as a CPU task stage; only its one-row commit records stream
     back to the driver. The listing file is removed when the job ends."""
 
@@ -161,16 +161,20 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
 
         init_ray(cfg.ray)
         uri, offsets, schema = listing.write_listing(out, pending, per_piece)
+        n_rows = pending.num_rows
+        del pending  # the driver keeps only the pieces' offsets while the job runs
         try:
             pieces = len(offsets) - 1
             cpus = int(ray.cluster_resources().get("CPU", 1))
             plan = listing.read_task_plan(pieces, cfg.ray.pieces_per_read_task, cfg.ray.max_read_tasks,
                                           min_tasks=2 * cpus)
-            source = listing.make_datasource(uri, offsets, schema, pending.num_rows, per_piece, plan)
+            source = listing.make_datasource(uri, offsets, schema, n_rows, per_piece, plan)
             # one block per read task (no SplitBlocks: Ray would otherwise split them up to its
-            # default parallelism); a read is one small ranged GET, so it takes no CPU slot (the
-            # model actors may hold them all)
-            ds = ray.data.read_datasource(source, override_num_blocks=len(plan), num_cpus=0)
+            # default parallelism). A read is one small ranged GET: it takes no CPU slot (the model
+            # actors may hold them all), and at most ray.read_concurrency run at once (each running
+            # task holds a worker process)
+            ds = ray.data.read_datasource(source, override_num_blocks=len(plan), num_cpus=0,
+                                          concurrency=cfg.ray.read_concurrency)
             ds = add_stage(graph(ds), writer, "write", cfg, actor=False, batch_size=per_piece)
             yield from ds.iter_rows()
         finally:

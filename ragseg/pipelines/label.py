@@ -286,10 +286,12 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         stats.errors += write_source_errors(out, source_errors)
 
-        if pending.num_rows:
+        n_pending = pending.num_rows
+        if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab), out)
             records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
-            drain_records(records, comp, stats, pending.num_rows, "label", cfg.ray.progress)
+            del pending  # the executor's now (the Ray one writes the rows out and drops them)
+            drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress)
 
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
                                                   lc.panoptic_json_max_images, changed=stats.shards_written > 0)

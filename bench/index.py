@@ -19,7 +19,7 @@ build seconds, the chosen factory / nprobe, bytes per vector (index files, ids, 
 the extrapolation to 1M and 30M from the parameter rule, the build's own quality figures, and on the
 held-out queries 1-recall@1, 1-recall@10, 10-recall@10 and kNN-vote agreement (label job's k and
 temperature) per nprobe with and without re-ranking; for the main setting the search cost (and with
-``--opq-variant`` the same build with OPQ forced on): queries/s at the chosen settings with and without re-ranking for 1
+``--variants`` the same build with other index settings: OPQ, 8-bit PQ, residual codes): queries/s at the chosen settings with and without re-ranking for 1
 and 2 threads, next to the label job's images/s and segments/image from bench/results/stages.json.
 ``--compare-plain`` adds the earlier sharded-vs-plain-faiss build-time comparison.
 """
@@ -41,6 +41,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CHUNK = 50_000
+# index config changes measured next to the default on the main setting (--variants)
+VARIANTS = {
+    "opq_on": {"opq": "on"},  # OPQ rotation in front (slow to train at 768-d on a few CPUs)
+    "pq8": {"pq_bits": 8},  # 8-bit PQ, plain IVF-PQ (no fast-scan)
+    "residual": {"pq_by_residual": True},  # codes of residuals to the list centroid (faiss's IVFPQ default)
+    "pq8_residual": {"pq_bits": 8, "pq_by_residual": True},  # the default before fast-scan
+}
 TARGET_N = (1_000_000, 30_000_000)
 
 
@@ -327,8 +334,7 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
         vocab = iq.label_vocab(np.unique(labels))
         true = np.array([f"class{c}" for c in qy], dtype=object)
         difficulty = exact_vote_accuracy(exact, labels, true, ens.k, ens.retrieval_temperature, vocab)
-        variants = [("default", {})] + ([("opq_on", {"opq": "on"})] if main and args.opq_variant else []) \
-            + ([("pq8", {"pq_bits": 8})] if main and args.pq8_variant else [])
+        variants = [("default", {})] + ([(v, VARIANTS[v]) for v in args.variants] if main else [])
         for variant, extra in variants:
             import ray
 
@@ -353,7 +359,7 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
                 "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, args.rerank_ks),
             }
             idx.nprobe = meta["nprobe"]
-            if main and variant in ("default", "pq8"):
+            if main:
                 row["search_cost"] = search_cost(idx, queries, ens.k, args.batch, args.qps_seconds)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -410,10 +416,8 @@ def main() -> None:
     ap.add_argument("--rerank-ks", default="256,1024", help="shortlist sizes k' of the sweep")
     ap.add_argument("--batch", type=int, default=32, help="queries per search call in the search-cost runs")
     ap.add_argument("--qps-seconds", type=float, default=2.0)
-    ap.add_argument("--opq-variant", action="store_true", help="also build the main setting with OPQ on "
-                    "(faiss's OPQ training is slow at 768-d on a few CPUs)")
-    ap.add_argument("--pq8-variant", action="store_true", help="also build the main setting with 8-bit PQ "
-                    "codes (index.pq_bits 8: the plain IVF-PQ, the default before fast-scan)")
+    ap.add_argument("--variants", default="", help="comma list of index config variants built next to the "
+                    f"default on the main setting: {', '.join(VARIANTS)}")
     ap.add_argument("--compare-plain", action="store_true")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -422,6 +426,10 @@ def main() -> None:
     args = ap.parse_args()
     args.nprobes = [int(p) for p in args.nprobes.split(",")]
     args.rerank_ks = [int(k) for k in args.rerank_ks.split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
     rows = []
     t0 = time.time()
     for i, spec in enumerate(args.settings.split(",")):

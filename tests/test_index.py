@@ -110,7 +110,8 @@ def test_params_rule():
     # default: 4-bit codes (fast-scan when read), re-rank on, no OPQ. Fixed parts 4 x (4000 x 768 +
     # 16 x 768) + the fast-scan padding 4000 x 16 x 48 = 15.4 B/vector -> 96 sub-quantizers, 48 bytes
     assert p.factory == "IVF4000,PQ96x4" and p.nlist == 4000 and p.m == 96 and p.code_bytes == 48
-    assert p.bits == 4 and p.fast_scan and not p.opq
+    assert p.bits == 4 and p.fast_scan and not p.opq and not p.by_residual
+    assert choose_params(1_000_000, 768, IndexConfig(pq_by_residual=True)).by_residual
     assert p.train_size == 64 * 4000 and p.metric == "inner_product"
     assert params_fixed_bytes(p, 768) == 4 * (4000 * 768 + 16 * 768) + 4000 * 16 * 48
     assert p.code_bytes + params_fixed_bytes(p, 768) / 1_000_000 <= 64
@@ -501,6 +502,7 @@ def test_fast_scan_build_refresh(tmp_path, ray_local):
     assert meta["recall"]["ten_recall_at_10"] >= 0.9 and meta["recall"]["vote_agreement"] >= 0.99
     idx = Index.open(out, rerank_k=0)
     assert isinstance(faiss.downcast_index(idx.index), faiss.IndexIVFPQFastScan)
+    assert not faiss.extract_index_ivf(idx.index).by_residual  # index.pq_by_residual false (default)
     single = faiss.read_index(os.path.join(out, "v0001", "trained.index"))
     single.add_with_ids(x, np.arange(len(x), dtype=np.int64))
     single = st.to_fast_scan(single)

@@ -18,7 +18,8 @@ build_index:
   6b. with ``index.rerank`` (default) every shard task also returns its float16 vectors, written in
      id order into the re-rank store ``rerank.npy`` of the staging dir (store.py);
   7. quality (:func:`evaluate_index`, metrics in ragseg.index.quality): the merged index is opened
-     from the staging dir as a reader will open it (re-ranking included). The quality queries are
+     from the staging dir as a reader will open it (re-ranking included; 4-bit codes converted to
+     fast-scan, whose in-memory size is measured on this loaded index). The quality queries are
      database vectors (self-matches excluded); the even-numbered half tunes nprobe (``index.nprobe:
      auto``: the smallest power of two up to ``index.max_nprobe`` whose 10-recall@10 and kNN-vote
      agreement reach ``index.target_recall_at_10`` / ``index.target_vote_agreement``; else the
@@ -260,6 +261,8 @@ def _train(params: IndexParams, dim: int, x: np.ndarray, use_gpu: bool):
                         "inverted lists, so index.factory must contain IVF<n>") from None
     if hasattr(ivf, "do_polysemous_training"):
         faiss.downcast_index(ivf).do_polysemous_training = False  # slow, and we never search with it
+    if params.m and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        ivf.by_residual = bool(params.by_residual)
     gpu = False
     if use_gpu:
         try:  # coarse k-means on the GPU(s); the rest of training is cheap on the CPU

@@ -18,16 +18,27 @@ The rule (every step is documented in :func:`choose_params`):
     dimension, PQ would have one dimension per sub-quantizer, i.e. a (non-uniform) 8-bit scalar
     quantizer of the same size whose training costs ~0.5 s per dimension in faiss; SQ8 is the same
     size, trains in milliseconds and keeps recall high;
-  - else ``PQm`` with 8 bits per sub-quantizer. The fixed parts, ``F = 4 * (nlist * dim + dim * dim
-    [OPQ] + 256 * dim)`` bytes (coarse centroids, OPQ rotation, PQ codebooks), are charged to the
-    budget per vector, at most a quarter of it: the code budget is ``b = B - min(F / N, B / 4)``
-    (above B / 4 the DB is small, its whole index a few MB, and the codes keep 3/4 of B). Without
-    OPQ ``m`` = the largest divisor of ``dim`` that is <= b; with OPQ ``m = floor(b)`` and the
-    rotation maps to ``m * floor(dim / m)`` dimensions (``OPQm_dout``, no reduction when m divides
-    dim), so the whole code budget is used. Polysemous training is switched off (unused). B = 64,
-    dim 768, nlist 4 sqrt(N), re-rank on (no OPQ): N = 1M -> F/N = 13.1, ``IVF4000,PQ48``, 61.1
-    bytes/vector besides ids; N = 30M -> F/N = 2.3, ``IVF21909,PQ48``, 50.3. Re-rank off (OPQ):
-    1M -> ``OPQ48_768,IVF4000,PQ48`` (63.5); 30M -> ``OPQ61_732,IVF21909,PQ61`` (63.3).
+  - else PQ with ``index.pq_bits`` bits per sub-quantizer. Default 4: ``PQmx4``, two
+    sub-quantizers per byte, stored as a plain IVF-PQ (so shards merge on disk like any IVF-PQ)
+    and converted by readers into faiss's fast-scan layout (``IndexIVFPQFastScan``, SIMD look-up
+    tables, lists padded to blocks of 32 codes, in memory). For the same bytes it has twice the
+    sub-quantizers (768-d: 96 of 8 dims instead of 48 of 16), ranks the shortlist better and scans
+    ~4x faster than 8-bit PQ, so far more lists can be probed (bench/results/index.json). 8:
+    ``PQm``, the plain IVF-PQ searched from the mmapped lists. The fixed parts, ``F = 4 * (nlist *
+    dim + dim * dim [OPQ] + 2^bits * dim) [+ nlist * 16 * code_bytes, fast-scan padding: half a
+    block per list on average]`` bytes (coarse centroids, OPQ rotation, PQ codebooks, padding), are
+    charged to the budget per vector, at most a quarter of it: the code bytes must fit ``b = B -
+    min(F / N, B / 4)`` (above B / 4 the DB is small, its whole index a few MB, and the codes keep
+    3/4 of B). ``m`` is the largest count whose code bytes fit: without OPQ a divisor of ``dim``
+    (even for 4 bits); with OPQ any (even) count, the rotation mapping to ``m * floor(dim / m)``
+    dimensions (``OPQm_dout``, no reduction when m divides dim), so the whole code budget is used.
+    Polysemous training is switched off (unused). PQ codes encode the vector itself, not its
+    residual to the list centroid (``index.pq_by_residual``, default false: on the index benchmark's
+    data the residual codes, faiss's IVFPQ default, rank the re-rank shortlist markedly worse). B = 64, dim 768, nlist 4 sqrt(N), re-rank on (no
+    OPQ), 4 bits: N = 1M -> F/N = 12.3 + 0.05 + 3.1 = 15.4, ``IVF4000,PQ96x4``, 63.4
+    bytes/vector besides ids; N = 30M -> F/N = 2.8, ``IVF21909,PQ96x4``, 50.8. 8 bits: 1M ->
+    ``IVF4000,PQ48`` (61.1), 30M -> ``IVF21909,PQ48`` (50.3); re-rank off (OPQ), 8 bits: 1M ->
+    ``OPQ48_768,IVF4000,PQ48`` (63.5); 30M -> ``OPQ61_732,IVF21909,PQ61`` (63.3).
 * OPQ (``opq="auto"``): a learned rotation is put in front when the codes rank the final results
   (``index.rerank`` off) and each sub-quantizer covers at least ``OPQ_MIN_DIMS_PER_SUBQ`` = 4
   dimensions (``dim / m >= 4``): then the rotation balances variance across sub-vectors, which is
@@ -35,10 +46,12 @@ The rule (every step is documented in :func:`choose_params`):
   store (the default) the codes only pick the shortlist and the exact vectors order it: measured
   (README, Benchmarks) OPQ then gains nothing while its training is the most expensive step of a
   768-d CPU build, so auto leaves it off. ``"on"`` / ``"off"`` force it (ignored for Flat / SQ).
-* Training sample: ``train_per_list * nlist`` vectors, at least ``PQ_MIN_TRAIN`` when PQ is used, at
-  most N.
-* ``cfg.factory`` (explicit faiss factory string) overrides the rule; nlist / m are then parsed from
-  it where present, and the training sample is ``train_per_list * nlist`` (or N) clamped to N.
+* Training sample: ``train_per_list * nlist`` vectors, at least 39 x 2^bits (faiss's k-means
+  minimum per codebook) when PQ is used, at most N.
+* ``cfg.factory`` (explicit faiss factory string) overrides the rule; nlist / m / bits are then parsed
+  from it where present (``PQmx4`` is searched with fast-scan; a fast-scan factory ``...fs`` is
+  refused: its block-packed lists cannot be merged on disk), and the training sample is
+  ``train_per_list * nlist`` (or N) clamped to N.
 """
 
 from __future__ import annotations
@@ -76,6 +89,7 @@ class IndexParams:
     explicit: bool = False
     bits: int = 8  # bits per PQ sub-quantizer (versions before fast-scan: 8)
     fast_scan: bool = False  # readers convert the 4-bit IVF-PQ to faiss's fast-scan layout in memory
+    by_residual: bool = True  # PQ codes of residuals to the list centroid (faiss's IVFPQ default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,10 +172,11 @@ def choose_params(n: int, dim: int, cfg: IndexConfig) -> IndexParams:
         if cfg.opq == "on" or dim / m >= OPQ_MIN_DIMS_PER_SUBQ:
             d_out = m * (dim // m)
             return IndexParams(factory=f"OPQ{m}_{d_out},IVF{nlist},PQ{m}{suffix}", nlist=nlist, m=m, opq=True,
-                               train_size=train, code_bytes=code, bits=bits, fast_scan=fast)
+                               train_size=train, code_bytes=code, bits=bits, fast_scan=fast,
+                               by_residual=cfg.pq_by_residual)
     m, code = _pq_codes(n, dim, nlist, budget, False, bits)
     return IndexParams(factory=f"IVF{nlist},PQ{m}{suffix}", nlist=nlist, m=m, opq=False, train_size=train,
-                       code_bytes=code, bits=bits, fast_scan=fast)
+                       code_bytes=code, bits=bits, fast_scan=fast, by_residual=cfg.pq_by_residual)
 
 
 def _explicit(factory: str, n: int, dim: int, cfg: IndexConfig) -> IndexParams:
@@ -187,4 +202,5 @@ def _explicit(factory: str, n: int, dim: int, cfg: IndexConfig) -> IndexParams:
     return IndexParams(
         factory=factory, nlist=nlist, m=m, opq=factory.startswith("OPQ"), train_size=max(1, train),
         code_bytes=code_bytes, explicit=True, bits=bits if pq else 8, fast_scan=fast,
+        by_residual=cfg.pq_by_residual if pq else True,
     )

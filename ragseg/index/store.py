@@ -32,9 +32,9 @@ Publishing: a version is built in a staging dir, moved (local) or uploaded (remo
 
 Readers: :meth:`Index.open` resolves CURRENT once, when it starts, and from then on only uses that
 version's files. ``populated.index`` and ``labels.parquet`` are read into memory; the inverted lists
-stay mmapped from ``merged.ivfdata`` (fast-scan versions: read into memory once, see above) (the absolute path faiss stores inside the index is ignored:
-we read with ``IO_FLAG_ONDISK_SAME_DIR`` so the lists are found next to the index file, wherever the
-version dir is). Remote stores (s3://, gs://, ...) are first downloaded to a local cache dir
+stay mmapped from ``merged.ivfdata`` (fast-scan versions: read into memory once, see above; the
+absolute path faiss stores inside the index is ignored: we read with ``IO_FLAG_ONDISK_SAME_DIR`` so
+the lists are found next to the index file, wherever the version dir is). Remote stores (s3://, gs://, ...) are first downloaded to a local cache dir
 (``RAGSEG_CACHE`` or ``~/.cache/ragseg``, under ``index/<hash of uri>/<version>``).
 
 Pruning (:func:`prune`) keeps the newest ``keep_versions`` complete versions, never deletes the live
@@ -492,7 +492,7 @@ def index_info(uri: str) -> dict:
         out["status"] = "no version published"
         return out
     meta = read_meta(uri, live)
-    for key in ("count", "dim", "factory", "metric", "nlist", "m", "opq", "nprobe", "train_size",
+    for key in ("count", "dim", "factory", "metric", "nlist", "m", "opq", "bits", "fast_scan", "nprobe", "train_size",
                 "embed_model", "embed_mode", "trained_from", "created", "build_seconds"):
         out[key] = meta.get(key)
     rr = meta.get("rerank") or {}

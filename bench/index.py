@@ -155,19 +155,41 @@ def quality(idx, queries, exact, labels, vote_k, temperature, vocab) -> dict:
     return {k: round(m[k], 4) for k in ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement")}
 
 
-def scan_fraction(idx, queries, nprobe: int) -> float:
-    """Mean share of the database's codes that a query scans at ``nprobe`` (sizes of its probed lists)."""
-    import faiss
+class Lists:
+    """The inverted lists of an opened index: list sizes, the list of every id, each query's lists
+    in probe order."""
 
-    from ragseg.index.build import _transform
+    def __init__(self, idx, queries):
+        import faiss
 
-    ivf = faiss.extract_index_ivf(idx.index)
-    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
-    _, lists = ivf.quantizer.search(_transform(idx.index, queries), min(nprobe, ivf.nlist))
-    return round(float(sizes[lists].sum(axis=1).mean() / max(sizes.sum(), 1)), 4)
+        from ragseg.index.build import _transform
+
+        ivf = faiss.extract_index_ivf(idx.index)
+        self.sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+        self.list_of = np.full(idx.ntotal, -1, np.int64)
+        for i in range(ivf.nlist):
+            n = int(self.sizes[i])
+            if n:
+                ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(i), n).copy()
+                self.list_of[ids] = i
+        _, self.order = ivf.quantizer.search(_transform(idx.index, queries), ivf.nlist)
+
+    def scan_fraction(self, nprobe: int) -> float:
+        """Mean share of the database's codes that a query scans at ``nprobe``."""
+        return round(float(self.sizes[self.order[:, :nprobe]].sum(axis=1).mean() / max(self.sizes.sum(), 1)), 4)
+
+    def ivf_only_recall(self, exact_ids: np.ndarray, nprobe: int, k: int = 10) -> float:
+        """10-recall@10 with perfect codes: the share of each query's exact top-k that lies in its
+        ``nprobe`` probed lists (an upper bound for any code and re-rank at this nprobe)."""
+        rank = np.empty_like(self.order)
+        np.put_along_axis(rank, self.order, np.arange(self.order.shape[1])[None].repeat(len(rank), 0), axis=1)
+        nb = exact_ids[:, :k]
+        lists = self.list_of[np.where(nb < 0, 0, nb)]
+        hit = (np.take_along_axis(rank, lists, axis=1) < nprobe) & (nb >= 0)
+        return round(float(hit.sum() / max((nb >= 0).sum(), 1)), 4)
 
 
-def sweep(idx, queries, exact, labels, ens, vocab, nprobes, rerank_ks) -> list[dict]:
+def sweep(idx, queries, exact, labels, ens, vocab, nprobes, rerank_ks, lists: Lists) -> list[dict]:
     """Held-out quality per nprobe, without re-ranking and re-ranked with each k' of ``rerank_ks``
     (the build's k' first; key ``rerank`` = the build's k', ``rerank_<k'>`` the others)."""
     out = []
@@ -177,7 +199,8 @@ def sweep(idx, queries, exact, labels, ens, vocab, nprobes, rerank_ks) -> list[d
         if nlist and p > nlist:
             continue
         idx.nprobe = p
-        row = {"nprobe": p, "scan_fraction": scan_fraction(idx, queries, p)}
+        row = {"nprobe": p, "scan_fraction": lists.scan_fraction(p),
+               "ivf_only_ten_recall_at_10": lists.ivf_only_recall(exact[1], p)}
         for rk in [0] + ([rerank_k] + [k for k in rerank_ks if k != rerank_k] if rerank_k else []):
             idx.rerank_k = rk
             key = "no_rerank" if not rk else ("rerank" if rk == rerank_k else f"rerank_{rk}")
@@ -344,6 +367,7 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
             res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
             idx = st.Index.open(out)
             meta = idx.meta
+            lists = Lists(idx, queries)
             row = {
                 "bench": "index", "setting": name, "variant": variant, "n": n, "dim": args.dim,
                 "classes": classes, "spread": spread, "shards": args.shards,
@@ -355,8 +379,8 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
                 "bytes": extrapolate(meta, cfg),
                 "heldout_queries": len(queries),
                 "heldout_at_chosen": quality(idx, queries, exact, labels, ens.k, ens.retrieval_temperature, vocab),
-                "scan_fraction_at_chosen": scan_fraction(idx, queries, meta["nprobe"]),
-                "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, args.rerank_ks),
+                "scan_fraction_at_chosen": lists.scan_fraction(meta["nprobe"]),
+                "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, args.rerank_ks, lists),
             }
             idx.nprobe = meta["nprobe"]
             if main:

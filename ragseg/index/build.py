@@ -723,8 +723,8 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
             rerank_meta["k"] = icfg.rerank_k
         base = {"count": total, "dim": db.dim, "nlist": params.nlist, "rerank": rerank_meta,
                 "params": params.to_dict()}
-        recall, nprobe, tuning, loaded = evaluate_index(staging, base, queries, qids, _merge_topk(exact_parts, kk),
-                                                labels_by_id, cfg)
+        recall, nprobe, tuning, loaded = evaluate_index(staging, base, queries, qids,
+                                                        _merge_topk(exact_parts, kk), labels_by_id, cfg)
         del labels_by_id
         sizes = size_report(staging, params, db.dim, total, loaded)
         shards_meta = [{"name": s.name, "rows": s.rows, "start_id": start, "input_key": s.input_key}

@@ -34,8 +34,9 @@ Readers: :meth:`Index.open` resolves CURRENT once, when it starts, and from then
 version's files. ``populated.index`` and ``labels.parquet`` are read into memory; the inverted lists
 stay mmapped from ``merged.ivfdata`` (fast-scan versions: read into memory once, see above; the
 absolute path faiss stores inside the index is ignored: we read with ``IO_FLAG_ONDISK_SAME_DIR`` so
-the lists are found next to the index file, wherever the version dir is). Remote stores (s3://, gs://, ...) are first downloaded to a local cache dir
-(``RAGSEG_CACHE`` or ``~/.cache/ragseg``, under ``index/<hash of uri>/<version>``).
+the lists are found next to the index file, wherever the version dir is). Remote stores (s3://,
+gs://, ...) are first downloaded to a local cache dir (``RAGSEG_CACHE`` or ``~/.cache/ragseg``, under
+``index/<hash of uri>/<version>``).
 
 Pruning (:func:`prune`) keeps the newest ``keep_versions`` complete versions, never deletes the live
 one, and never deletes a version that stopped being live less than ``grace_s`` seconds ago (the time

@@ -19,7 +19,7 @@ build seconds, the chosen factory / nprobe, bytes per vector (index files, ids, 
 the extrapolation to 1M and 30M from the parameter rule, the build's own quality figures, and on the
 held-out queries 1-recall@1, 1-recall@10, 10-recall@10 and kNN-vote agreement (label job's k and
 temperature) per nprobe with and without re-ranking; for the main setting the search cost (and with
-``--opq-variant`` the same build with OPQ forced on): queries/s at the chosen settings with and without re-ranking for 1
+``--variants`` the same build with other index settings: OPQ, 8-bit PQ, residual codes): queries/s at the chosen settings with and without re-ranking for 1
 and 2 threads, next to the label job's images/s and segments/image from bench/results/stages.json.
 ``--compare-plain`` adds the earlier sharded-vs-plain-faiss build-time comparison.
 """
@@ -41,6 +41,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CHUNK = 50_000
+# index config changes measured next to the default on the main setting (--variants)
+VARIANTS = {
+    "opq_on": {"opq": "on"},  # OPQ rotation in front (slow to train at 768-d on a few CPUs)
+    "pq8": {"pq_bits": 8},  # 8-bit PQ, plain IVF-PQ (no fast-scan)
+    "residual": {"pq_by_residual": True},  # codes of residuals to the list centroid (faiss's IVFPQ default)
+    "pq8_residual": {"pq_bits": 8, "pq_by_residual": True},  # the default before fast-scan
+}
 TARGET_N = (1_000_000, 30_000_000)
 
 
@@ -148,21 +155,70 @@ def quality(idx, queries, exact, labels, vote_k, temperature, vocab) -> dict:
     return {k: round(m[k], 4) for k in ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement")}
 
 
-def sweep(idx, queries, exact, labels, ens, vocab, nprobes, rerank_k) -> list[dict]:
+class Lists:
+    """The inverted lists of an opened index: list sizes, the list of every id, each query's lists
+    in probe order."""
+
+    def __init__(self, idx, queries):
+        import faiss
+
+        from ragseg.index.build import _transform
+
+        ivf = faiss.extract_index_ivf(idx.index)
+        self.sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+        self.list_of = np.full(idx.ntotal, -1, np.int64)
+        for i in range(ivf.nlist):
+            n = int(self.sizes[i])
+            if n:
+                ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(i), n).copy()
+                self.list_of[ids] = i
+        _, self.order = ivf.quantizer.search(_transform(idx.index, queries), ivf.nlist)
+
+    def scan_fraction(self, nprobe: int) -> float:
+        """Mean share of the database's codes that a query scans at ``nprobe``."""
+        return round(float(self.sizes[self.order[:, :nprobe]].sum(axis=1).mean() / max(self.sizes.sum(), 1)), 4)
+
+    def ivf_only_recall(self, exact_ids: np.ndarray, nprobe: int, k: int = 10) -> float:
+        """10-recall@10 with perfect codes: the share of each query's exact top-k that lies in its
+        ``nprobe`` probed lists (an upper bound for any code and re-rank at this nprobe)."""
+        rank = np.empty_like(self.order)
+        np.put_along_axis(rank, self.order, np.arange(self.order.shape[1])[None].repeat(len(rank), 0), axis=1)
+        nb = exact_ids[:, :k]
+        lists = self.list_of[np.where(nb < 0, 0, nb)]
+        hit = (np.take_along_axis(rank, lists, axis=1) < nprobe) & (nb >= 0)
+        return round(float(hit.sum() / max((nb >= 0).sum(), 1)), 4)
+
+
+def sweep(idx, queries, exact, labels, ens, vocab, nprobes, rerank_ks, lists: Lists) -> list[dict]:
+    """Held-out quality per nprobe, without re-ranking and re-ranked with each k' of ``rerank_ks``
+    (the build's k' first; key ``rerank`` = the build's k', ``rerank_<k'>`` the others)."""
     out = []
     nlist = int(idx.meta.get("nlist", 0))
+    rerank_k = idx.rerank_k
     for p in nprobes:
         if nlist and p > nlist:
             continue
         idx.nprobe = p
-        row = {"nprobe": p}
-        for rk in ([0, rerank_k] if rerank_k else [0]):
+        row = {"nprobe": p, "scan_fraction": lists.scan_fraction(p),
+               "ivf_only_ten_recall_at_10": lists.ivf_only_recall(exact[1], p)}
+        for rk in [0] + ([rerank_k] + [k for k in rerank_ks if k != rerank_k] if rerank_k else []):
             idx.rerank_k = rk
-            row["rerank" if rk else "no_rerank"] = quality(idx, queries, exact, labels, ens.k,
-                                                           ens.retrieval_temperature, vocab)
+            key = "no_rerank" if not rk else ("rerank" if rk == rerank_k else f"rerank_{rk}")
+            row[key] = quality(idx, queries, exact, labels, ens.k, ens.retrieval_temperature, vocab)
         out.append(row)
     idx.rerank_k = rerank_k
     return out
+
+
+def neighbour_structure(exact, n: int, classes: int, modes: int) -> dict:
+    """What makes 10-recall@10 hard on this data: members per mode, and the exact similarities at
+    ranks 1, 5, 10, 11, 16 (medians over the held-out queries) with the rank-10 / rank-11 gap."""
+    sims = exact[0]
+    med = {f"sim_rank_{r}": round(float(np.median(sims[:, r - 1])), 4) for r in (1, 5, 10, 11, 16)}
+    gap = sims[:, 9] - sims[:, 10]
+    return {"members_per_mode": round(n / (classes * modes), 1), **med,
+            "gap_10_11_median": round(float(np.median(gap)), 5),
+            "gap_10_11_p10": round(float(np.percentile(gap, 10)), 5)}
 
 
 def qps(idx, queries, k: int, batch: int, seconds: float) -> float:
@@ -229,22 +285,27 @@ def search_cost(idx, queries, vote_k: int, batch: int, seconds: float) -> dict:
 
 
 def extrapolate(meta: dict, cfg) -> dict:
-    """Bytes/vector of the index (ids excluded / included) at this N (measured) and at 1M / 30M (the
-    parameter rule's factory there: code bytes + amortised fixed parts + the file-format overhead
-    per vector measured here)."""
-    from ragseg.index.params import choose_params, fixed_bytes
+    """Bytes/vector of the index (ids excluded / included) at this N (measured: the index as a reader
+    holds it, see ``meta["bytes"]["measured"]``) and at 1M / 30M (the parameter rule's factory there:
+    code bytes + amortised fixed parts (fast-scan: with the expected list padding) + the overhead
+    per vector measured here beyond those)."""
+    from ragseg.index.params import IndexParams, choose_params, params_fixed_bytes
 
     b = meta["bytes"]
     n, dim = meta["count"], meta["dim"]
-    measured_fixed = fixed_bytes(meta["nlist"], dim, meta["opq"]) if meta["m"] else 0
+    measured_fixed = params_fixed_bytes(IndexParams(**meta["params"]), dim)
     overhead = b["per_vector"] - b["ids_per_vector"] - meta["code_bytes"] - measured_fixed / n
-    out = {"measured": {"n": n, "factory": meta["factory"], "per_vector": round(b["per_vector"], 2),
+    out = {"measured": {"n": n, "factory": meta["factory"], "what": b.get("measured", "files"),
+                        "per_vector": round(b["per_vector"], 2),
                         "per_vector_excl_ids": round(b["per_vector_excl_ids"], 2),
+                        "fixed_per_vector": round(measured_fixed / n, 2),
                         "rerank_store_per_vector_on_disk": round(b["rerank_store_per_vector"], 1),
-                        "format_overhead_per_vector": round(overhead, 3)}}
+                        "other_overhead_per_vector": round(overhead, 3)}}
     for tn in TARGET_N:
+        if tn == n:
+            continue
         p = choose_params(tn, dim, cfg.index)
-        fixed = fixed_bytes(p.nlist, dim, p.opq) / tn if p.m else 0.0
+        fixed = params_fixed_bytes(p, dim) / tn
         excl = p.code_bytes + fixed + max(overhead, 0.0)
         out[f"n_{tn}"] = {"factory": p.factory, "code_bytes": p.code_bytes, "fixed_per_vector": round(fixed, 2),
                           "per_vector_excl_ids": round(excl, 2), "per_vector": round(excl + 8, 2),
@@ -296,7 +357,7 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
         vocab = iq.label_vocab(np.unique(labels))
         true = np.array([f"class{c}" for c in qy], dtype=object)
         difficulty = exact_vote_accuracy(exact, labels, true, ens.k, ens.retrieval_temperature, vocab)
-        variants = [("default", {})] + ([("opq_on", {"opq": "on"})] if main and args.opq_variant else [])
+        variants = [("default", {})] + ([(v, VARIANTS[v]) for v in args.variants] if main else [])
         for variant, extra in variants:
             import ray
 
@@ -306,20 +367,23 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
             res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
             idx = st.Index.open(out)
             meta = idx.meta
+            lists = Lists(idx, queries)
             row = {
                 "bench": "index", "setting": name, "variant": variant, "n": n, "dim": args.dim,
                 "classes": classes, "spread": spread, "shards": args.shards,
                 "exact_knn_vote_accuracy": round(difficulty, 4), "data_gen_s": round(gen_s, 1),
+                "modes": args.modes, "structure": neighbour_structure(exact, n, classes, args.modes),
                 "build_s": round(build_s, 1), "factory": meta["factory"], "nlist": meta["nlist"],
                 "nprobe": meta["nprobe"], "rerank_k": idx.rerank_k,
                 "nprobe_tuning": meta["nprobe_tuning"], "build_quality": meta["recall"],
                 "bytes": extrapolate(meta, cfg),
                 "heldout_queries": len(queries),
                 "heldout_at_chosen": quality(idx, queries, exact, labels, ens.k, ens.retrieval_temperature, vocab),
-                "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, idx.rerank_k),
+                "scan_fraction_at_chosen": lists.scan_fraction(meta["nprobe"]),
+                "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, args.rerank_ks, lists),
             }
             idx.nprobe = meta["nprobe"]
-            if main and variant == "default":
+            if main:
                 row["search_cost"] = search_cost(idx, queries, ens.k, args.batch, args.qps_seconds)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -372,11 +436,12 @@ def main() -> None:
     ap.add_argument("--build-queries", type=int, default=1000, help="index.recall_queries of the build")
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--nlist-per-sqrt-n", type=float, default=None, help="default: the config default")
-    ap.add_argument("--nprobes", default="1,2,4,8,16,32,64")
+    ap.add_argument("--nprobes", default="1,2,4,8,16,32,64,128,256,512,1024")
+    ap.add_argument("--rerank-ks", default="256,1024", help="shortlist sizes k' of the sweep")
     ap.add_argument("--batch", type=int, default=32, help="queries per search call in the search-cost runs")
     ap.add_argument("--qps-seconds", type=float, default=2.0)
-    ap.add_argument("--opq-variant", action="store_true", help="also build the main setting with OPQ on "
-                    "(faiss's OPQ training is slow at 768-d on a few CPUs)")
+    ap.add_argument("--variants", default="", help="comma list of index config variants built next to the "
+                    f"default on the main setting: {', '.join(VARIANTS)}")
     ap.add_argument("--compare-plain", action="store_true")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -384,6 +449,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "index.json"))
     args = ap.parse_args()
     args.nprobes = [int(p) for p in args.nprobes.split(",")]
+    args.rerank_ks = [int(k) for k in args.rerank_ks.split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
     rows = []
     t0 = time.time()
     for i, spec in enumerate(args.settings.split(",")):

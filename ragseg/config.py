@@ -254,10 +254,16 @@ class IndexConfig(Strict):
     nlist_per_sqrt_n: float = Field(default=4.0, gt=0)  # nlist ~ 2..16 x sqrt(N)
     train_per_list: int = Field(default=64, ge=30)  # training sample ~ 50..256 x nlist
     opq: Literal["auto", "on", "off"] = "auto"
+    # bits per PQ sub-quantizer: 4 = twice the sub-quantizers for the same bytes, searched with faiss's
+    # SIMD fast-scan once a reader loads the lists (IVF-PQ x4 on disk, IVFPQFastScan in memory); 8 = plain
+    pq_bits: Literal[4, 8] = 4
+    # PQ codes encode the vector itself (false) or its residual to its list's centroid (true: faiss's
+    # IVFPQ default); measured on the index benchmark, residual codes rank the re-rank shortlist worse
+    pq_by_residual: bool = False
     # lists probed: "auto" = the smallest power of two (<= max_nprobe) that reaches the targets on the
     # tuning half of the quality queries; an int fixes it
     nprobe: int | Literal["auto"] = "auto"
-    max_nprobe: int = Field(default=256, ge=1)
+    max_nprobe: int = Field(default=1024, ge=1)
     target_recall_at_10: float = Field(default=0.9, ge=0.0, le=1.0)  # nprobe tuning target (10-recall@10)
     target_vote_agreement: float = Field(default=0.99, ge=0.0, le=1.0)  # nprobe tuning target (kNN vote)
     # re-rank a k' shortlist with the exact float16 vectors (rerank.npy, memory-mapped, in the version dir)

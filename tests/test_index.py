@@ -11,7 +11,7 @@ import pytest
 
 from ragseg.config import IndexConfig, JobConfig
 from ragseg.errors import UserError
-from ragseg.index.params import PQ_MIN_TRAIN, choose_params, fixed_bytes
+from ragseg.index.params import PQ_MIN_TRAIN, choose_params, fixed_bytes, params_fixed_bytes
 from ragseg.schema import embeddings_to_arrow, feature_schema
 
 DIM = 64
@@ -107,12 +107,23 @@ def built(tmp_path_factory, ray_local):
 def test_params_rule():
     cfg = IndexConfig()
     p = choose_params(1_000_000, 768, cfg)
-    # re-rank on (default): no OPQ; fixed parts 4 x (4000 x 768 + 256 x 768) / 1M = 13.1 B -> PQ48
-    assert p.factory == "IVF4000,PQ48" and p.nlist == 4000 and p.m == 48 and not p.opq
+    # default: 4-bit codes (fast-scan when read), re-rank on, no OPQ. Fixed parts 4 x (4000 x 768 +
+    # 16 x 768) + the fast-scan padding 4000 x 16 x 48 = 15.4 B/vector -> 96 sub-quantizers, 48 bytes
+    assert p.factory == "IVF4000,PQ96x4" and p.nlist == 4000 and p.m == 96 and p.code_bytes == 48
+    assert p.bits == 4 and p.fast_scan and not p.opq and not p.by_residual
+    assert choose_params(1_000_000, 768, IndexConfig(pq_by_residual=True)).by_residual
     assert p.train_size == 64 * 4000 and p.metric == "inner_product"
+    assert params_fixed_bytes(p, 768) == 4 * (4000 * 768 + 16 * 768) + 4000 * 16 * 48
+    assert p.code_bytes + params_fixed_bytes(p, 768) / 1_000_000 <= 64
+    assert choose_params(30_000_000, 768, cfg).factory == "IVF21909,PQ96x4"
+    assert choose_params(100_000, 768, cfg).factory == "IVF1265,PQ96x4"
+    # 8-bit codes (the plain IVF-PQ): 4000 x 768 + 256 x 768 floats = 13.1 B -> PQ48
+    p8 = IndexConfig(pq_bits=8)
+    p = choose_params(1_000_000, 768, p8)
+    assert p.factory == "IVF4000,PQ48" and p.m == 48 and p.bits == 8 and not p.fast_scan
     assert p.code_bytes + fixed_bytes(p.nlist, 768, False) / 1_000_000 <= 64
     # re-rank off: OPQ; + 768^2 rotation -> 15.5 B -> 48 code bytes
-    nr = IndexConfig(rerank=False)
+    nr = IndexConfig(rerank=False, pq_bits=8)
     p = choose_params(1_000_000, 768, nr)
     assert p.factory == "OPQ48_768,IVF4000,PQ48" and p.opq
     assert p.code_bytes + fixed_bytes(p.nlist, 768, True) / 1_000_000 <= 64
@@ -120,9 +131,12 @@ def test_params_rule():
     p = choose_params(30_000_000, 768, nr)
     assert p.factory == "OPQ61_732,IVF21909,PQ61"
     assert p.code_bytes + fixed_bytes(p.nlist, 768, True) / 30_000_000 <= 64
-    assert choose_params(30_000_000, 768, cfg).factory == "IVF21909,PQ48"
+    assert choose_params(30_000_000, 768, p8).factory == "IVF21909,PQ48"
+    # 4-bit with OPQ: any even m, 2 sub-quantizers per byte (30M: 120 x 4 bits = 60 bytes + 3.0 fixed)
+    p = choose_params(30_000_000, 768, IndexConfig(rerank=False))
+    assert p.factory == "OPQ120_720,IVF21909,PQ120x4" and p.code_bytes == 60 and p.fast_scan
     # 8 x sqrt(N) = 2530 lists would get < 64 training points each: clamped to N // 64
-    p = choose_params(100_000, 768, IndexConfig(nlist_per_sqrt_n=8, rerank=False))
+    p = choose_params(100_000, 768, IndexConfig(nlist_per_sqrt_n=8, rerank=False, pq_bits=8))
     assert p.nlist == 100_000 // 64 and p.train_size == 64 * p.nlist
     # small N: the fixed parts are charged at most B / 4 -> 48 code bytes
     assert p.m == 48 and p.factory == "OPQ48_768,IVF1562,PQ48"
@@ -132,7 +146,9 @@ def test_params_rule():
     assert choose_params(20_000, 32, cfg).factory.endswith(",SQfp16")
     assert p.train_size == 64 * 312
     # m divides dim and is clamped to dim
-    assert choose_params(50_000, 100, IndexConfig(budget_bytes_per_vector=48)).m == 25
+    assert choose_params(50_000, 100, IndexConfig(budget_bytes_per_vector=48, pq_bits=8)).m == 25
+    p = choose_params(50_000, 100, IndexConfig(budget_bytes_per_vector=48))
+    assert p.m == 50 and p.code_bytes == 25  # 4-bit: an even divisor, two per byte
     # flat codes when the raw vector fits the budget, or too few vectors to train PQ
     assert choose_params(50_000, 16, cfg).factory.endswith(",Flat")
     assert choose_params(PQ_MIN_TRAIN - 1, 768, cfg).factory.endswith(",Flat")
@@ -142,11 +158,16 @@ def test_params_rule():
     # explicit factory and opq switches
     p = choose_params(10_000, 64, IndexConfig(factory="IVF10,PQ16"))
     assert p.explicit and p.nlist == 10 and p.m == 16 and p.factory == "IVF10,PQ16"
-    p = choose_params(100_000, 768, IndexConfig(opq="off"))
+    p = choose_params(100_000, 768, IndexConfig(opq="off", pq_bits=8))
     assert p.opq is False and p.factory == "IVF1265,PQ48"  # largest divisor of 768 <= 64 - min(F/N, 16)
     # 128 dims, ~56 code bytes: OPQ55 would give 2 dims per sub-quantizer -> no OPQ, PQ32 divides 128
     assert choose_params(100_000, 128, nr).factory == "IVF1265,PQ32"
-    assert choose_params(100_000, 128, IndexConfig(opq="on")).factory.startswith("OPQ55_110,")
+    assert choose_params(100_000, 128, IndexConfig(opq="on", pq_bits=8)).factory.startswith("OPQ55_110,")
+    # explicit 4-bit codes are fast-scan when read; an explicit fast-scan factory cannot merge on disk
+    p = choose_params(10_000, 64, IndexConfig(factory="IVF10,PQ32x4"))
+    assert p.fast_scan and p.bits == 4 and p.code_bytes == 16 and p.m == 32
+    with pytest.raises(UserError, match="fast-scan inverted lists cannot be merged on disk; give 'PQ32x4'"):
+        choose_params(10_000, 64, IndexConfig(factory="IVF10,PQ32x4fs"))
     with pytest.raises(UserError):
         choose_params(0, 64, cfg)
 
@@ -457,3 +478,57 @@ def test_search_region_with_stub_embed(built, tmp_path):
         search_region(built["out"], img, box="0,0,5,5", embed=stub)
     with pytest.raises(UserError, match="empty"):
         search_region(built["out"], img, box="5,5,5,9", embed=stub)
+
+
+def test_fast_scan_build_refresh(tmp_path, ray_local):
+    """4-bit codes (``IVF<n>,PQ<m>x4``): shards merge on disk as for 8-bit PQ, readers search the
+    fast-scan layout in memory, answers equal one fast-scan index holding all vectors, and a refresh
+    re-merges the live lists with a new shard."""
+    import faiss
+
+    from ragseg.index import build as b
+    from ragseg.index import store as st
+    from ragseg.index.store import Index
+
+    db = str(tmp_path / "db")
+    out = str(tmp_path / "index")
+    x, y, shards = make_db(db, [4000, 4000, 4000])
+    cfg = cfg_for(out, budget_bytes_per_vector=32)  # dim 64: 32 x 4-bit sub-quantizers = 16 bytes
+    r = b.build_index(db, cfg)
+    assert r["factory"] == "IVF187,PQ32x4" and r["published"]
+    meta = st.read_meta(out)
+    assert meta["fast_scan"] and meta["bits"] == 4 and meta["params"]["fast_scan"]
+    assert meta["bytes"]["measured"] == "loaded_index" and meta["bytes"]["loaded_index"] > 12_000 * 16
+    assert meta["recall"]["ten_recall_at_10"] >= 0.9 and meta["recall"]["vote_agreement"] >= 0.99
+    idx = Index.open(out, rerank_k=0)
+    assert isinstance(faiss.downcast_index(idx.index), faiss.IndexIVFPQFastScan)
+    assert not faiss.extract_index_ivf(idx.index).by_residual  # index.pq_by_residual false (default)
+    single = faiss.read_index(os.path.join(out, "v0001", "trained.index"))
+    single.add_with_ids(x, np.arange(len(x), dtype=np.int64))
+    single = st.to_fast_scan(single)
+    faiss.ParameterSpace().set_index_parameter(single, "nprobe", idx.nprobe)
+    q = x[::61][:150]
+    d1, i1 = idx.search_ids(q, 10)
+    d2, i2 = single.search(q, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+    # re-ranked, every list probed: the exact top-10
+    idx.rerank_k, idx.nprobe = 256, meta["nlist"]
+    s_rr, i_rr = idx.search_ids(q, 10)
+    s_ex, i_ex = exact_knn(x, q, 10)
+    assert (i_rr == i_ex).mean() > 0.995
+    # refresh: the live version's merged lists + the new shard
+    x4, y4 = clustered(1000, seed=78)
+    x4 = x4.astype(np.float16).astype(np.float32)
+    shards.append(write_shard(db, "s00003-new", x4, y4, "newimg"))
+    write_manifest(db, shards)
+    r2 = b.refresh_index(db, cfg)
+    assert r2["published"] and r2["retrain_reason"] is None and r2["count"] == 13_000
+    new = Index.open(out)
+    assert isinstance(faiss.downcast_index(new.index), faiss.IndexIVFPQFastScan)
+    _, ids = new.search_ids(x4[:50], 1)
+    assert (ids[:, 0] == 12_000 + np.arange(50)).mean() >= 0.9
+    new.nprobe = meta["nlist"]
+    _, ids_all = new.search_ids(q, 10)
+    _, ex_all = exact_knn(np.concatenate([x, x4]), q, 10)
+    assert (ids_all == ex_all).mean() > 0.995

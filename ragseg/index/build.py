@@ -18,7 +18,8 @@ build_index:
   6b. with ``index.rerank`` (default) every shard task also returns its float16 vectors, written in
      id order into the re-rank store ``rerank.npy`` of the staging dir (store.py);
   7. quality (:func:`evaluate_index`, metrics in ragseg.index.quality): the merged index is opened
-     from the staging dir as a reader will open it (re-ranking included). The quality queries are
+     from the staging dir as a reader will open it (re-ranking included; 4-bit codes converted to
+     fast-scan, whose in-memory size is measured on this loaded index). The quality queries are
      database vectors (self-matches excluded); the even-numbered half tunes nprobe (``index.nprobe:
      auto``: the smallest power of two up to ``index.max_nprobe`` whose 10-recall@10 and kNN-vote
      agreement reach ``index.target_recall_at_10`` / ``index.target_vote_agreement``; else the
@@ -66,7 +67,7 @@ from ragseg.config import JobConfig
 from ragseg.errors import UserError
 from ragseg.index import quality as iq
 from ragseg.index import store as st
-from ragseg.index.params import METRIC, IndexParams, choose_params, fixed_bytes
+from ragseg.index.params import METRIC, IndexParams, choose_params, params_fixed_bytes
 from ragseg.schema import arrow_to_embeddings
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,8 @@ def _train(params: IndexParams, dim: int, x: np.ndarray, use_gpu: bool):
                         "inverted lists, so index.factory must contain IVF<n>") from None
     if hasattr(ivf, "do_polysemous_training"):
         faiss.downcast_index(ivf).do_polysemous_training = False  # slow, and we never search with it
+    if params.m and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        ivf.by_residual = bool(params.by_residual)
     gpu = False
     if use_gpu:
         try:  # coarse k-means on the GPU(s); the rest of training is cheap on the CPU
@@ -333,10 +336,11 @@ def _split_queries(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate_index(staging: str, meta: dict, queries: np.ndarray, qids: np.ndarray, exact: tuple,
-                   labels, cfg: JobConfig) -> tuple[dict, int, dict]:
+                   labels, cfg: JobConfig) -> tuple[dict, int, dict, int | None]:
     """Tune nprobe on one half of the quality queries and measure the other half (module doc, step
     7). ``exact`` = (sims, ids) exact top-k of every query (self included), ``labels[ids]`` the
-    labels. Returns (quality dict, chosen nprobe, tuning record)."""
+    labels. Returns (quality dict, chosen nprobe, tuning record, bytes the reader holds in memory
+    when it loaded the lists (fast-scan), else None)."""
     icfg, ens = cfg.index, cfg.label.ensemble
     vote_k, temp = ens.k, ens.retrieval_temperature
     kk = max(RECALL_K, vote_k) + 1
@@ -379,7 +383,23 @@ def evaluate_index(staging: str, meta: dict, queries: np.ndarray, qids: np.ndarr
     tuning = {"mode": "auto" if icfg.nprobe == "auto" else "fixed", "target": target, "tried": tried,
               "met": met is not None if icfg.nprobe == "auto" else None, "chosen": nprobe,
               "queries": int(len(tune))}
-    return quality, nprobe, tuning
+    return quality, nprobe, tuning, _loaded_bytes(reader.index, staging, meta)
+
+
+def _loaded_bytes(index, staging: str, meta: dict) -> int | None:
+    """Serialised size of a reader's index whose inverted lists live in memory (fast-scan): the
+    index as a reader holds it, measured, not derived from the parameters."""
+    import faiss
+
+    if not (meta.get("params") or {}).get("fast_scan"):
+        return None
+    path = os.path.join(staging, "_loaded.index")
+    try:
+        faiss.write_index(index, path)
+        return os.path.getsize(path)
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def _saturated(tried: list[dict], keys: list[str], tol: float = SATURATION_TOL) -> int:
@@ -409,16 +429,21 @@ def quality_gate(quality: dict, cfg: JobConfig, factory: str, live: str | None) 
             "index.rerank_k or index.budget_bytes_per_vector")
 
 
-def size_report(staging: str, params: IndexParams, dim: int, total: int) -> dict:
+def size_report(staging: str, params: IndexParams, dim: int, total: int, loaded: int | None = None) -> dict:
     """Bytes of the version's files and per vector: the index proper (quantizer, codes, ids: what a
-    reader keeps in memory or mmapped) and, separately, the on-disk re-rank store."""
+    reader keeps in memory or mmapped; ``loaded`` = the measured size of a fast-scan reader's
+    in-memory index, which replaces the files' size) and, separately, the on-disk re-rank store."""
     sizes = {name: os.path.getsize(os.path.join(staging, name))
              for name in (st.POPULATED, st.IVFDATA, st.RERANK) if os.path.exists(os.path.join(staging, name))}
     index_bytes = sizes.get(st.POPULATED, 0) + sizes.get(st.IVFDATA, 0)
+    if loaded is not None:
+        sizes["loaded_index"] = loaded
+        index_bytes = loaded
     per_vector = index_bytes / total
     return {**sizes, "per_vector": per_vector, "ids_per_vector": ID_BYTES,
             "per_vector_excl_ids": per_vector - ID_BYTES, "code_bytes": params.code_bytes,
-            "fixed": fixed_bytes(params.nlist, dim, params.opq) if params.m else None,
+            "fixed": params_fixed_bytes(params, dim) if params.m else None,
+            "measured": "loaded_index" if loaded is not None else "files",
             "rerank_store_per_vector": sizes.get(st.RERANK, 0) / total}
 
 
@@ -696,17 +721,19 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         # quality of the merged index as a reader will search it; nprobe tuned to the targets
         if rerank_meta.get("file"):
             rerank_meta["k"] = icfg.rerank_k
-        base = {"count": total, "dim": db.dim, "nlist": params.nlist, "rerank": rerank_meta}
-        recall, nprobe, tuning = evaluate_index(staging, base, queries, qids, _merge_topk(exact_parts, kk),
-                                                labels_by_id, cfg)
+        base = {"count": total, "dim": db.dim, "nlist": params.nlist, "rerank": rerank_meta,
+                "params": params.to_dict()}
+        recall, nprobe, tuning, loaded = evaluate_index(staging, base, queries, qids,
+                                                        _merge_topk(exact_parts, kk), labels_by_id, cfg)
         del labels_by_id
-        sizes = size_report(staging, params, db.dim, total)
+        sizes = size_report(staging, params, db.dim, total, loaded)
         shards_meta = [{"name": s.name, "rows": s.rows, "start_id": start, "input_key": s.input_key}
                        for s, start in layout]
         meta = {
             "format": 1,
             "factory": params.factory, "metric": METRIC, "dim": db.dim, "count": total,
             "nlist": params.nlist, "m": params.m, "opq": params.opq, "code_bytes": params.code_bytes,
+            "bits": params.bits, "fast_scan": params.fast_scan,
             "train_size": params.train_size, "params": params.to_dict(), "nprobe": nprobe,
             "trained_count": trained_count, "train_coarse_error": train_err, "gpu_train": bool(gpu_train),
             "embed_model": db.embed_model, "embed_mode": db.embed_mode, "db_uri": db.uri,

@@ -45,8 +45,8 @@ class RayConfig(Strict):
     model_actors: int | Literal["auto"] = "auto"
     gpus_per_actor: float = Field(default=1.0, gt=0)
     cpus_per_actor: float = Field(default=1.0, gt=0)
-    # images per batch of the decode, gt and per-image stages (a Ray Data block is one piece,
-    # images_per_shard images; its stages run it in batches of this many)
+    # images per batch of the decode, gt and per-image stages (a Ray Data block is one read task's
+    # pieces, pieces_per_read_task x images_per_shard images; the stages run it in batches of this many)
     images_per_block: int = Field(default=16, ge=1)
     # consecutive pieces of the pending listing per Ray read task: more when that would make over
     # max_read_tasks tasks, fewer when it would make under two per cluster CPU (a small job spreads)

@@ -136,7 +136,7 @@ def _source_rows(cfg: JobConfig, source_errors: list[dict]):
 
 
 def build_graph(cfg: JobConfig, ds):
-    """The Ray Data graph over ``ds``, the pending image rows (one piece a block)."""
+    """The Ray Data graph over ``ds``, the pending image rows (a read task's pieces a block)."""
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
     from ragseg.stages.embed import Embed
 

@@ -114,7 +114,7 @@ def _check_index(cfg: JobConfig, index_uri: str) -> dict:
 
 
 def build_graph(cfg: JobConfig, ds, vocab):
-    """The Ray Data graph over ``ds``, the pending image rows (one piece a block)."""
+    """The Ray Data graph over ``ds``, the pending image rows (a read task's pieces a block)."""
     from ragseg.stages.classify import Classify
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
     from ragseg.stages.embed import Embed

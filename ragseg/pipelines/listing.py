@@ -3,12 +3,13 @@
 The driver writes the pending rows (an Arrow table, ragseg.sources.row_schema) once, to
 ``<out>/_listing/<run>.arrows``: one Arrow IPC stream per piece (``images_per_shard`` rows), one
 after the other. It keeps only the byte offset of each piece. A :class:`ListingDatasource` read task
-covers a run of consecutive pieces: one ranged GET of its bytes, then one block per piece.
+covers a run of consecutive pieces: one ranged GET of its bytes, then a table per piece (Ray's
+output buffer joins them into one block of the task's pieces).
 
 So the driver builds no block and holds no row in Ray's object store (``from_items`` /
 ``from_arrow`` put every input block into the object store from the driver, which stays there for
-the whole job), and every block of the graph is one piece: Ray Data's per-task work on the driver
-is per piece, not per ``images_per_block`` images (the stages still batch ``images_per_block``
+the whole job), and a block of the graph is a few pieces: Ray Data's per-task work on the driver is
+per few pieces, not per ``images_per_block`` images (the stages still batch ``images_per_block``
 images at a time inside a task).
 """
 

@@ -81,6 +81,8 @@ def test_gt_mode_rows_labels_norms(gt_db, synthetic_root):
     # ids unique within the DB
     keys = [(i, s) for tt in tables for i, s in zip(tt["image_id"].to_pylist(), tt["segment_id"].to_pylist())]
     assert len(keys) == len(set(keys))
+    # the pending listing Ray Data read (ragseg.pipelines.listing) is gone once the job is done
+    assert not os.path.exists(os.path.join(db, "_listing"))
 
 
 def test_embed_identity_matches_stage(tiny_cfg):

@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,41 +77,13 @@ def _stats(xs: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Local S3 server (moto), as tests/conftest.py's s3_server fixture
+# Local S3 server (moto): the tests' own (tests/conftest.py), so that both start it one way
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def s3_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise SystemExit("moto_server did not start") from None
-                time.sleep(0.2)
-        os.environ.update(env)
-        import s3fs
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import moto_s3_env
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=10)
+    return moto_s3_env()
 
 
 # ----------------------------------------------------------------------------------------------

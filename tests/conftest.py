@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -134,11 +135,14 @@ def start_moto():
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
-    while time.time() < deadline:
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             break
         except OSError:
+            if time.time() > deadline:
+                proc.terminate()
+                raise RuntimeError("moto_server did not start within 30 s") from None
             time.sleep(0.2)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -149,10 +153,11 @@ def moto_starter():
     return start_moto
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on 127.0.0.1 for the session; the AWS_* variables point s3fs (and every
-    subprocess or Ray worker started meanwhile) at it. Yields those variables."""
+@contextlib.contextmanager
+def moto_s3_env():
+    """moto's S3 server on 127.0.0.1 while the block runs, with the AWS_* variables pointing s3fs (and
+    every subprocess or Ray worker started meanwhile) at it; yields those variables. Also used by
+    bench/scale.py."""
     proc, endpoint = start_moto()
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -172,6 +177,13 @@ def s3_server():
         s3fs.S3FileSystem.clear_instance_cache()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """:func:`moto_s3_env` for the whole session."""
+    with moto_s3_env() as env:
+        yield env
 
 
 def run_cli_main(argv: list[str], capsys) -> tuple[int, str, str]:

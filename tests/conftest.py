@@ -59,6 +59,23 @@ def ray_local():
     ray.shutdown()
 
 
+def build_world(tmp_path_factory, tiny_cfg_path: str, name: str, images: int, seed: int) -> dict:
+    """A synthetic set of its own, a gt-mask DB of its train split and an index over it (for label
+    tests that need more keys per class than the session set has)."""
+    from ragseg.config import load_config
+    from ragseg.index.build import build_index
+    from ragseg.pipelines.build_db import run_build_db
+    from ragseg.sources.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp(name)
+    syn = make_synthetic(str(root / "data"), images=images, seed=seed, size=96, val_fraction=0.25)
+    db, index = str(root / "db"), str(root / "index")
+    base = [f"source.uri={root / 'data'}", "source.kind=synthetic", "source.split=train"]
+    run_build_db(load_config(tiny_cfg_path, base + [f"build_db.out={db}", "build_db.masks=gt"]))
+    build_index(db, load_config(tiny_cfg_path, [f"index.out={index}", "index.min_recall_at_10=0"]))
+    return {"syn": syn, "data": str(root / "data"), "db": db, "index": index, "root": root}
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> str:
     """A small synthetic panoptic set (all three layouts), made once per session."""

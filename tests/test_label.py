@@ -19,17 +19,9 @@ from ragseg.errors import UserError
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_cfg_path, ray_local):
     """A bigger synthetic set than the session one, so that retrieval has enough keys per class."""
-    from ragseg.index.build import build_index
-    from ragseg.pipelines.build_db import run_build_db
-    from ragseg.sources.synthetic import make_synthetic
+    from conftest import build_world
 
-    root = tmp_path_factory.mktemp("label_world")
-    syn = make_synthetic(str(root / "data"), images=40, seed=1, size=96, val_fraction=0.25)
-    db, index = str(root / "db"), str(root / "index")
-    base = [f"source.uri={root / 'data'}", "source.kind=synthetic", "source.split=train"]
-    run_build_db(load_config(tiny_cfg_path, base + [f"build_db.out={db}", "build_db.masks=gt"]))
-    build_index(db, load_config(tiny_cfg_path, [f"index.out={index}", "index.min_recall_at_10=0"]))
-    return {"syn": syn, "data": str(root / "data"), "db": db, "index": index, "root": root}
+    return build_world(tmp_path_factory, tiny_cfg_path, "label_world", images=40, seed=1)
 
 
 def _label_args(world, out, *extra):

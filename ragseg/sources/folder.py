@@ -122,11 +122,10 @@ def list_table(cfg: SourceConfig, errors: list[dict] | None = None):
     from ragseg.sources import row_schema
 
     fs, base_path, rel_arr = _listing(cfg)
-    # sorted by path, so that of two files with one id the first path wins (a stable sort by id next)
-    rel_arr = rel_arr.take(pc.sort_indices(rel_arr))
-    ids = strip_extension(rel_arr)
-    order = pc.sort_indices(ids)
-    ids, rel_arr = ids.take(order), rel_arr.take(order)
+    # by id, then by path: of two files with one id the first path wins
+    t = pa.table({"id": strip_extension(rel_arr), "rel": rel_arr}).sort_by([("id", "ascending"), ("rel", "ascending")])
+    ids, rel_arr = t.column("id").combine_chunks(), t.column("rel").combine_chunks()
+    del t
     n = len(ids)
     if n > 1:
         a = ids.to_numpy(zero_copy_only=False)

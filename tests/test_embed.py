@@ -238,12 +238,12 @@ def test_embed_in_ray_data(ray_local, tiny_cfg_path):
     rs = np.random.RandomState(0)
     rows = [{"image": rs.randint(0, 256, (48, 64, 3), dtype=np.uint8),
              "seg_masks_rle": [encode_rle(_blob((48, 64), i)) for i in range(i % 3)],
-             "error": ""} for i in range(6)]
+             "error": "", "i": i} for i in range(6)]
     ds = ray.data.from_items(rows).map_batches(Embed, fn_constructor_args=(cfg,),
                                                compute=ray.data.ActorPoolStrategy(size=1),
                                                batch_size=4, batch_format="numpy")
-    out = ds.take_all()
-    assert len(out) == 6
+    out = sorted(ds.take_all(), key=lambda r: int(r["i"]))  # an actor pool need not keep the order
+    assert [int(r["i"]) for r in out] == list(range(6))
     for i, r in enumerate(out):
         e = np.asarray(r["embeddings"])
         assert r["error"] == "" and e.shape == (i % 3, 64)

@@ -8,22 +8,27 @@
 ``--ade20k`` is the ADE20k val set in the panoptic layout of Mask2Former's ``prepare_ade20k_pan_seg.py``
 (``images/validation``, ``ade20k_panoptic_val.json``, ``ade20k_panoptic_val/``); its categories are the
 vocabulary and its PNGs the ground truth. The indexes are ``ragseg build-index`` outputs of an ADE20k
-train DB and an Open Images DB built with the same CLIP trunk and ``pool_image_size`` as the label
-config (``configs/ade20k.yaml`` / ``configs/openimages.yaml``); the SAM and Grounding DINO checkpoints
+train DB and an Open Images DB built with the same CLIP trunk, ``models.clip.mode: fcclip`` and
+``models.fcclip`` test sizes as the label config (``configs/ade20k.yaml`` / ``configs/openimages.yaml``):
+keys pooled exactly as FC-CLIP pools its queries; the SAM and Grounding DINO checkpoints
 come from the config (``models.sam`` / ``models.gdino``). Every path may be local, ``http(s)://`` or a
 bucket URI. Rows (each a ``ragseg label`` run into ``OUT/<row>/`` then PQ against the ground truth):
 
 =================  ================================================  ===========
 row                what                                              paper PQ
 =================  ================================================  ===========
-fcclip             FC-CLIP alone: gamma = 0, beta = 0.8 (FC-CLIP's)  26.4
+fcclip             FC-CLIP alone: gamma = 0, alpha / beta 0.4 / 0.8  26.4
 fcclip+ade20k-db   + retrieval from the ADE20k DB (0.4 / 0.7 / 0.3)  30.9
 fcclip+oi-db       + retrieval from the Open Images DB               28.3
 gdino-sam          training-free Grounding DINO boxes -> SAM         (not given)
 sam-grid           training-free SAM grid sampling                   7.8
 =================  ================================================  ===========
 
-(26.4 = 30.9 - 4.5 = 28.3 - 1.9, the paper's retrieval gains.) Prints one table (PQ / SQ / RQ next to the
+(26.4 = 30.9 - 4.5 = 28.3 - 1.9, the paper's retrieval gains.) The fcclip rows run FC-CLIP's own test-time
+path (:mod:`ragseg.fcclip_inference`: its resize and padding, mask pooling of every query, its ensemble
+normalisation with void, the filter on the ensembled distribution, Mask2Former's panoptic inference,
+synonym max) with the eval config's thresholds (object mask 0.0, overlap 0.8); alpha 0.4 / beta 0.8
+are FC-CLIP's, beta 0.7 / gamma 0.3 the paper's. Prints one table (PQ / SQ / RQ next to the
 paper's PQ) and writes ``OUT/paper.json``. A finished row is not rerun (label jobs resume by their
 manifest). Nothing here downloads data; ``tests/test_paper_bench.py`` runs it on the synthetic set with
 the tiny random-weight models (``--config configs/test-tiny.yaml``), where the numbers mean nothing.

@@ -8,9 +8,11 @@
 Stages: ``embed-crop`` and ``embed-pool`` (ragseg.stages.embed.Embed, ``segments`` masks per image),
 ``detect`` (ragseg.stages.detect.Detect, prompted with ``--classes`` class names; its segments are the
 boxes it returns), ``segment`` (ragseg.stages.segment.Segment on ``segments`` random boxes per image) and
-``fcclip`` (ragseg.stages.fcclip.FcclipProposals over the class names: trunk + pixel decoder + masked
-decoder + post-processing + pooled queries; its segments are the proposals it keeps; the trunk input's
-longer side is ``models.clip.pool_image_size``, else 1088 = FC-CLIP's test size, shorter side 800 at 4:3).
+``fcclip`` (ragseg.stages.fcclip.FcclipLabel over the class names: FC-CLIP's test input (shorter side
+``models.fcclip.min_size_test``, 800 with --full), trunk + pixel decoder + masked decoder, pooling of
+every query, ensemble, filter, Mask2Former's panoptic inference; ``label.ensemble.scores=clip``, so no
+index search; its segments are the panoptic segments; ``bytes_in/out_per_image`` is what crosses the
+stage).
 ``peak_rss_mb`` is the process's peak resident memory so far.
 Inputs are synthetic (smooth random images, random rectangle/ellipse masks) so no data is needed; weights
 are random, so the numbers measure compute, not quality (Detect's box count depends on its thresholds:
@@ -40,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ALL_STAGES = ("embed-crop", "embed-pool", "detect", "segment", "fcclip")
-FCCLIP_TEST_SIZE = 1088  # longer trunk-input side for fcclip when models.clip.pool_image_size is unset
 CLASSES = ["person", "dog", "cat", "car", "tree", "building", "sky", "road"]
 
 # the full-size architectures, random weights (no checkpoint download)
@@ -161,13 +162,14 @@ def build_stage(stage: str, cfg):
 
         return Segment(cfg), model_id(cfg.models.sam)
     if stage == "fcclip":
-        from ragseg.stages.fcclip import FcclipProposals
+        from ragseg.stages.fcclip import FcclipLabel
         from ragseg.vocab import Vocab
 
         c = cfg.model_copy(deep=True)
-        c.models.clip.pool_image_size = c.models.clip.pool_image_size or FCCLIP_TEST_SIZE
-        f = FcclipProposals(c, Vocab.from_names(list(CLASSES)))
-        return f, f"fcclip q{c.models.fcclip.num_queries} on {f.model_id} @{c.models.clip.pool_image_size}"
+        c.label.ensemble.scores = "clip"  # no index: the FAISS search of ~250 queries is the index bench's
+        f = FcclipLabel(c, Vocab.from_names(list(CLASSES)))
+        fc = c.models.fcclip
+        return f, f"fcclip q{fc.num_queries} on {f.model_id} @{fc.min_size_test}/{fc.max_size_test}"
     raise ValueError(stage)
 
 
@@ -175,8 +177,19 @@ def count_segments(stage: str, out: dict, given: int) -> int:
     if stage == "detect":
         return int(sum(len(b) for b in out["boxes"]))
     if stage == "fcclip":
-        return int(sum(len(m) for m in out["seg_masks_rle"]))
+        return int(sum(len(json.loads(s)) for s in out["segments_info"]))
     return given
+
+
+def stage_bytes(stage: str, batch: dict, out: dict) -> dict:
+    """Bytes per image that cross into and out of the stage (the fcclip stage's object-store traffic:
+    the decoded image in, the panoptic pixels and the segments' JSON out)."""
+    if stage != "fcclip":
+        return {}
+    n = len(batch["image"])
+    b_in = sum(np.asarray(x).nbytes for x in batch["image"])
+    b_out = sum(np.asarray(p).nbytes + len(s) for p, s in zip(out["panoptic_png"], out["segments_info"]))
+    return {"bytes_in_per_image": int(b_in / n), "bytes_out_per_image": int(b_out / n)}
 
 
 def sync(device: str) -> None:
@@ -238,6 +251,7 @@ def time_stage(fn, stage: str, model_id: str, args, device: str, meta: dict, loa
         for b, s in batches:
             out = fn(b)
             segs += count_segments(stage, out, s)
+        traffic = stage_bytes(stage, batches[-1][0], out)
         sync(device)
         dt, cpu = time.perf_counter() - t, time.process_time() - c
         r = {
@@ -245,7 +259,7 @@ def time_stage(fn, stage: str, model_id: str, args, device: str, meta: dict, loa
             "images": args.images, "segments": segs, "image_hw": list(hw), "seconds": round(dt, 4),
             "images_per_s": round(args.images / dt, 3), "segments_per_s": round(segs / dt, 3),
             "load_s": round(load_s, 2), "cpu_seconds": round(cpu, 4),
-            "loadavg_1m": round(os.getloadavg()[0], 2), "peak_rss_mb": peak_rss_mb(),
+            "loadavg_1m": round(os.getloadavg()[0], 2), "peak_rss_mb": peak_rss_mb(), **traffic,
         }
         if device == "cuda":
             import torch

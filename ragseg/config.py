@@ -132,7 +132,10 @@ class ClipConfig(Strict):
     pretrained: str | None = "laion2b_s29b_b131k_ft_soup"
     sha256: str | None = None
     model_cfg: dict[str, Any] | None = None
-    mode: Literal["crop", "pool"] = "pool"
+    # crop: encode_image of each masked crop; pool: area-weighted mask pooling of the dense map at
+    # pool_image_size; fcclip: FC-CLIP's pooling at its test input (models.fcclip min/max_size_test,
+    # size_divisibility), the keys a label.proposals=fcclip run queries
+    mode: Literal["crop", "pool", "fcclip"] = "pool"
     context_pad: float = Field(default=0.1, ge=0.0)  # crop mode: box padding as a ratio of its size
     batch_size: int = Field(default=32, ge=1)
     pool_image_size: int | None = None  # pool mode: image side fed to the dense encoder (None: model's)
@@ -212,12 +215,26 @@ class FcclipConfig(Strict):
     enc_dim_feedforward: int = Field(default=1024, ge=1)
     enc_n_points: int = Field(default=4, ge=1)
     pre_norm: bool = False
-    # post-processing (FC-CLIP eval config): drop a query whose in-vocabulary argmax is void or whose
-    # class probability is <= object_mask_threshold, keep the top-k by that probability; a proposal is
-    # its mask logit >= 0 (sigmoid >= 0.5) at image size. Overlap: label.merge.overlap_threshold (0.8).
+    # test-time input (detectron2 INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, MASK_FORMER.SIZE_DIVISIBILITY): the
+    # shorter side resized to min_size_test unless the longer passes max_size_test, zero-padded to a
+    # multiple of size_divisibility. Also the input rule of models.clip.mode=fcclip database keys.
+    min_size_test: int = Field(default=800, ge=32)
+    max_size_test: int = Field(default=1333, ge=32)
+    size_divisibility: int = Field(default=32, ge=0)
+    # test-time path after the network (ragseg.fcclip_inference; FC-CLIP's eval config): a query is
+    # dropped when void is the argmax of its ensembled distribution or its score is <=
+    # object_mask_threshold (0.0 = FC-CLIP's ADE20k eval; Mask2Former's default is 0.8); Mask2Former's
+    # panoptic inference drops a segment whose won / mask pixels < overlap_threshold
     object_mask_threshold: float = Field(default=0.0, ge=0, le=1)
-    topk: int = Field(default=100, ge=1)  # detectron2 TEST.DETECTIONS_PER_IMAGE
-    batch_size: int = Field(default=2, ge=1)  # images per forward pass (same input size)
+    overlap_threshold: float = Field(default=0.8, ge=0, le=1)
+    ensemble_on_valid_mask: bool = False  # FC_CLIP.ENSEMBLE_ON_VALID_MASK (ResNet CLIPs)
+    # class names the text classifier embeds: "fcclip" = FC-CLIP's own synonym lists for classes named
+    # as in ADE20k-150 / COCO panoptic (ragseg/data/fcclip_*_classes.json), the vocabulary's name and
+    # synonyms for the others; "vocab" = the vocabulary's names and synonyms only
+    class_names: Literal["fcclip", "vocab"] = "fcclip"
+    templates: list[str] | None = None  # prompt templates of the text classifier; null: FC-CLIP's (ViLD)
+    batch_size: int = Field(default=2, ge=1)  # images per forward pass (same padded input size)
+    mask_chunk: int = Field(default=16, ge=1)  # kept queries resized to image size at a time (memory)
 
     @field_validator("conv_dim")
     @classmethod

@@ -97,13 +97,21 @@ def panoptic_merge(
         seg["proposals"].append(int(p))
         id_map[visible] = seg["id"]
         painted |= visible
-    if segments:
-        ys, xs = np.nonzero(id_map)
-        ids = id_map[ys, xs]
-        for seg in segments:
-            sel = ids == seg["id"]
-            seg["bbox"] = _bbox_xywh(ys[sel], xs[sel])
+    stats = segment_stats(id_map)
+    for seg in segments:
+        seg["bbox"] = stats[seg["id"]][1]
     return id_map, segments
+
+
+def segment_stats(id_map: np.ndarray) -> dict[int, tuple[int, list[int]]]:
+    """``{segment id: (area in pixels, [x, y, w, h] box)}`` of every non-zero id of an (H, W) id map."""
+    ys, xs = np.nonzero(id_map)
+    ids = id_map[ys, xs]
+    out = {}
+    for sid in np.unique(ids):
+        sel = ids == sid
+        out[int(sid)] = (int(sel.sum()), _bbox_xywh(ys[sel], xs[sel]))
+    return out
 
 
 def to_png_rgb(id_map: np.ndarray) -> np.ndarray:

@@ -59,9 +59,10 @@ def ray_local():
     ray.shutdown()
 
 
-def build_world(tmp_path_factory, tiny_cfg_path: str, name: str, images: int, seed: int) -> dict:
+def build_world(tmp_path_factory, tiny_cfg_path: str, name: str, images: int, seed: int,
+                overrides: tuple[str, ...] = ()) -> dict:
     """A synthetic set of its own, a gt-mask DB of its train split and an index over it (for label
-    tests that need more keys per class than the session set has)."""
+    tests that need more keys per class than the session set has); ``overrides`` apply to the DB build."""
     from ragseg.config import load_config
     from ragseg.index.build import build_index
     from ragseg.pipelines.build_db import run_build_db
@@ -71,7 +72,7 @@ def build_world(tmp_path_factory, tiny_cfg_path: str, name: str, images: int, se
     syn = make_synthetic(str(root / "data"), images=images, seed=seed, size=96, val_fraction=0.25)
     db, index = str(root / "db"), str(root / "index")
     base = [f"source.uri={root / 'data'}", "source.kind=synthetic", "source.split=train"]
-    run_build_db(load_config(tiny_cfg_path, base + [f"build_db.out={db}", "build_db.masks=gt"]))
+    run_build_db(load_config(tiny_cfg_path, base + [f"build_db.out={db}", "build_db.masks=gt", *overrides]))
     build_index(db, load_config(tiny_cfg_path, [f"index.out={index}", "index.min_recall_at_10=0"]))
     return {"syn": syn, "data": str(root / "data"), "db": db, "index": index, "root": root}
 

@@ -1,6 +1,7 @@
-"""FC-CLIP: the official checkpoint's names load strictly into the full-size model, the tiny model's
-proposal stage, the shared-trunk query equals Embed's pool feature, the ensemble maths, convert-weights
-and the index-identity check."""
+"""FC-CLIP: the official checkpoint's names load strictly into the full-size model, the tiny model's label
+stage, a database key equals the query with the same mask, the test-time steps on hand-made inputs
+(tests/test_fcclip_golden.py checks them against the official code), convert-weights and the
+index-identity check."""
 
 from __future__ import annotations
 
@@ -118,93 +119,154 @@ def test_tiny_checkpoint_roundtrip_through_resolve(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# one trunk pass: queries = Embed's pool features
+# keys and queries pooled by one operator
 # ----------------------------------------------------------------------------------------------
-def test_shared_trunk_query_equals_embed_pool_feature(tiny, tmp_path):
-    from ragseg.masks import encode_rle
-    from ragseg.models.clip import dense_features, image_tensor, resize
+def test_key_from_a_mask_equals_the_query_with_that_mask(tiny, tiny_cfg_path, tmp_path):
+    """A database key (Embed, models.clip.mode=fcclip, binary mask) and an FC-CLIP query whose mask
+    logits are that mask's map give the identical vector: same input rule, same trunk pass, same
+    pooling operator, same head."""
+    from ragseg.fcclip_inference import TestGeometry, binary_mask_logits, network_input
     from ragseg.stages.embed import Embed
-    from ragseg.stages.fcclip import FcclipProposals
+    from ragseg.stages.fcclip import FcclipLabel, geometry
 
     cfg, bundle, model = tiny
-    stage = FcclipProposals(cfg, _vocab(tmp_path), bundle=bundle, model=model)
-    img = _image()
-    masks = np.zeros((3, *img.shape[:2]), bool)
-    masks[0, 32:64, 32:64] = True
-    masks[1, :, 64:] = True
-    masks[2, 5:7, 100:103] = True  # tiny: below one feature cell
-    shape = stage.input_shape(img.shape[:2])
-    x = resize(image_tensor(img, bundle)[None], shape, bundle.interpolation)
-    with torch.inference_mode():
-        feats, dense = model.trunk(x)
-        assert torch.equal(dense, dense_features(bundle.visual, x))  # the map Embed pools from
-        q = stage.pool_embeddings(dense[0].float(), torch.from_numpy(masks))
-    emb = Embed(cfg, bundle=bundle)
-    want = emb.embed_rows([(img, masks)])[0]
-    assert q.dtype == np.float16 and q.shape == want.shape == (3, bundle.dim)
-    np.testing.assert_array_equal(q, want)
-    # and through the Ray batch interface of Embed
-    col, rles = np.empty(1, dtype=object), np.empty(1, dtype=object)
-    col[0], rles[0] = img, [encode_rle(m) for m in masks]
-    out = emb({"image": col, "seg_masks_rle": rles, "error": np.array([""], dtype=object)})
-    np.testing.assert_array_equal(out["embeddings"][0], q)
+    cfg = load_config(tiny_cfg_path, ["models.clip.mode=fcclip", "label.ensemble.scores=clip"])
+    img = _image(90, 140)  # non-square: the input is padded
+    masks = np.zeros((3, 90, 140), bool)
+    masks[0, 20:70, 30:90] = True
+    masks[1, :, 100:] = True
+    masks[2, 40:43, 60:62] = True  # tiny: below one cell
+    key = Embed(cfg, bundle=bundle).embed_rows([(img, masks)])[0]
+    geo = geometry(cfg)
+    assert geo == TestGeometry(256, 427, 32)
+    x, size = network_input(img, geo, bundle.mean, bundle.std)
+    assert size == (256, 398) and tuple(x.shape[-2:]) == (256, 416)
+    stage = FcclipLabel(cfg, _vocab(tmp_path), bundle=bundle, model=model)
+    logits, _, dense, size2 = stage.forward([img])[0]
+    assert size2 == size
+    q_logits = torch.full((3, logits.shape[1]), 0.0)
+    q_logits[:, 0] = 5.0
+    q_masks = binary_mask_logits(torch.from_numpy(masks), size, tuple(x.shape[-2:]))
+    res = stage.postprocess(img.shape[:2], q_logits, q_masks, dense, size)
+    q = torch.nn.functional.normalize(res.embeddings, dim=-1).numpy().astype(np.float16)
+    np.testing.assert_array_equal(q[:2], key[:2])
+    # the tiny mask: the query pools nothing (FC-CLIP), the key falls back to its best cell
+    assert not (res.mask_for_pooling[2] > 0).any()
+    assert not np.array_equal(q[2], key[2])
 
 
-def test_stage_columns_and_bad_rows(tiny, tmp_path):
-    from ragseg.masks import decode_rle
-    from ragseg.stages.fcclip import FcclipProposals
+def test_test_shape_is_detectron2s_rule():
+    from ragseg.fcclip_inference import padded_shape, test_shape
+
+    # shorter side 800 unless the longer passes 1333 (detectron2 ResizeShortestEdge), half up
+    assert test_shape(480, 640, 800, 1333) == (800, 1067)
+    assert test_shape(640, 480, 800, 1333) == (1067, 800)
+    assert test_shape(500, 500, 800, 1333) == (800, 800)
+    assert test_shape(300, 1000, 800, 1333) == (400, 1333)  # 800 x 2667 -> scaled to 1333
+    assert padded_shape((800, 1067), 32) == (800, 1088)
+    assert padded_shape((400, 1333), 32) == (416, 1344)
+    assert padded_shape((37, 50), 0) == (37, 50)
+
+
+def test_stage_columns_and_bad_rows(tiny, tiny_cfg_path, tmp_path):
+    from ragseg.masks import decode_rle, rgb_to_id
+    from ragseg.stages.fcclip import FcclipLabel
 
     cfg, bundle, model = tiny
+    cfg = load_config(tiny_cfg_path, ["label.ensemble.scores=clip"])
     vocab = _vocab(tmp_path)
-    stage = FcclipProposals(cfg, vocab, bundle=bundle, model=model)
+    stage = FcclipLabel(cfg, vocab, bundle=bundle, model=model)
     imgs = np.empty(4, dtype=object)
     imgs[0], imgs[1], imgs[2], imgs[3] = _image(), _image(80, 60, 1), np.zeros((4,), np.uint8), _image()
-    batch = {"image": imgs, "error": np.array(["", "", "", "decode: broken"], dtype=object)}
+    batch = {"image": imgs, "error": np.array(["", "", "", "decode: broken"], dtype=object),
+             "image_id": np.array(["a", "b", "c", "d"], dtype=object)}
     out = stage(batch)
+    assert "image" not in out and list(out["image_id"]) == ["a", "b", "c", "d"]
     assert out["error"][0] == "" and out["error"][1] == ""
     assert out["error"][2].startswith("fcclip: ValueError") and out["error"][3] == "decode: broken"
     for i, (h, w) in ((0, (96, 128)), (1, (80, 60))):
-        n = len(out["seg_masks_rle"][i])
-        assert 1 <= n <= cfg.models.fcclip.topk
-        assert out["embeddings"][i].shape == (n, bundle.dim) and out["embeddings"][i].dtype == np.float16
-        np.testing.assert_allclose(np.linalg.norm(out["embeddings"][i].astype(np.float32), axis=1), 1, atol=2e-3)
-        assert out["seg_iv_logits"][i].shape == (n, len(vocab))
-        assert list(out["seg_ids"][i]) == list(range(1, n + 1))
-        scores = out["seg_scores"][i]
-        assert np.all(np.diff(scores) <= 0) and np.all((scores > 0) & (scores <= 1))
-        for r in out["seg_masks_rle"][i]:
-            m = decode_rle(r)
-            assert m.shape == (h, w) and m.any()
+        png = out["panoptic_png"][i]
+        assert png.shape == (h, w, 3) and png.dtype == np.uint8
+        ids = rgb_to_id(png)
+        infos = json.loads(out["segments_info"][i])
+        assert sorted(np.unique(ids[ids > 0]).tolist()) == sorted(s["id"] for s in infos)
+        for s in infos:
+            assert s["area"] == int((ids == s["id"]).sum()) and s["category_id"] in vocab.ids
+            assert 0 < s["score"] <= 1 and s["s_ret"] is None and 0 <= s["s_clip"] <= 1 and 0 <= s["s_iv"] <= 1
+            assert np.array_equal(decode_rle(s["mask_rle"]), ids == s["id"])
     for i in (2, 3):
-        assert len(out["seg_masks_rle"][i]) == 0 and out["embeddings"][i].shape == (0, bundle.dim)
+        assert out["panoptic_png"][i].shape == (0, 0, 3) and out["segments_info"][i] == "[]"
 
 
-def test_void_and_topk_filter(tiny, tmp_path):
-    """Post-processing on hand-made logits: void-argmax queries and those <= the threshold are dropped,
-    the top-k by class probability kept, masks binarised at logit 0."""
-    from ragseg.masks import decode_rle
-    from ragseg.stages.fcclip import FcclipProposals
+def test_panoptic_inference_hand_computed():
+    """Mask2Former's panoptic inference on hand-made inputs: void-argmax and sub-threshold queries are
+    dropped (no top-k), pixels go to the highest score x sigmoid, a query that keeps < 80% of its mask is
+    dropped, stuff of one class merges, thing instances stay apart."""
+    from ragseg.fcclip_inference import panoptic_inference
 
-    cfg, bundle, model = tiny
-    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={
-        "fcclip": cfg.models.fcclip.model_copy(update={"topk": 2, "object_mask_threshold": 0.3})})})
-    stage = FcclipProposals(cfg, _vocab(tmp_path, ("a", "b")), bundle=bundle, model=model)
-    # 5 queries over C = 2 classes + void
-    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1],    # kept (0.7)
-                                     [0.1, 0.2, 0.7],    # void argmax: dropped
-                                     [0.25, 0.5, 0.25],  # kept (0.5)
-                                     [0.4, 0.35, 0.25],  # 0.4: cut by top-k 2
-                                     [0.28, 0.27, 0.45]]))  # void wins
-    masks = torch.full((5, 8, 8), -5.0)
-    masks[0, :4] = 5.0
-    masks[2, 4:] = 5.0
-    masks[3] = 5.0
-    dense = torch.randn(bundle.visual.trunk.num_features, 1, 1)
-    out = stage.postprocess((32, 32), (32, 32), logits, masks, dense)
-    np.testing.assert_allclose(out["seg_scores"], [0.7, 0.5], rtol=1e-6)
-    np.testing.assert_allclose(out["seg_iv_logits"], logits[[0, 2], :2].numpy(), rtol=1e-6)
-    m0, m1 = (decode_rle(r) for r in out["seg_masks_rle"])
-    assert m0[:15].all() and not m0[17:].any() and m1[17:].all() and not m1[:15].any()
+    # C = 3 classes (0 thing, 1 stuff, 2 thing) + void; probabilities -> log (as FC-CLIP hands them on)
+    probs = torch.tensor([[0.90, 0.05, 0.03, 0.02],   # q0 thing, big box left
+                          [0.05, 0.80, 0.05, 0.10],   # q1 stuff, top band
+                          [0.05, 0.75, 0.05, 0.15],   # q2 stuff, bottom band: merges into q1's segment
+                          [0.10, 0.10, 0.10, 0.70],   # q3 void: dropped
+                          [0.02, 0.03, 0.60, 0.35],   # q4 thing, overlaps q0 (loses most pixels): dropped
+                          [0.05, 0.05, 0.55, 0.35],   # q5 thing, right strip
+                          [0.30, 0.30, 0.30, 0.10]])  # q6: 0.3 <= threshold 0.35: dropped
+    m = torch.full((7, 4, 4), -8.0)  # stride-4 logits of a 16 x 16 input
+    m[0, 1:3, 0:2] = 8.0
+    m[1, 0, :] = 8.0
+    m[2, 3, :] = 8.0
+    m[3, :, :] = 8.0
+    m[4, 1:3, 0:2] = 8.0
+    m[5, 1:3, 3] = 8.0
+    m[6, :, :] = 8.0
+    r = panoptic_inference(torch.log(probs + 1e-8), m, [True, False, True], (16, 16), (16, 16), (16, 16),
+                           object_mask_threshold=0.35, overlap_threshold=0.8, chunk=2)
+    assert r.keep.tolist() == [True, True, True, False, True, True, False]
+    segs = [(s["id"], s["class_idx"], s["query"]) for s in r.segments]
+    assert segs == [(1, 0, 0), (2, 1, 1), (3, 2, 5)]
+    ids = r.id_map.numpy()
+    assert set(np.unique(ids).tolist()) == {0, 1, 2, 3}
+    assert (ids[0] == 2).sum() >= 12 and (ids[15] == 2).sum() >= 12  # both bands in one stuff segment
+    # chunking does not change anything
+    r1 = panoptic_inference(torch.log(probs + 1e-8), m, [True, False, True], (16, 16), (16, 16), (16, 16),
+                            object_mask_threshold=0.35, overlap_threshold=0.8, chunk=64)
+    assert torch.equal(r1.id_map, r.id_map) and r1.segments == r.segments
+
+
+def test_ensemble_normalises_and_appends_void():
+    """FC-CLIP's ensemble: geometric fusion per class group, log-softmax renormalisation, times (1 - p_void),
+    p_void appended; RetCLIP's s_oov on rows with retrieval support only."""
+    from ragseg.fcclip_inference import ensemble
+
+    iv = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))  # in-vocab logits incl. void: s_iv = [2/3, 1/3]
+    oov = torch.log(torch.tensor([[0.2, 0.8, 1.0]]))  # void column ignored: s_clip = [0.2, 0.8]
+    s_ret = torch.tensor([[1.0, 0.0]])
+    st = ensemble(iv, oov, torch.tensor([1, 0]), alpha=0.4, beta=0.7, s_ret=s_ret, gamma=0.3)
+    s_oov = np.array([0.3 + 0.7 * 0.2, 0.7 * 0.8])
+    fused = np.array([(2 / 3) ** 0.6 * s_oov[0] ** 0.4, (1 / 3) ** 0.3 * s_oov[1] ** 0.7])
+    p = fused / fused.sum()
+    np.testing.assert_allclose(st.s_oov.numpy()[0], s_oov, rtol=1e-6)
+    np.testing.assert_allclose(st.mask_cls_probs.numpy()[0], [*(p * 0.9), 0.1], rtol=1e-5)
+    np.testing.assert_allclose(st.mask_cls_results.numpy(), np.log(st.mask_cls_probs.numpy() + 1e-8), rtol=1e-6)
+    # no support (s_ret all zero): s_oov = s_clip
+    st0 = ensemble(iv, oov, torch.tensor([1, 0]), alpha=0.4, beta=0.7, s_ret=torch.zeros(1, 2), gamma=0.3)
+    np.testing.assert_allclose(st0.s_oov.numpy(), [[0.2, 0.8]], rtol=1e-6)
+
+
+def test_class_name_lists_and_overlap(tmp_path):
+    from ragseg.models.fcclip import class_name_lists, overlap_mask
+    from ragseg.vocab import Vocab
+
+    v = Vocab.from_names(["window", "person", "windmill", "road, route", "tv"], synonyms={"windmill": ["mill"]})
+    lists = class_name_lists(v, "fcclip")
+    assert lists[0][:3] == ["windowpane", "window", "windows"]  # FC-CLIP's ADE20k-150 list
+    assert lists[1][0] == "person" and "child" in lists[1]
+    assert lists[2] == ["windmill", "mill"]  # not an FC-CLIP class: the vocabulary's names
+    assert lists[3][:2] == ["road", "route"] and lists[4][0] == "television receiver"
+    assert class_name_lists(v, "vocab")[0] == ["window"]
+    assert overlap_mask(lists).tolist() == [True, True, False, True, True]  # road / tv: COCO names too
+    assert overlap_mask([["a"], ["b", "c"]], ["c"]).tolist() == [False, True]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,40 +302,32 @@ def test_geometric_ensemble_hand_computed(tmp_path):
                                rtol=1e-5)
 
 
-def test_label_config_fills_trained_classes(tiny_cfg_path):
-    from ragseg.stages.fcclip import label_config
-
-    cfg = load_config(tiny_cfg_path, ["label.proposals=fcclip"])
-    filled = label_config(cfg).label.ensemble.trained_classes
-    assert "person" in filled and "bicycle" in filled and "wall-other-merged" in filled and len(filled) > 133
-    mine = load_config(tiny_cfg_path, ["label.ensemble.trained_classes=[cat]"])
-    assert label_config(mine).label.ensemble.trained_classes == ["cat"]
-
-
 # ----------------------------------------------------------------------------------------------
 # index identity
 # ----------------------------------------------------------------------------------------------
 def test_index_identity_refusals(tiny_cfg_path, tmp_path):
     from ragseg import db as dblib
+    from ragseg import ledger
     from ragseg.pipelines.build_db import embed_identity
     from ragseg.stages.fcclip import check_index_identity
 
     cfg = load_config(tiny_cfg_path, ["label.proposals=fcclip", "models.clip.mode=crop"])
     model_id, _, dim = embed_identity(cfg)
-    ok = {"embed_model": model_id, "embed_mode": "pool", "dim": dim}
-    check_index_identity(cfg, ok, "idx")  # fcclip always pools: the config's crop mode is irrelevant
-    for bad in ({**ok, "embed_mode": "crop"}, {**ok, "embed_model": "open_clip:ViT-B-32/openai"},
-                {**ok, "dim": dim * 2}):
+    ok = {"embed_model": model_id, "embed_mode": "fcclip", "dim": dim}
+    check_index_identity(cfg, ok, "idx")  # fcclip queries always pool FC-CLIP's way: clip.mode is irrelevant
+    for bad in ({**ok, "embed_mode": "pool"}, {**ok, "embed_mode": "crop"},
+                {**ok, "embed_model": "open_clip:ViT-B-32/openai"}, {**ok, "dim": dim * 2}):
         with pytest.raises(UserError, match="label.proposals=fcclip") as e:
             check_index_identity(cfg, bad, "idx")
         assert "\n" not in str(e.value)
     db = tmp_path / "db"
-    from ragseg import ledger
-
-    ledger.write_header(str(db), dblib.new_header(model_id, "pool", dim, "h", {"clip": {"pool_image_size": 320}}))
-    with pytest.raises(UserError, match="pool_image_size=320"):
+    ledger.write_header(str(db), dblib.new_header(model_id, "fcclip", dim, "h",
+                                                   {"fcclip": {"min_size_test": 320, "max_size_test": 427,
+                                                               "size_divisibility": 32}}))
+    with pytest.raises(UserError, match="min_size_test 320 != 256") as e:
         check_index_identity(cfg, {**ok, "db_uri": str(db)}, "idx")
-    same = load_config(tiny_cfg_path, ["label.proposals=fcclip", "models.clip.pool_image_size=320"])
+    assert "\n" not in str(e.value)
+    same = load_config(tiny_cfg_path, ["label.proposals=fcclip", "models.fcclip.min_size_test=320"])
     check_index_identity(same, {**ok, "db_uri": str(db)}, "idx")
 
 
@@ -332,15 +386,16 @@ def test_convert_weights_refuses_other_types(tmp_path):
 
 
 def test_stage_runs_under_bf16_autocast(tiny_cfg_path, tmp_path):
-    """The CUDA path's dtypes (bf16 autocast, pixel decoder in fp32), exercised with CPU autocast."""
-    from ragseg.stages.fcclip import FcclipProposals
+    """The CUDA path's dtypes (bf16 autocast, pixel decoder in fp32, post-processing in fp32), exercised
+    with CPU autocast."""
+    from ragseg.stages.fcclip import FcclipLabel
 
-    cfg = load_config(tiny_cfg_path, ["models.device.precision=bf16"])
-    stage = FcclipProposals(cfg, _vocab(tmp_path))
+    cfg = load_config(tiny_cfg_path, ["models.device.precision=bf16", "label.ensemble.scores=clip"])
+    stage = FcclipLabel(cfg, _vocab(tmp_path))
     imgs = np.empty(2, dtype=object)
     imgs[0], imgs[1] = _image(), _image(seed=1)
     out = stage({"image": imgs, "error": np.array(["", ""], dtype=object)})
     assert list(out["error"]) == ["", ""]
     for i in range(2):
-        n = len(out["seg_masks_rle"][i])
-        assert out["embeddings"][i].shape == (n, stage.dim) and np.isfinite(out["seg_iv_logits"][i]).all()
+        assert out["panoptic_png"][i].shape == (96, 128, 3)
+        assert all(np.isfinite(s["score"]) for s in json.loads(out["segments_info"][i]))

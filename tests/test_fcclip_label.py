@@ -1,5 +1,6 @@
-"""label with FC-CLIP proposals (tiny random-weight model) end to end: synthetic DB (gt masks, pool
-features of the same tiny trunk) -> index -> label val with ``proposals: fcclip`` -> COCO panoptic files
+"""label with FC-CLIP proposals (tiny random-weight model) end to end: synthetic DB (gt masks pooled the
+FC-CLIP way, ``models.clip.mode: fcclip``, on the same tiny trunk) -> index -> label val with
+``proposals: fcclip`` (one actor: network, retrieval, ensemble, Mask2Former merge) -> COCO panoptic files
 that ``ragseg eval`` reads (random weights: the PQ value itself means nothing)."""
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ragseg.errors import UserError
 def world(tmp_path_factory, tiny_cfg_path, ray_local):
     from conftest import build_world
 
-    return build_world(tmp_path_factory, tiny_cfg_path, "fcclip_world", images=16, seed=2)
+    return build_world(tmp_path_factory, tiny_cfg_path, "fcclip_world", images=16, seed=2,
+                       overrides=("models.clip.mode=fcclip",))
 
 
 def _args(world, out, *extra):
@@ -57,6 +59,18 @@ def test_label_with_fcclip_proposals_writes_coco_panoptic(world, tiny_cfg_path):
 def test_label_fcclip_refuses_index_of_another_size(world, tiny_cfg_path, tmp_path):
     from ragseg.pipelines.label import run_label
 
-    cfg = load_config(tiny_cfg_path, _args(world, str(tmp_path / "o"), "models.clip.pool_image_size=256"))
-    with pytest.raises(UserError, match="pool_image_size=512"):
+    cfg = load_config(tiny_cfg_path, _args(world, str(tmp_path / "o"), "models.fcclip.min_size_test=320"))
+    with pytest.raises(UserError, match="min_size_test 256 != 320"):
         run_label(cfg)
+
+
+def test_label_fcclip_without_retrieval_needs_no_index(world, tiny_cfg_path, tmp_path):
+    """scores=clip is FC-CLIP alone (gamma 0): no index is read."""
+    from ragseg.pipelines.label import run_label
+
+    out = str(tmp_path / "noidx")
+    args = [a for a in _args(world, out, "label.ensemble.scores=clip") if not a.startswith("label.index=")]
+    summary = run_label(load_config(tiny_cfg_path, args))
+    assert summary["errors"] == 0
+    seg = pq.read_table(os.path.join(out, "segments"))
+    assert seg.num_rows > 0 and all(v is None for v in seg["s_ret"].to_pylist())

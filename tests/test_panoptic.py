@@ -176,7 +176,7 @@ def test_classify_stage_with_injected_index_and_text(vocab):
     fallback = _BruteForceIndex([[0, 0, 1], [1, 0, 0]], ["sky", "cat"])
     text = np.eye(3, dtype=np.float32)
     stage = Classify(cfg, vocab, None, None, index=index, fallback_index=fallback, text_emb=text)
-    assert stage.missing.tolist() == [False, False, True]
+    assert stage.retriever.missing.tolist() == [False, False, True]
     q = np.array([[1, 0, 0], [0, 0, 1]], np.float16)
     batch = {
         "embeddings": _obj(q, np.zeros((0, 3), np.float16), np.ones((1, 5), np.float16)),

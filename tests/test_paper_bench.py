@@ -29,15 +29,17 @@ def test_paper_table_on_synthetic(tmp_path, tiny_cfg_path, ray_local, capsys):
     syn = make_synthetic(str(tmp_path / "data"), images=12, seed=3, size=96, val_fraction=0.25)
     ade = syn["ade20k"]["root"]
     db, index = str(tmp_path / "db"), str(tmp_path / "index")
+    # keys pooled FC-CLIP's way (configs/ade20k.yaml): one DB serves the fcclip and the binary-mask rows
     run_build_db(load_config(tiny_cfg_path, [f"source.uri={ade}", "source.kind=ade20k_panoptic",
-                                             "source.split=train", f"build_db.out={db}", "build_db.masks=gt"]))
+                                             "source.split=train", f"build_db.out={db}", "build_db.masks=gt",
+                                             "models.clip.mode=fcclip"]))
     build_index(db, load_config(tiny_cfg_path, [f"index.out={index}", "index.min_recall_at_10=0"]))
     paper = _paper()
     out = tmp_path / "paper"
     rc = paper.main(["--ade20k", ade, "--ade-index", index, "--oi-index", index, "--out", str(out),
                      "--config", tiny_cfg_path, "--limit", "2",
                      "--set", "label.images_per_shard=2", "--set", "ray.images_per_block=2",
-                     "--set", "ray.model_actors=1"])
+                     "--set", "ray.model_actors=1", "--set", "models.clip.mode=fcclip"])
     assert rc == 0
     doc = json.loads((out / "paper.json").read_text())
     assert [r["row"] for r in doc["rows"]] == list(paper.ROWS)

@@ -45,31 +45,81 @@ from torch import nn
 
 from ragseg.config import FcclipConfig, JobConfig, ModelsConfig
 from ragseg.errors import UserError
+from ragseg.fcclip_inference import classification_logits
 
 log = logging.getLogger(__name__)
 
-CLASSES_FILE = Path(__file__).resolve().parents[1] / "data" / "fcclip_coco_panoptic_classes.json"
+DATA = Path(__file__).resolve().parents[1] / "data"
+CLASSES_FILE = DATA / "fcclip_coco_panoptic_classes.json"  # FC-CLIP's 133 training classes
+ADE_CLASSES_FILE = DATA / "fcclip_ade20k_150_classes.json"  # FC-CLIP's ADE20k-150 evaluation names
 # official checkpoint (README of github.com/bytedance/fc-clip, "FC-CLIP (ConvNeXt-Large)", COCO panoptic)
 OFFICIAL_CHECKPOINT = "https://drive.google.com/file/d/1-91PIns86vyNaL3CzMmDD39zKGnPMtvj/view?usp=sharing"
+# FC-CLIP's prompt templates (fcclip/fcclip.py VILD_PROMPT): its text classifier averages them per name
+VILD_TEMPLATES = [
+    "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene", "There is the {} in the scene",
+    "a photo of a {} in the scene", "a photo of a small {}.", "a photo of a medium {}.", "a photo of a large {}.",
+    "This is a photo of a small {}.", "This is a photo of a medium {}.", "This is a photo of a large {}.",
+    "There is a small {} in the scene.", "There is a medium {} in the scene.", "There is a large {} in the scene.",
+]
 
 
 # ----------------------------------------------------------------------------------------------
-# Trained classes
+# Class names: FC-CLIP's synonym lists, its training classes and the category-overlap rule
 # ----------------------------------------------------------------------------------------------
 def coco_categories() -> list[dict[str, Any]]:
-    """FC-CLIP's 133 COCO panoptic training classes: ``{"id", "name", "isthing", "synonyms"}``."""
+    """FC-CLIP's 133 COCO panoptic training classes: ``{"id", "name", "isthing", "synonyms"}`` (``synonyms``:
+    the names FC-CLIP embeds for the class)."""
     return json.loads(CLASSES_FILE.read_text())["categories"]
 
 
+def ade20k_categories() -> list[dict[str, Any]]:
+    """FC-CLIP's ADE20k-150 classes, same fields (``synonyms`` = its prompt-engineered names)."""
+    return json.loads(ADE_CLASSES_FILE.read_text())["categories"]
+
+
 def trained_class_names() -> list[str]:
-    """Every name and synonym of FC-CLIP's training classes: a vocabulary class whose name or
-    synonyms match one of them is "trained" (FC-CLIP's category-overlap rule)."""
+    """The names FC-CLIP was trained with (every synonym of its COCO classes): a test class whose names
+    share one with this set "overlaps" the training classes (FC-CLIP's category_overlapping_mask)."""
     out: list[str] = []
     for c in coco_categories():
-        for n in [c["name"], *c["synonyms"]]:
+        for n in c["synonyms"]:
             if n not in out:
                 out.append(n)
     return out
+
+
+def split_names(name: str) -> list[str]:
+    """FC-CLIP's reading of a class name: comma-separated synonyms (``"road, route"`` -> two names)."""
+    return [p for p in name.replace(", ", ",").split(",") if p]
+
+
+def class_name_lists(vocab, mode: str = "fcclip") -> list[list[str]]:
+    """Per vocabulary class, the names the text classifier embeds (its logit is the max over them).
+    ``mode="fcclip"``: a class named like an FC-CLIP ADE20k-150 or COCO class (its ``name`` or its
+    first synonym, case-insensitive; ADE20k first) gets FC-CLIP's list; ``"vocab"`` (and the other
+    classes): the vocabulary name split at commas, then its synonyms."""
+    table: dict[str, list[str]] = {}
+    if mode == "fcclip":
+        for cats in (ade20k_categories(), coco_categories()):
+            for c in cats:
+                for key in (c["name"], c["synonyms"][0]):
+                    table.setdefault(key.strip().lower(), list(c["synonyms"]))
+    out = []
+    for name in vocab.names:
+        hit = table.get(name.strip().lower())
+        if hit is None:
+            hit = list(dict.fromkeys(split_names(name) + list(vocab.synonyms.get(name, []))))
+        out.append(hit)
+    return out
+
+
+def overlap_mask(name_lists: list[list[str]], trained: list[str] | None = None):
+    """(C,) bool: classes with a name in ``trained`` (default :func:`trained_class_names`), exact strings,
+    as FC-CLIP's ``prepare_class_names_from_metadata``."""
+    import numpy as np
+
+    train = set(trained or trained_class_names())
+    return np.array([not train.isdisjoint(names) for names in name_lists], dtype=bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,12 +346,6 @@ def mask_pool_logits(features, mask_logits):
     return torch.einsum("bchw,bqhw->bqc", features, m)
 
 
-def classification_logits(x, text_classifier, logit_scale):
-    """``min(exp(logit_scale), 100) * cos(x, text)``: (B, Q, D) x (K, D) -> (B, Q, K)."""
-    x = F.normalize(x, dim=-1)
-    return torch.clamp(logit_scale.exp(), max=100) * x @ text_classifier.to(x.dtype).T
-
-
 class MaskedTransformerDecoder(nn.Module):
     """Mask2Former's multi-scale masked-attention decoder with FC-CLIP's class head."""
 
@@ -334,20 +378,23 @@ class MaskedTransformerDecoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
         self.num_pos_feats = d // 2
 
-    def heads(self, output, mask_features, target_size, text_classifier, with_class: bool):
+    def heads(self, output, mask_features, target_size, text_classifier, num_templates, with_class: bool):
         """Prediction heads on the (Q, B, d) queries: class logits (or None), mask logits, attention mask."""
         dec = self.decoder_norm(output).transpose(0, 1)  # (B, Q, d)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(dec), mask_features)
         logits = None
         if with_class:
             pooled = self._mask_pooling_proj(mask_pool_logits(mask_features, masks))
-            logits = classification_logits(self.class_embed(pooled + dec), text_classifier, self.logit_scale)
+            logits = classification_logits(self.class_embed(pooled + dec), text_classifier, self.logit_scale,
+                                           num_templates)
         attn = F.interpolate(masks, size=target_size, mode="bilinear", align_corners=False)
         attn = (attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5)
         return logits, masks, attn.detach()
 
-    def forward(self, feats: list, mask_features, text_classifier):
-        """``feats``: 3 maps (strides 32, 16, 8). Returns last-layer (logits (B, Q, K), masks (B, Q, h, w))."""
+    def forward(self, feats: list, mask_features, text_classifier, num_templates=None):
+        """``feats``: 3 maps (strides 32, 16, 8); ``text_classifier`` (S + 1, D) with void last and
+        ``num_templates`` synonym rows per class (None: one each). Returns last-layer (logits (B, Q, C + 1),
+        masks (B, Q, h, w))."""
         src, pos, sizes = [], [], []
         for i, x in enumerate(feats):
             sizes.append(tuple(x.shape[-2:]))
@@ -358,7 +405,7 @@ class MaskedTransformerDecoder(nn.Module):
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
         last = self.num_layers == 0
-        logits, masks, attn = self.heads(output, mask_features, sizes[0], text_classifier, last)
+        logits, masks, attn = self.heads(output, mask_features, sizes[0], text_classifier, num_templates, last)
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
             attn[torch.where(attn.sum(-1) == attn.shape[-1])] = False
@@ -367,7 +414,7 @@ class MaskedTransformerDecoder(nn.Module):
             output = self.transformer_ffn_layers[i](output)
             last = i == self.num_layers - 1
             logits, masks, attn = self.heads(output, mask_features, sizes[(i + 1) % self.num_feature_levels],
-                                             text_classifier, last)
+                                             text_classifier, num_templates, last)
         return logits, masks
 
 
@@ -429,12 +476,15 @@ class FCCLIP(nn.Module):
         """(C, D) normalised class text embeddings -> (C + 1, D) with the normalised void embedding last."""
         return torch.cat([text_emb, F.normalize(self.void_embedding.weight, dim=-1).to(text_emb.dtype)], 0)
 
-    def forward(self, x, text_classifier):
+    def forward(self, x, text_classifier, num_templates=None):
         """(B, 3, H, W) normalised (H, W multiples of 32) -> (pred_logits (B, Q, C + 1), pred_masks
-        (B, Q, H/4, W/4) logits, dense (B, C', H/32, W/32))."""
+        (B, Q, H/4, W/4) logits, dense (B, C', H/32, W/32)). ``text_classifier`` (S + 1, D): the classes'
+        synonym rows and the void row (:meth:`text_classifier`); ``num_templates``: rows per class (the
+        logit of a class is the max over its rows, FC-CLIP's synonym max), None for one row each."""
         feats, dense = self.trunk(x)
         mask_features, ms = self.sem_seg_head.pixel_decoder(feats)
-        logits, masks = self.sem_seg_head.predictor(ms, mask_features.to(ms[0].dtype), text_classifier)
+        logits, masks = self.sem_seg_head.predictor(ms, mask_features.to(ms[0].dtype), text_classifier,
+                                                    num_templates)
         return logits, masks, dense
 
 

@@ -102,6 +102,10 @@ def _check_index(cfg: JobConfig, index_uri: str) -> dict:
 
         check_index_identity(cfg, meta, index_uri)
         return meta
+    if cfg.models.clip.mode == "fcclip" and meta.get("embed_mode") == "fcclip":
+        from ragseg.stages.fcclip import check_index_identity
+
+        check_index_identity(cfg, meta, index_uri)
     model_id, mode, dim = embed_identity(cfg)
     have = (meta.get("embed_model"), meta.get("embed_mode"), int(meta.get("dim", -1)))
     if have != (model_id, mode, dim):
@@ -120,15 +124,20 @@ def build_graph(cfg: JobConfig, ds, vocab):
     from ragseg.stages.embed import Embed
     from ragseg.stages.merge import PanopticMerge
 
-    if cfg.label.proposals == "fcclip":
-        from ragseg.stages.fcclip import label_config
-
-        cfg = label_config(cfg)
     lc = cfg.label
     per_block = cfg.ray.images_per_block
     ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
-    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3, "fcclip": 2}[lc.proposals]  # actor stages in this graph
+    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3, "fcclip": 1}[lc.proposals]  # actor stages in this graph
     model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
+    if lc.proposals == "fcclip":
+        # FC-CLIP's whole test-time path (network, retrieval of every query, ensemble, filter, Mask2Former's
+        # panoptic inference) in one actor: only the panoptic pixels and segments JSON leave it
+        from ragseg.stages.fcclip import FcclipLabel
+
+        ds = model(ds, functools.partial(FcclipLabel, cfg, vocab, lc.index, lc.fallback_index), "fcclip",
+                   batch_size=per_block, gpu=True)
+        ds = add_stage(ds, functools.partial(WritePanoptic, lc.out), "write", cfg, actor=False, batch_size=per_block)
+        return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
     if lc.proposals == "gt":
         ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
     elif lc.proposals == "gdino-sam":
@@ -142,12 +151,7 @@ def build_graph(cfg: JobConfig, ds, vocab):
         from ragseg.stages.segment import SamGrid
 
         ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
-    if lc.proposals == "fcclip":  # masks, s_iv logits and pooled queries from one trunk pass: no Embed
-        from ragseg.stages.fcclip import FcclipProposals
-
-        ds = model(ds, functools.partial(FcclipProposals, cfg, vocab), "fcclip", batch_size=per_block, gpu=True)
-    else:
-        ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
+    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
     ds = model(ds, functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), "classify",
                batch_size=per_block)
     ds = add_stage(ds, functools.partial(PanopticMerge, cfg, vocab), "merge", cfg, actor=False, batch_size=per_block)
@@ -253,11 +257,13 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
     from ragseg.vocab import load_vocab
 
     lc = cfg.label
-    for key in ("images", "vocab", "index") if execute is None else ("images", "vocab"):
+    # scores=clip (FC-CLIP alone with fcclip proposals) reads no index
+    need_index = execute is None and lc.ensemble.scores != "clip"
+    for key in ("images", "vocab", "index") if need_index else ("images", "vocab"):
         if getattr(lc, key) is None:
             raise UserError(f"label needs label.{key} (config or --{key.replace('_', '-')})")
     vocab = load_vocab(lc.vocab, synonyms=lc.synonyms)
-    meta = _check_index(cfg, lc.index) if execute is None else {}
+    meta = _check_index(cfg, lc.index) if execute is None and lc.index else {}
     if lc.fallback_index and execute is None:
         _check_index(cfg, lc.fallback_index)
 

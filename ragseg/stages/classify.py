@@ -44,10 +44,64 @@ def _empty_outputs() -> dict[str, np.ndarray]:
     return {"seg_class": np.zeros(0, np.int64), **{k: np.zeros(0, np.float32) for k in OUT_COLUMNS[1:]}}
 
 
+class Retriever:
+    """The primary index (and the fallback index for the classes the primary one lacks) of a label run,
+    loaded once per worker: :meth:`search` gives the k nearest neighbours' (sims, labels) and
+    :meth:`scores` the retrieval distribution over the vocabulary (:func:`ragseg.scoring.retrieval_scores`).
+    ``index`` / ``fallback_index`` can be injected: any object with ``search(q, k)``, ``labels_vocab`` and
+    ``meta`` works."""
+
+    def __init__(self, cfg: JobConfig, vocab: Vocab, index_uri: str | None = None,
+                 fallback_index_uri: str | None = None, *, index=None, fallback_index=None):
+        self.vocab = vocab
+        self.k = cfg.label.ensemble.k
+        self.temperature = cfg.label.ensemble.retrieval_temperature
+        self.index = index
+        if self.index is None:
+            if not index_uri:
+                raise UserError("retrieval needs an index (label.index) unless label.ensemble.scores=clip")
+            from ragseg.index.store import Index
+
+            self.index = Index.open(index_uri)
+        self.fallback = None
+        self.missing = missing_classes_mask(vocab, set(self.index.labels_vocab)).astype(bool)
+        if self.missing.any():
+            names = [vocab.names[i] for i in np.flatnonzero(self.missing)]
+            if fallback_index is not None or fallback_index_uri:
+                self.fallback = fallback_index
+                if self.fallback is None:
+                    from ragseg.index.store import Index
+
+                    self.fallback = Index.open(fallback_index_uri)
+                log.info("classify: %d classes not in the primary index use the fallback: %s",
+                         len(names), names[:20])
+            else:
+                log.warning("classify: %d vocabulary classes have no entry in the index and no fallback "
+                            "index is set; retrieval cannot vote for them: %s", len(names), names[:20])
+
+    def dims(self) -> set[int]:
+        return {int(i.meta["dim"]) for i in (self.index, self.fallback)
+                if i is not None and i.meta.get("dim") is not None}
+
+    def search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d) float32 queries -> (sims (n, k'), labels (n, k')), fallback neighbours pooled in."""
+        sims, labels, *_ = self.index.search(q, self.k)
+        if self.fallback is not None:
+            f_sims, f_labels, *_ = self.fallback.search(q, self.k)
+            sims, labels = merge_retrieval((sims, labels), (f_sims, f_labels), self.vocab,
+                                           set(self.index.labels_vocab))
+        return np.asarray(sims, np.float32), np.asarray(labels, dtype=object)
+
+    def scores(self, q: np.ndarray, hits: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(s_ret (n, C) float32, support (n,) bool) of (n, d) queries (``hits``: already searched)."""
+        sims, labels = hits if hits is not None else self.search(np.asarray(q, np.float32))
+        return retrieval_scores(sims, labels, self.vocab, self.temperature)
+
+
 class Classify:
-    """Ray Data callable; see the module docstring. ``index`` / ``text_emb`` can be injected (tests,
-    or a caller that already holds them): any object with ``search(q, k)``, ``labels_vocab`` and
-    ``meta`` works as an index."""
+    """Ray Data callable; see the module docstring. ``index`` / ``fallback_index`` / ``text_emb`` can be
+    injected (tests, or a caller that already holds them), see :class:`Retriever`."""
 
     def __init__(self, cfg: JobConfig, vocab: Vocab, index_uri: str | None = None,
                  fallback_index_uri: str | None = None, *, index=None, fallback_index=None,
@@ -58,31 +112,10 @@ class Classify:
         need_ret = self.ens.scores != "clip"
         need_clip = self.ens.scores != "retrieval"
 
-        self.index = index
-        if self.index is None and need_ret:
-            if not index_uri:
-                raise UserError("classify needs an index (label.index) unless label.ensemble.scores=clip")
-            from ragseg.index.store import Index
-
-            self.index = Index.open(index_uri)
-        self.fallback = None
-        self.missing = np.zeros(len(vocab), bool)
-        if self.index is not None:
-            self.missing = missing_classes_mask(vocab, set(self.index.labels_vocab)).astype(bool)
-            if self.missing.any():
-                names = [vocab.names[i] for i in np.flatnonzero(self.missing)]
-                if fallback_index is not None or fallback_index_uri:
-                    self.fallback = fallback_index
-                    if self.fallback is None:
-                        from ragseg.index.store import Index
-
-                        self.fallback = Index.open(fallback_index_uri)
-                    log.info("classify: %d classes not in the primary index use the fallback: %s",
-                             len(names), names[:20])
-                else:
-                    log.warning("classify: %d vocabulary classes have no entry in the index and no fallback "
-                                "index is set; retrieval cannot vote for them: %s", len(names), names[:20])
-
+        self.retriever = None
+        if need_ret or index is not None:
+            self.retriever = Retriever(cfg, vocab, index_uri, fallback_index_uri, index=index,
+                                       fallback_index=fallback_index)
         self.text_emb = None
         if need_clip:
             if text_emb is None:
@@ -99,10 +132,7 @@ class Classify:
             log.info("classify: trained classes not in the vocabulary (ignored): %s", unknown[:20])
 
     def _expected_dim(self) -> int | None:
-        dims = set()
-        for idx in (self.index, self.fallback):
-            if idx is not None and idx.meta.get("dim") is not None:
-                dims.add(int(idx.meta["dim"]))
+        dims = self.retriever.dims() if self.retriever is not None else set()
         if self.text_emb is not None:
             dims.add(int(self.text_emb.shape[1]))
         if len(dims) > 1:
@@ -110,15 +140,6 @@ class Classify:
         return dims.pop() if dims else None
 
     # ------------------------------------------------------------------------------------------
-    def _search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = self.ens.k
-        sims, labels, *_ = self.index.search(q, k)
-        if self.fallback is not None:
-            f_sims, f_labels, *_ = self.fallback.search(q, k)
-            sims, labels = merge_retrieval((sims, labels), (f_sims, f_labels), self.vocab,
-                                           set(self.index.labels_vocab))
-        return np.asarray(sims, np.float32), np.asarray(labels, dtype=object)
-
     def score(self, q: np.ndarray, iv_logits: np.ndarray | None = None,
               hits: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """All scores of one image's (n, d) queries -> the per-proposal output columns. ``hits``:
@@ -127,9 +148,8 @@ class Classify:
         C = len(self.vocab)
         if n == 0:
             return _empty_outputs()
-        if self.index is not None:
-            sims, labels = hits if hits is not None else self._search(q)
-            s_ret, support = retrieval_scores(sims, labels, self.vocab, self.ens.retrieval_temperature)
+        if self.retriever is not None:
+            s_ret, support = self.retriever.scores(q, hits)
         else:
             s_ret, support = np.zeros((n, C), np.float32), np.zeros(n, bool)
         if self.text_emb is not None:
@@ -155,7 +175,7 @@ class Classify:
             return np.where(cls >= 0, s[rows, best], np.nan).astype(np.float32)
 
         return {"seg_class": cls, "seg_score": np.where(cls >= 0, score, 0.0).astype(np.float32),
-                "s_ret": pick(s_ret, self.index is not None),
+                "s_ret": pick(s_ret, self.retriever is not None),
                 "s_clip": pick(s_clip, self.text_emb is not None),
                 "s_iv": pick(s_iv, s_iv is not None)}
 
@@ -190,8 +210,8 @@ class Classify:
         # one index search for every query of the batch, then split per image
         hits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         rows = [i for i, (q, _) in queries.items() if q.shape[0]]
-        if self.index is not None and rows:
-            sims, labels = self._search(np.concatenate([queries[i][0] for i in rows]))
+        if self.retriever is not None and rows:
+            sims, labels = self.retriever.search(np.concatenate([queries[i][0] for i in rows]))
             start = 0
             for i in rows:
                 stop = start + queries[i][0].shape[0]

@@ -5,9 +5,11 @@ strings), ``error``. Out: ``embeddings`` per image, an (n, dim) float16 array of
 the order of ``seg_masks_rle`` ((0, dim) for an image without masks or an errored row).
 
 ``models.clip.mode`` picks the feature (see :mod:`ragseg.models.clip` for the exact maths):
-``pool`` = FC-CLIP mask pooling over the dense map of a CLIP ConvNeXt, one trunk pass per image;
-``crop`` = ``encode_image`` on each masked, padded crop. A database and its queries must use the same
-mode and model (``model_id`` and ``mode`` are recorded in the DB manifest by the pipeline).
+``pool`` = area-weighted mask pooling over the dense map of a CLIP ConvNeXt at ``pool_image_size``, one
+trunk pass per image; ``fcclip`` = FC-CLIP's own pooling at its test input (the keys that
+``label.proposals: fcclip`` queries; :meth:`Embed._fcclip`); ``crop`` = ``encode_image`` on each masked,
+padded crop. A database and its queries must use the same mode and model (``model_id`` and ``mode`` are
+recorded in the DB manifest by the pipeline).
 
 A row fails alone (``error`` = ``"embed: <Type>: <msg>"``): an undecodable RLE, a mask whose size
 differs from the image, or an empty mask. When a batched forward pass fails, the rows are retried one by
@@ -58,9 +60,9 @@ class Embed:
         self.dim = self.bundle.dim
         self.model_id = self.bundle.model_id
         self.device = self.bundle.device
-        if self.mode == "pool" and not has_dense_trunk(self.bundle.visual):
+        if self.mode in ("pool", "fcclip") and not has_dense_trunk(self.bundle.visual):
             raise UserError(
-                f"models.clip.mode=pool needs a CLIP with a dense convolutional trunk (open_clip timm "
+                f"models.clip.mode={self.mode} needs a CLIP with a dense convolutional trunk (open_clip timm "
                 f"ConvNeXt, e.g. convnext_large_d_320); {self.model_id} has none (ViT?). "
                 f"Set models.clip.mode=crop for this model"
             )
@@ -109,7 +111,7 @@ class Embed:
         from ragseg.runtime import autocast
 
         with torch.inference_mode(), autocast(self.device, self.cfg.models.device):
-            feats = self._pool(rows) if self.mode == "pool" else self._crop(rows)
+            feats = {"pool": self._pool, "crop": self._crop, "fcclip": self._fcclip}[self.mode](rows)
         outs = []
         for f in feats:
             f = torch.nn.functional.normalize(f.float(), dim=-1)
@@ -185,4 +187,41 @@ class Embed:
             pooled = torch.cat(pooled)
             out.append(torch.cat([pooled_to_embedding(visual, pooled[s:s + bs]).float()
                                   for s in range(0, len(pooled), bs)]))
+        return out
+
+    def _fcclip(self, rows):
+        """FC-CLIP's pooling of database keys (``ragseg.fcclip_inference``): the image at FC-CLIP's test
+        input (``models.fcclip`` sizes), each binary mask as a probability map through the operator that
+        pools FC-CLIP's queries (:func:`~ragseg.fcclip_inference.binary_mask_logits`,
+        :func:`~ragseg.fcclip_inference.key_pooling`), the model's head; pooling and head in float32."""
+        import torch
+
+        from ragseg.fcclip_inference import binary_mask_logits, key_pooling, network_input
+        from ragseg.models.clip import dense_features, pooled_to_embedding
+        from ragseg.stages.fcclip import geometry
+
+        b, bs = self.bundle, self.ccfg.batch_size
+        geo = geometry(self.cfg)
+        inputs = [network_input(img, geo, b.mean, b.std, self.device) for img, _ in rows]
+        dense: list = [None] * len(rows)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for r, (x, _) in enumerate(inputs):
+            by_shape.setdefault(tuple(x.shape[-2:]), []).append(r)
+        for idx in by_shape.values():
+            for s in range(0, len(idx), bs):
+                part = idx[s:s + bs]
+                d = dense_features(b.visual, torch.stack([inputs[r][0] for r in part])).float()
+                for r, dr in zip(part, d, strict=True):
+                    dense[r] = dr
+        out = []
+        with torch.autocast(device_type=torch.device(self.device).type, enabled=False):
+            for r, (_, masks) in enumerate(rows):
+                x, size = inputs[r]
+                padded = tuple(x.shape[-2:])
+                feats = []
+                for s in range(0, len(masks), bs):
+                    m = torch.from_numpy(masks[s:s + bs]).to(self.device)
+                    pooled = key_pooling(dense[r], binary_mask_logits(m, size, padded))
+                    feats.append(pooled_to_embedding(b.visual, pooled).float())
+                out.append(torch.cat(feats))
         return out

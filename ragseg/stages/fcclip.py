@@ -1,111 +1,160 @@
-"""FcclipProposals: FC-CLIP mask proposals, in-vocabulary logits and mask-pooled queries from one trunk
-pass per image (Ray Data callable; replaces proposals + Embed in ``label.proposals: fcclip``).
+"""FcclipLabel: ``label.proposals: fcclip`` in one actor (Ray Data callable): FC-CLIP's whole test-time
+path per image, retrieval included, so that no per-query mask crosses a stage.
 
-In: ``image`` (HxWx3 uint8), ``error``. Out, per image, n kept proposals:
+In: ``image`` (HxWx3 uint8), ``error``. Out: ``panoptic_png`` (H x W x 3 uint8, ``id = R + 256 G +
+256^2 B``) and ``segments_info`` (JSON list of ``{"id", "category_id", "area", "bbox", "iscrowd",
+"score", "s_ret", "s_clip", "s_iv", "mask_rle"}``: the columns :class:`ragseg.stages.merge.PanopticMerge`
+gives the binary-mask proposal paths); ``image`` is dropped.
 
-- ``seg_masks_rle`` (list[str] COCO RLE), ``seg_labels`` ("" each: class-agnostic), ``seg_ids`` (1..n),
-  ``seg_isthing`` (True: unknown until classified), ``seg_scores`` (the in-vocabulary class probability
-  of the query, void included in the softmax);
-- ``seg_iv_logits`` ((n, C) float32): FC-CLIP's class logits over the vocabulary (void column removed),
-  so Classify's ``softmax`` gives FC-CLIP's s_iv;
-- ``embeddings`` ((n, dim) float16, L2-normalised): the query feature of each proposal mask, computed
-  exactly like :class:`ragseg.stages.embed.Embed` in ``pool`` mode on the same trunk pass (same input
-  size ``pool_input_shape(hw, models.clip.pool_image_size)``, same ``mask_cell_weights`` / ``mask_pool`` /
-  ``pooled_to_embedding``), so queries live in the database's key space.
+Per image (:mod:`ragseg.fcclip_inference` has every step and its reference in the official code):
+FC-CLIP's test input (shorter side ``models.fcclip.min_size_test``, longer <= ``max_size_test``, zero
+padding to ``size_divisibility``; images of one padded size share a forward pass of up to
+``models.fcclip.batch_size``), the network (:class:`ragseg.models.fcclip.FCCLIP`; the text classifier
+holds every synonym of every class, :func:`ragseg.models.fcclip.class_name_lists`), mask pooling of
+every query on the dense CLIP map, retrieval of every query's neighbours (one FAISS search per image
+of about ``num_queries`` vectors) before any filter, FC-CLIP's ensemble with RetCLIP's
+``s_oov = gamma * s_ret + (1 - gamma) * s_clip``, the filter on the ensembled distribution and
+Mask2Former's panoptic inference. Bytes that cross stages per image: the decoded image in, the panoptic
+pixels and the segments' JSON out.
 
-Post-processing (FC-CLIP's ``panoptic_inference`` up to the merge): a query is dropped when void is the
-argmax of its in-vocabulary softmax over C + 1 columns or its best class probability is <=
-``models.fcclip.object_mask_threshold``; the ``models.fcclip.topk`` best remain; masks are upsampled
-(bilinear) from stride 4 to the model input and then to the image, and a proposal is its logit >= 0
-(sigmoid >= 0.5); empty masks are dropped. Classify then fuses s_iv with s_clip and s_ret, and the
-panoptic merge (``label.merge``: overlap 0.8 = FC-CLIP's) paints the proposals.
+``label.ensemble.scores``: ``ensemble`` (gamma as set), ``clip`` (gamma 0: FC-CLIP alone, no index
+needed), ``retrieval`` (gamma 1). ``label.merge`` does not apply here (it is the binary-mask merge).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 
 import numpy as np
 
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text
+from ragseg.fcclip_inference import PostprocessSettings, TestGeometry
 from ragseg.stages.batch import run_batched
 
 log = logging.getLogger(__name__)
 
 STAGE = "fcclip"
-OUT_COLUMNS = ("seg_masks_rle", "seg_labels", "seg_ids", "seg_isthing", "seg_scores", "seg_iv_logits",
-               "embeddings")
+OUT_COLUMNS = ("panoptic_png", "segments_info")
+GEOMETRY_FIELDS = ("min_size_test", "max_size_test", "size_divisibility")
 
 
-def label_config(cfg: JobConfig) -> JobConfig:
-    """The label config FC-CLIP proposals run with: an empty ``label.ensemble.trained_classes`` becomes
-    FC-CLIP's COCO panoptic class names and synonyms (``ragseg/data/fcclip_coco_panoptic_classes.json``)."""
-    from ragseg.models.fcclip import trained_class_names
+def settings(cfg: JobConfig) -> PostprocessSettings:
+    """The post-processing settings of a label run (``models.fcclip`` + ``label.ensemble``)."""
+    fc, ens = cfg.models.fcclip, cfg.label.ensemble
+    gamma = {"ensemble": ens.gamma, "clip": 0.0, "retrieval": 1.0}[ens.scores]
+    return PostprocessSettings(alpha=ens.alpha, beta=ens.beta, gamma=gamma, form=ens.form,
+                               object_mask_threshold=fc.object_mask_threshold,
+                               overlap_threshold=fc.overlap_threshold,
+                               ensemble_on_valid_mask=fc.ensemble_on_valid_mask, chunk=fc.mask_chunk)
 
-    if cfg.label.ensemble.trained_classes:
-        return cfg
-    ens = cfg.label.ensemble.model_copy(update={"trained_classes": trained_class_names()})
-    return cfg.model_copy(update={"label": cfg.label.model_copy(update={"ensemble": ens})})
+
+def geometry(cfg: JobConfig) -> TestGeometry:
+    fc = cfg.models.fcclip
+    return TestGeometry(fc.min_size_test, fc.max_size_test, fc.size_divisibility)
+
+
+def uses_retrieval(cfg: JobConfig) -> bool:
+    return settings(cfg).gamma > 0
 
 
 def check_index_identity(cfg: JobConfig, meta: dict, index_uri: str) -> None:
-    """FC-CLIP queries are ``pool`` features of ``models.clip`` at ``pool_image_size``: refuse (one line)
-    an index whose keys came from another trunk, mode, dimension or pooling input size."""
+    """FC-CLIP queries are ``models.clip.mode=fcclip`` features of ``models.clip`` at FC-CLIP's test input:
+    refuse (one line) an index whose keys came from another trunk, mode, dimension or input rule."""
     from ragseg import ledger
     from ragseg.pipelines.build_db import embed_identity
 
     model_id, _, dim = embed_identity(cfg)
     have = (meta.get("embed_model"), meta.get("embed_mode"), int(meta.get("dim", -1)))
-    if have != (model_id, "pool", dim):
+    if have != (model_id, "fcclip", dim):
         raise UserError(
             f"index {index_uri} holds {have[0]} mode={have[1]} dim={have[2]} embeddings, but label.proposals="
-            f"fcclip queries are {model_id} mode=pool dim={dim} (the FC-CLIP trunk's mask-pooled features): "
-            f"build the database with models.clip = the FC-CLIP trunk and mode=pool")
-    size = cfg.models.clip.pool_image_size
+            f"fcclip queries are {model_id} mode=fcclip dim={dim} (FC-CLIP's mask pooling on its trunk): "
+            f"build the database with models.clip = the FC-CLIP trunk and models.clip.mode=fcclip")
     man = None
     if meta.get("db_uri"):
         try:
             man = ledger.read_header(str(meta["db_uri"]), "db")
         except Exception as e:  # noqa: BLE001 - the DB may live elsewhere; the index meta is what counts
-            log.warning("fcclip: cannot read the index's DB manifest %s (%s); pooling size not checked",
+            log.warning("fcclip: cannot read the index's DB manifest %s (%s); input size not checked",
                         meta["db_uri"], e)
     if man is not None:
-        db_size = (man.get("models") or {}).get("clip", {}).get("pool_image_size", size)
-        if db_size != size:
+        db_fc = (man.get("models") or {}).get("fcclip", {})
+        fc = cfg.models.fcclip
+        diff = [f"{k} {db_fc.get(k)} != {getattr(fc, k)}" for k in GEOMETRY_FIELDS
+                if k in db_fc and db_fc[k] != getattr(fc, k)]
+        if diff:
             raise UserError(
-                f"index {index_uri} was built from features pooled at models.clip.pool_image_size={db_size}, "
-                f"this run pools at {size}: queries and keys must come from the same trunk input size")
+                f"index {index_uri} was built from keys pooled at another FC-CLIP test input "
+                f"(models.fcclip {', '.join(diff)}): queries and keys must use the same input rule")
 
 
-class FcclipProposals:
-    """Ray Data callable: loads CLIP + FC-CLIP and the vocabulary's text classifier once (``__init__``)."""
+def text_classifier(cfg: JobConfig, vocab, bundle, model):
+    """(classifier (S + 1, D) with void last, num_templates per class, overlap (C,) bool): every name
+    of every class embedded with FC-CLIP's templates (template-averaged per name, as FC-CLIP does)."""
+    import torch
 
-    def __init__(self, cfg: JobConfig, vocab, bundle=None, model=None):
+    from ragseg.models.clip import TextEmbedder
+    from ragseg.models.fcclip import VILD_TEMPLATES, class_name_lists, overlap_mask
+
+    fc = cfg.models.fcclip
+    lists = class_name_lists(vocab, fc.class_names)
+    tmpl = list(fc.templates or VILD_TEMPLATES)
+    mcfg = cfg.models.model_copy(update={"clip": cfg.models.clip.model_copy(update={"templates": tmpl})})
+    rows = TextEmbedder(mcfg, bundle).encode([n for names in lists for n in names])
+    with torch.inference_mode():
+        classifier = model.text_classifier(torch.from_numpy(rows).to(bundle.device)).float()
+    trained = list(cfg.label.ensemble.trained_classes) or None
+    return classifier, [len(n) for n in lists], overlap_mask(lists, trained)
+
+
+def _num(x) -> float | None:
+    v = float(x)
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+class FcclipLabel:
+    """Ray Data callable: loads CLIP + FC-CLIP, the text classifier and the index once (``__init__``).
+    ``bundle`` / ``model`` / ``index`` / ``fallback_index`` can be injected (tests, benchmarks)."""
+
+    def __init__(self, cfg: JobConfig, vocab, index_uri: str | None = None,
+                 fallback_index_uri: str | None = None, *, bundle=None, model=None, index=None,
+                 fallback_index=None):
         import torch
 
-        from ragseg.models.clip import TextEmbedder, load_clip
+        from ragseg.models.clip import load_clip
         from ragseg.models.fcclip import load_fcclip
 
         self.cfg = cfg
         self.fc = cfg.models.fcclip
-        self.ccfg = cfg.models.clip
+        self.vocab = vocab
+        self.settings = settings(cfg)
+        self.geometry = geometry(cfg)
         self.bundle = bundle or load_clip(cfg.models)
         self.model = model or load_fcclip(cfg, self.bundle)
         self.device = self.bundle.device
-        self.dim = self.bundle.dim
         self.model_id = self.bundle.model_id
-        self.n_classes = len(vocab)
-        text = TextEmbedder(cfg, self.bundle).encode(list(vocab.names))
-        with torch.inference_mode():
-            self.classifier = self.model.text_classifier(torch.from_numpy(text).to(self.device)).float()
+        self.classifier, self.num_templates, overlap = text_classifier(cfg, vocab, self.bundle, self.model)
+        self.overlap = torch.from_numpy(overlap.astype(np.int64)).to(self.device)
+        self.isthing = [bool(t) for t in vocab.isthing]
+        self.ids = [int(i) for i in vocab.ids]
+        self.retriever = None
+        if self.settings.gamma > 0 or index is not None:
+            from ragseg.stages.classify import Retriever
+
+            self.retriever = Retriever(cfg, vocab, index_uri, fallback_index_uri, index=index,
+                                       fallback_index=fallback_index)
+            dims = self.retriever.dims()
+            if dims and dims != {self.bundle.dim}:
+                raise UserError(f"fcclip: index dim {sorted(dims)} != the CLIP embedding dim {self.bundle.dim}")
 
     # --------------------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         n = len(images)
         errors = [str(e) for e in batch["error"]] if "error" in batch else [""] * n
-        outs = [self._empty() for _ in range(n)]
         prepared: dict[int, np.ndarray] = {}
         for i in range(n):
             if errors[i]:
@@ -119,99 +168,88 @@ class FcclipProposals:
                 prepared[i] = img
             except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
                 errors[i] = error_text(STAGE, e)
-        for i, o in run_batched(prepared, self.predict, errors, STAGE, log).items():
-            outs[i] = o
-        res = dict(batch)
+        outs = run_batched(prepared, self.label_images, errors, STAGE, log)
+        res = {k: v for k, v in batch.items() if k != "image"}
         for k in OUT_COLUMNS:
             col = np.empty(n, dtype=object)
             for i in range(n):
-                col[i] = (outs[i] if not errors[i] else self._empty())[k]
+                ok = i in outs and not errors[i]
+                col[i] = outs[i][k] if ok else (np.zeros((0, 0, 3), np.uint8) if k == "panoptic_png" else "[]")
             res[k] = col
         res["error"] = np.array(errors, dtype=object)
         return res
 
-    def _empty(self) -> dict:
-        return {"seg_masks_rle": [], "seg_labels": [], "seg_ids": np.zeros(0, np.int64),
-                "seg_isthing": np.zeros(0, bool), "seg_scores": np.zeros(0, np.float32),
-                "seg_iv_logits": np.zeros((0, self.n_classes), np.float32),
-                "embeddings": np.zeros((0, self.dim), np.float16)}
-
     # --------------------------------------------------------------------------------------------
-    def input_shape(self, hw: tuple[int, int]) -> tuple[int, int]:
-        """The trunk input size of an image: Embed's pool-mode rule (shared, so keys and queries match)."""
-        from ragseg.models.clip import pool_input_shape, trunk_stride
-
-        side = self.ccfg.pool_image_size or max(self.bundle.image_size)
-        return pool_input_shape(hw, side, trunk_stride(self.bundle.visual))
-
-    def predict(self, images: list[np.ndarray]) -> list[dict]:
-        """Images -> per image the output columns (see the module docstring)."""
+    def forward(self, images: list[np.ndarray]):
+        """Images -> per image (pred_logits, pred_masks, dense, image_size) on the device, float32; images
+        of one padded input size share forward passes of ``models.fcclip.batch_size``."""
         import torch
 
-        from ragseg.models.clip import image_tensor, resize
+        from ragseg.fcclip_inference import network_input
         from ragseg.runtime import autocast
 
         b = self.bundle
-        shapes = [self.input_shape(img.shape[:2]) for img in images]
+        inputs = [network_input(img, self.geometry, b.mean, b.std, self.device) for img in images]
         by_shape: dict[tuple[int, int], list[int]] = {}
-        for r, s in enumerate(shapes):
-            by_shape.setdefault(s, []).append(r)
+        for r, (x, _) in enumerate(inputs):
+            by_shape.setdefault(tuple(x.shape[-2:]), []).append(r)
         out: list = [None] * len(images)
         with torch.inference_mode():
-            for shape, idx in by_shape.items():
+            for idx in by_shape.values():
                 for s in range(0, len(idx), self.fc.batch_size):
                     part = idx[s:s + self.fc.batch_size]
-                    x = torch.stack([resize(image_tensor(images[r], b)[None], shape, b.interpolation)[0]
-                                     for r in part])
+                    x = torch.stack([inputs[r][0] for r in part])
                     with autocast(self.device, self.cfg.models.device):
-                        logits, masks, dense = self.model(x, self.classifier)
+                        logits, masks, dense = self.model(x, self.classifier, self.num_templates)
                     for j, r in enumerate(part):
-                        out[r] = self.postprocess(images[r].shape[:2], shape, logits[j].float(),
-                                                  masks[j].float(), dense[j].float())
+                        out[r] = (logits[j].float(), masks[j].float(), dense[j].float(), inputs[r][1])
         return out
 
-    def postprocess(self, hw, in_shape, logits, masks, dense) -> dict:
-        """One image: (Q, C + 1) logits, (Q, h/4, w/4) mask logits, (C', gh, gw) dense map -> columns."""
-        import torch
-        import torch.nn.functional as F
-
-        from ragseg.masks import encode_rle
-
-        C = self.n_classes
-        probs = logits.softmax(-1)
-        score, label = probs.max(-1)
-        keep = (label != C) & (score > self.fc.object_mask_threshold)
-        idx = torch.nonzero(keep).flatten()
-        idx = idx[score[idx].argsort(descending=True, stable=True)][: self.fc.topk]
-        if len(idx) == 0:
-            return self._empty()
-        m = F.interpolate(masks[idx][None], size=in_shape, mode="bilinear", align_corners=False)
-        m = F.interpolate(m, size=tuple(hw), mode="bilinear", align_corners=False)[0] >= 0
-        nonempty = m.flatten(1).any(1)
-        idx, m = idx[nonempty], m[nonempty]
-        if len(idx) == 0:
-            return self._empty()
-        emb = self.pool_embeddings(dense, m)
-        bins = m.cpu().numpy()
-        return {"seg_masks_rle": [encode_rle(x) for x in bins], "seg_labels": [""] * len(idx),
-                "seg_ids": np.arange(1, len(idx) + 1, dtype=np.int64), "seg_isthing": np.ones(len(idx), bool),
-                "seg_scores": score[idx].cpu().numpy().astype(np.float32),
-                "seg_iv_logits": logits[idx, :C].cpu().numpy().astype(np.float32), "embeddings": emb}
-
-    def pool_embeddings(self, dense, masks) -> np.ndarray:
-        """(C', gh, gw) dense map of the shared pass + (n, H, W) bool masks -> (n, dim) float16
-        L2-normalised: Embed's pool feature (same functions, same chunking)."""
+    def postprocess(self, hw: tuple[int, int], logits, masks, dense, image_size):
+        """One image's network outputs -> :class:`ragseg.fcclip_inference.FcclipResult`."""
         import torch
 
-        from ragseg.models.clip import mask_cell_weights, mask_pool, pooled_to_embedding
-        from ragseg.runtime import autocast
+        from ragseg.fcclip_inference import postprocess
+        from ragseg.models.clip import pooled_to_embedding
 
-        bs = self.ccfg.batch_size
-        grid = tuple(dense.shape[-2:])
-        with autocast(self.device, self.cfg.models.device):
-            pooled = torch.cat([mask_pool(dense, mask_cell_weights(masks[s:s + bs], grid))
-                                for s in range(0, len(masks), bs)])
-            emb = torch.cat([pooled_to_embedding(self.bundle.visual, pooled[s:s + bs]).float()
-                             for s in range(0, len(pooled), bs)])
-        emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-        return emb.cpu().numpy().astype(np.float16)
+        def head(pooled):
+            return pooled_to_embedding(self.bundle.visual, pooled)
+
+        retrieval = self._retrieve if self.retriever is not None else None
+        with torch.inference_mode():
+            return postprocess(logits, masks, dense, head=head, text_classifier=self.classifier,
+                               logit_scale=self.bundle.model.logit_scale, num_templates=self.num_templates,
+                               overlap=self.overlap, isthing=self.isthing, image_size=image_size,
+                               out_hw=tuple(hw), settings=self.settings, retrieval=retrieval)
+
+    def _retrieve(self, emb):
+        import torch
+
+        s_ret, support = self.retriever.scores(emb.float().cpu().numpy())
+        return torch.from_numpy(s_ret).to(emb.device), torch.from_numpy(support).to(emb.device)
+
+    def label_images(self, images: list[np.ndarray]) -> list[dict]:
+        """Images -> per image ``{"panoptic_png", "segments_info"}``."""
+        out = []
+        for img, (logits, masks, dense, size) in zip(images, self.forward(images), strict=True):
+            res = self.postprocess(img.shape[:2], logits, masks, dense, size)
+            out.append(self.outputs(res))
+        return out
+
+    def outputs(self, res) -> dict:
+        """A :class:`ragseg.fcclip_inference.FcclipResult` -> the stage's output columns."""
+        from ragseg.masks import id_to_rgb
+        from ragseg.stages.merge import segment_infos
+
+        steps = res.ensemble
+        id_map = res.panoptic.id_map.cpu().numpy().astype(np.int32)
+        s_iv, s_clip = steps.s_iv.cpu().numpy(), steps.s_clip.cpu().numpy()
+        s_ret = res.s_ret.cpu().numpy() if res.s_ret is not None else None
+
+        def sources(seg: dict) -> dict:
+            q, c = seg["query"], seg["class_idx"]
+            return {"s_ret": _num(s_ret[q, c]) if s_ret is not None else None,
+                    "s_clip": _num(s_clip[q, c]), "s_iv": _num(s_iv[q, c])}
+
+        infos = segment_infos(id_map, res.panoptic.segments, self.ids, sources)
+        return {"panoptic_png": id_to_rgb(id_map), "segments_info": json.dumps(infos)}

@@ -21,7 +21,7 @@ import numpy as np
 from ragseg.config import JobConfig
 from ragseg.errors import error_text
 from ragseg.masks import decode_rle, encode_rle
-from ragseg.panoptic import panoptic_merge, to_png_rgb
+from ragseg.panoptic import panoptic_merge, segment_stats, to_png_rgb
 from ragseg.vocab import Vocab
 
 STAGE = "merge"
@@ -33,6 +33,22 @@ def _num(x) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(v) or math.isinf(v) else v
+
+
+def segment_infos(id_map: np.ndarray, segments: list[dict], category_ids, sources) -> list[dict]:
+    """The ``segments_info`` entries of a merged image: per segment (``id``, ``class_idx``, ``score``) its
+    ``category_id`` (``category_ids[class_idx]``), area and box from ``id_map``, the per-source scores
+    ``sources(segment)`` gives (``s_ret``, ``s_clip``, ``s_iv``) and the RLE of its pixels."""
+    stats = segment_stats(id_map)
+    infos = []
+    for seg in segments:
+        area, bbox = stats.get(int(seg["id"]), (0, [0, 0, 0, 0]))
+        info = {"id": int(seg["id"]), "category_id": int(category_ids[seg["class_idx"]]), "area": area,
+                "bbox": [int(v) for v in bbox], "iscrowd": 0, "score": _num(seg["score"])}
+        info.update(sources(seg))
+        info["mask_rle"] = encode_rle(id_map == seg["id"])
+        infos.append(info)
+    return infos
 
 
 class PanopticMerge:
@@ -57,18 +73,13 @@ class PanopticMerge:
         id_map, segments = panoptic_merge(masks, scores, classes, self.vocab.isthing,
                                           self.mc.score_threshold, self.mc.overlap_threshold,
                                           self.mc.min_area, image_hw=hw)
-        infos = []
-        for seg in segments:
+
+        def sources(seg: dict) -> dict:
             top = seg["proposals"][0]
-            info = {"id": int(seg["id"]), "category_id": int(self.vocab.ids[seg["class_idx"]]),
-                    "area": int(seg["area"]), "bbox": [int(v) for v in seg["bbox"]], "iscrowd": 0,
-                    "score": _num(seg["score"])}
-            for k in ("s_ret", "s_clip", "s_iv"):
-                col = extras.get(k)
-                info[k] = _num(col[top]) if col is not None and len(col) > top else None
-            info["mask_rle"] = encode_rle(id_map == seg["id"])
-            infos.append(info)
-        return to_png_rgb(id_map), json.dumps(infos)
+            return {k: _num(col[top]) if (col := extras.get(k)) is not None and len(col) > top else None
+                    for k in ("s_ret", "s_clip", "s_iv")}
+
+        return to_png_rgb(id_map), json.dumps(segment_infos(id_map, segments, self.vocab.ids, sources))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["error"])

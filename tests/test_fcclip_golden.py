@@ -7,9 +7,15 @@ records every step of ``FCCLIP.forward`` / ``panoptic_inference`` (see the scrip
 command). This file reads only the fixture: nothing is fetched. ``RAGSEG_FCCLIP_GOLDEN=<dir>/<stem>``
 points it at another fixture made by the script (other ``--seed`` / sizes).
 
-Here: the weights rebuild bit for bit, the text classifier, the network (pred_logits, pred_masks, the
-dense CLIP map) and the out-of-vocabulary pooling building blocks. The post-processing (resize, ensemble,
-filter, panoptic merge) is compared by the lead's tests on the same fixture.
+Every step is checked: the weights rebuild bit for bit; the test input (PIL resize, normalisation, zero
+padding); the text classifier (every synonym, 14 ViLD templates, void); the network (pred_logits with the
+synonym max, pred_masks, the dense CLIP map); then, fed the official network outputs (for the crafted
+cases: the crafted head outputs), ragseg's pure post-processing (``ragseg.fcclip_inference.postprocess``):
+mask pooling, the CLIP head, out-of-vocabulary logits, s_iv, s_clip / RetCLIP's s_oov, the fused
+log-scores, p_void, the ensembled distribution, scores / labels / kept queries (exactly), and the
+panoptic id map and segments (exactly: PQ 100 against the reference). Last, ragseg's whole label stage
+(:class:`ragseg.stages.fcclip.FcclipLabel`) from the raw images gives the official panoptic output.
+Tensors within 1e-4.
 """
 
 from __future__ import annotations
@@ -65,18 +71,6 @@ def ragseg_fcclip():
     return cfg, bundle, model
 
 
-def _synonym_max(logits: np.ndarray, num_templates: list[int]) -> np.ndarray:
-    """(Q, S + 1) per-synonym logits (void last) -> (Q, C + 1): the max over each class's synonyms.
-    FC-CLIP's head does this (``get_classification_logits``); ragseg's head does not yet (issue 19, item 6),
-    so the network test applies it to ragseg's per-synonym logits."""
-    out, i = [], 0
-    for n in num_templates:
-        out.append(logits[:, i:i + n].max(-1))
-        i += n
-    out.append(logits[:, -1])
-    return np.stack(out, -1)
-
-
 def test_fixture_covers_the_cases():
     """The committed fixture has what issue 19 asks for (other fixtures: whatever they were made with)."""
     if GOLDEN != FIX / "fcclip_golden":
@@ -124,34 +118,137 @@ def test_text_classifier_matches_official(ragseg_fcclip, golden):
 @pytest.mark.parametrize("case", NET_CASES)
 def test_network_matches_official(ragseg_fcclip, golden, case):
     """ragseg's FCCLIP on the official normalised, zero-padded input: pred_masks, the dense CLIP map and
-    (after the synonym max) pred_logits within 1e-4."""
+    pred_logits (max over each class's synonym rows) within 1e-4."""
     _, _, model = ragseg_fcclip
     info = META["cases"][case]
     x = torch.from_numpy(golden[f"{info['image']}/input"])[None]
     assert list(x.shape[-2:]) == info["padded_size"]
     tc = torch.from_numpy(golden[f"{case}/text_classifier"])
     with torch.no_grad():
-        logits, masks, dense = model(x, tc)
+        logits, masks, dense = model(x, tc, info["num_templates"])
     np.testing.assert_allclose(dense[0].numpy(), golden[f"{case}/clip_vis_dense"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(masks[0].numpy(), golden[f"{case}/pred_masks"], rtol=RTOL, atol=ATOL)
-    got = _synonym_max(logits[0].numpy(), info["num_templates"])
-    np.testing.assert_allclose(got, golden[f"{case}/pred_logits"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(logits[0].numpy(), golden[f"{case}/pred_logits"], rtol=RTOL, atol=ATOL)
+
+
+def _geometry():
+    from ragseg.fcclip_inference import TestGeometry
+
+    i = META["input"]
+    return TestGeometry(i["min_size_test"], i["max_size_test"], i["size_divisibility"])
+
+
+def _vocab():
+    """The fixture's vocabulary as ragseg reads one: FC-CLIP-style comma names (synonyms), thing flags."""
+    from ragseg.vocab import Vocab
+
+    v = META["vocabulary"]
+    return Vocab.from_names(v["names"], isthing=v["isthing"])
+
+
+@pytest.mark.parametrize("image", sorted({c["image"] for c in META["cases"].values()}))
+def test_test_input_matches_official(ragseg_fcclip, golden, image):
+    """detectron2's ResizeShortestEdge (PIL bilinear, uint8) exactly, then normalisation and zero padding."""
+    from ragseg.fcclip_inference import network_input, resize_uint8
+
+    _, bundle, _ = ragseg_fcclip
+    img = golden[f"{image}/image"]
+    size, padded = _geometry().sizes(img.shape[:2])
+    assert list(size) == list(golden[f"{image}/resized"].shape[:2])
+    np.testing.assert_array_equal(resize_uint8(img, size), golden[f"{image}/resized"])
+    x, size2 = network_input(img, _geometry(), bundle.mean, bundle.std)
+    assert size2 == size and tuple(x.shape) == golden[f"{image}/input"].shape and tuple(x.shape[-2:]) == padded
+    np.testing.assert_allclose(x.numpy(), golden[f"{image}/input"], rtol=RTOL, atol=ATOL)
+
+
+def test_class_names_and_overlap_match_official():
+    """The text classifier's rows per class (synonym lists) and FC-CLIP's category-overlap rule."""
+    from ragseg.models.fcclip import class_name_lists, overlap_mask
+
+    lists = class_name_lists(_vocab(), "vocab")
+    assert lists == META["vocabulary"]["synonyms"]
+    assert overlap_mask(lists).astype(int).tolist() == META["vocabulary"]["category_overlapping_mask"]
+
+
+def _close(got, want, what, case):
+    got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"{case}: {what}")
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
-def test_mask_pooling_blocks_match_official(ragseg_fcclip, golden, case):
-    """ragseg's building blocks for FC-CLIP's out-of-vocabulary path, fed the official intermediate
-    tensors: ``mask_pool_logits`` (mask logits > 0 on the dense grid, equal weights) = the official
-    MaskPooling output, and ``pooled_to_embedding`` (trunk head + projection) = its
-    ``visual_prediction_forward``. (The stage does not use them yet: issue 19, item 1.)"""
+def test_postprocess_matches_official(ragseg_fcclip, golden, case):
+    """ragseg.fcclip_inference.postprocess on the official network outputs reproduces every official step,
+    the kept queries exactly and the panoptic output exactly (PQ 100 against the reference)."""
+    from ragseg.fcclip_inference import PostprocessSettings, postprocess
     from ragseg.models.clip import pooled_to_embedding
-    from ragseg.models.fcclip import mask_pool_logits
 
     _, bundle, _ = ragseg_fcclip
-    dense = torch.from_numpy(golden[f"{case}/clip_vis_dense"])[None]
-    m = torch.from_numpy(golden[f"{case}/mask_for_pooling"])[None]
-    pooled = mask_pool_logits(dense, m)[0]
-    np.testing.assert_allclose(pooled.numpy(), golden[f"{case}/pooled_pre_head"], rtol=RTOL, atol=ATOL)
+    info = META["cases"][case]
+    g = {k.split("/", 1)[1]: torch.from_numpy(v) for k, v in golden.items() if k.startswith(f"{case}/")}
+    settings = PostprocessSettings(alpha=info["alpha"], beta=info["beta"], gamma=info["gamma"],
+                                   object_mask_threshold=info["object_mask_threshold"],
+                                   overlap_threshold=info["overlap_threshold"], chunk=3)
+    retclip = info["variant"] == "retclip"
     with torch.no_grad():
-        emb = pooled_to_embedding(bundle.visual, torch.from_numpy(golden[f"{case}/pooled_pre_head"]))
-    np.testing.assert_allclose(emb.numpy(), golden[f"{case}/pooled_clip_feature"], rtol=RTOL, atol=ATOL)
+        res = postprocess(g["pred_logits"], g["pred_masks"], g["clip_vis_dense"],
+                          head=lambda p: pooled_to_embedding(bundle.visual, p),
+                          text_classifier=g["text_classifier"], logit_scale=bundle.model.logit_scale,
+                          num_templates=info["num_templates"], overlap=g["category_overlapping_mask"],
+                          isthing=META["vocabulary"]["isthing"], image_size=tuple(info["image_size"]),
+                          out_hw=tuple(info["original_size"]), settings=settings,
+                          retrieval=g["s_ret"] if retclip else None)
+    _close(res.mask_for_pooling, g["mask_for_pooling"], "mask_for_pooling", case)
+    _close(res.pooled, g["pooled_pre_head"], "pooled (pre-head)", case)
+    _close(res.embeddings, g["pooled_clip_feature"], "CLIP head output", case)
+    # out-of-vocabulary logits (the RetCLIP fixture records CLIP's own next to the mixed ones)
+    _close(res.oov_logits, g["out_vocab_logits_clip" if retclip else "out_vocab_logits"], "oov logits", case)
+    st = res.ensemble
+    _close(st.s_iv, g["in_vocab_probs"], "s_iv", case)
+    if retclip:
+        _close(st.s_clip, g["s_clip"], "s_clip", case)
+    _close(st.s_oov, g["out_vocab_probs"], "s_oov (the official out_vocab_probs)", case)
+    _close(st.cls_results, g["cls_results"], "cls_results", case)
+    _close(st.void_prob, g["is_void_prob"], "p_void", case)
+    _close(st.mask_cls_probs, g["mask_cls_probs"], "mask_cls_probs", case)
+    _close(st.mask_cls_results, g["mask_cls_results"], "mask_cls_results", case)
+    pan = res.panoptic
+    _close(pan.scores, g["scores"], "scores", case)
+    assert pan.labels.tolist() == g["labels"].tolist(), case
+    assert pan.keep.tolist() == g["keep"].tolist(), case
+    assert int(pan.keep.sum()) == info["num_kept"]
+    np.testing.assert_array_equal(pan.id_map.numpy(), g["panoptic_seg"].numpy(), err_msg=case)
+    got = [{"id": s["id"], "isthing": s["isthing"], "category_id": s["class_idx"]} for s in pan.segments]
+    assert got == info["segments_info"], case
+
+
+@pytest.mark.parametrize("case", NET_CASES)
+def test_label_stage_end_to_end_matches_official(ragseg_fcclip, golden, case):
+    """ragseg's whole fcclip label stage from the raw uint8 image (test input, network, post-processing,
+    PNG + segments JSON) gives the official panoptic output."""
+    from ragseg.masks import rgb_to_id
+    from ragseg.stages.fcclip import FcclipLabel
+
+    cfg, bundle, model = ragseg_fcclip
+    info = META["cases"][case]
+    i = META["input"]
+    cfg = cfg.model_copy(update={
+        "models": cfg.models.model_copy(update={"fcclip": cfg.models.fcclip.model_copy(update={
+            "min_size_test": i["min_size_test"], "max_size_test": i["max_size_test"],
+            "size_divisibility": i["size_divisibility"], "class_names": "vocab", "templates": META["templates"],
+            "object_mask_threshold": info["object_mask_threshold"],
+            "overlap_threshold": info["overlap_threshold"]})}),
+        "label": cfg.label.model_copy(update={"ensemble": cfg.label.ensemble.model_copy(update={
+            "alpha": info["alpha"], "beta": info["beta"], "scores": "clip", "form": "geometric"})})})
+    vocab = _vocab()
+    stage = FcclipLabel(cfg, vocab, bundle=bundle, model=model)
+    _close(stage.classifier, golden[f"{case}/text_classifier"], "text classifier", case)
+    img = golden[f"{info['image']}/image"]
+    col = np.empty(1, dtype=object)
+    col[0] = img
+    out = stage({"image": col, "error": np.array([""], dtype=object)})
+    assert out["error"][0] == ""
+    ids = rgb_to_id(out["panoptic_png"][0])
+    np.testing.assert_array_equal(ids, golden[f"{case}/panoptic_seg"], err_msg=case)
+    segs = json.loads(out["segments_info"][0])
+    assert [(s["id"], vocab.ids.index(s["category_id"])) for s in segs] == \
+        [(s["id"], s["category_id"]) for s in info["segments_info"]]

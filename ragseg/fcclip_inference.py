@@ -249,6 +249,8 @@ def image_masks(pred_masks: torch.Tensor, padded: tuple[int, int], image_size: t
     resized image, bilinear to the original size (``sem_seg_postprocess``)."""
     m = F.interpolate(pred_masks[None], size=tuple(padded), mode="bilinear", align_corners=False)
     m = m[:, :, : image_size[0], : image_size[1]]
+    if tuple(image_size) == tuple(out_hw):  # bilinear to the same size is the identity: skip the copy
+        return m[0]
     return F.interpolate(m, size=tuple(out_hw), mode="bilinear", align_corners=False)[0]
 
 
@@ -275,39 +277,48 @@ def panoptic_inference(mask_cls_results: torch.Tensor, pred_masks: torch.Tensor,
     id_map = torch.zeros((H, W), dtype=torch.int32, device=dev)
     if len(idx) == 0:
         return PanopticResult(id_map, [], keep, scores, labels)
+    n = len(idx)
     cur_scores = scores[idx]
     best = torch.full((H, W), -float("inf"), dtype=torch.float32, device=dev)
-    owner = torch.zeros((H, W), dtype=torch.long, device=dev)
-    fg = torch.empty((len(idx), H, W), dtype=torch.bool, device=dev)  # sigmoid >= 0.5
-    for s in range(0, len(idx), max(1, int(chunk))):
-        part = idx[s:s + chunk]
-        prob = image_masks(pred_masks[part].float(), padded, image_size, (H, W)).sigmoid()
-        fg[s:s + len(part)] = prob >= 0.5
-        v, arg = (cur_scores[s:s + len(part)].view(-1, 1, 1) * prob).max(0)
-        better = v > best
+    owner = torch.zeros((H, W), dtype=torch.long, device=dev)  # argmax_k score_k * sigmoid_k
+    owner_fg = torch.zeros((H, W), dtype=torch.bool, device=dev)  # the owner's sigmoid >= 0.5 there
+    original = torch.zeros(n, dtype=torch.long, device=dev)  # pixels with sigmoid >= 0.5, per query
+    step = max(1, int(chunk))
+    for s in range(0, n, step):
+        part = idx[s:s + step]
+        prob = image_masks(pred_masks[part].float(), padded, image_size, (H, W)).sigmoid_()
+        fg = prob >= 0.5
+        original[s:s + len(part)] = fg.flatten(1).sum(1)
+        v, arg = prob.mul_(cur_scores[s:s + len(part)].view(-1, 1, 1)).max(0)  # score x sigmoid
+        better = v > best  # strictly: an earlier query keeps a tie, as one argmax over all would
         best = torch.where(better, v, best)
         owner = torch.where(better, arg + s, owner)
+        owner_fg = torch.where(better, fg.gather(0, arg[None])[0], owner_fg)
+        del prob, fg
+    # per query: pixels won, and pixels won with sigmoid >= 0.5 (its region); regions are disjoint
+    won = torch.bincount(owner.flatten(), minlength=n).tolist()
+    region = torch.bincount(owner[owner_fg], minlength=n).tolist()
+    orig = original.tolist()
     segments: list[dict] = []
     stuff_id: dict[int, int] = {}
     thing = [bool(t) for t in isthing]
-    for k in range(len(idx)):
+    seg_of = torch.zeros(n, dtype=torch.int32, device=dev)  # query -> the segment id it paints (0: none)
+    for k in range(n):  # query order, as the official loop
         c = int(labels[idx[k]])
-        won = owner == k
-        region = won & fg[k]
-        area, original = int(won.sum()), int(fg[k].sum())
-        if area == 0 or original == 0 or int(region.sum()) == 0:
+        if won[k] == 0 or orig[k] == 0 or region[k] == 0:
             continue
-        if area / original < overlap_threshold:
+        if won[k] / orig[k] < overlap_threshold:
             continue
         if not thing[c] and c in stuff_id:
-            id_map[region] = stuff_id[c]
+            seg_of[k] = stuff_id[c]
             continue
         sid = len(segments) + 1
         if not thing[c]:
             stuff_id[c] = sid
-        id_map[region] = sid
+        seg_of[k] = sid
         segments.append({"id": sid, "class_idx": c, "isthing": thing[c], "query": int(idx[k]),
                          "score": float(scores[idx[k]])})
+    id_map = torch.where(owner_fg, seg_of[owner], id_map)
     return PanopticResult(id_map, segments, keep, scores, labels)
 
 

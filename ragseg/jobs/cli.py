@@ -55,11 +55,16 @@ def eval_cmd(
     out: Annotated[str | None, typer.Option(help="Write the metrics JSON here.")] = None,
     allow_missing: Annotated[bool, typer.Option(
         help="Score ground-truth images the prediction lacks as empty predictions instead of failing.")] = False,
+    match_categories_by_name: Annotated[bool, typer.Option(
+        help="Map the prediction's category ids onto the ground truth's by class name (for a prediction that "
+             "numbers its categories its own way). Default: ids are used as they are, as COCO's panopticapi does.")
+    ] = False,
 ) -> None:
     """PQ / SQ / RQ for All, Things, Stuff and per class (COCO panoptic semantics)."""
     from ragseg.eval.pq import evaluate, format_table
 
-    res = evaluate(gt_json, gt_dir, pred_json, pred_dir, allow_missing=allow_missing)
+    res = evaluate(gt_json, gt_dir, pred_json, pred_dir, allow_missing=allow_missing,
+                   match_categories_by_name=match_categories_by_name)
     for line in res.get("warnings", []):
         typer.echo(f"warning: {line}", err=True)
     typer.echo(format_table(res))

@@ -326,18 +326,20 @@ def write_if(uri: str, data: bytes, expect: str | None) -> str:
 
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         fd = os.open(folder, os.O_RDONLY)
-        try:
+        try:  # the lock covers only compare + rename (microseconds)
             fcntl.flock(fd, fcntl.LOCK_EX)
             _check_version(uri, expect)
-            tmp = _tmp_name(path)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             os.close(fd)  # releases the lock
+            if os.path.exists(tmp):
+                os.remove(tmp)
         _fault_tick()
         return _content_version(data)
     _check_version(uri, expect)

@@ -249,7 +249,8 @@ class Ledger:
     records: pa.Table  # RECORD_SCHEMA, one row per committed piece, sorted by name
     uncompacted: list[str] = field(default_factory=list)  # commit object URIs not yet in a segment
     version: str | None = None  # the header's version as read (ragseg.io.read_versioned)
-    # commit objects nobody needs: records a segment already holds, or written by a fenced writer
+    # objects nobody needs: commit objects whose record a segment already holds, and commit objects
+    # written by a fenced writer with the files they name
     litter: list[str] = field(default_factory=list)
 
     def retried(self) -> bool:
@@ -345,8 +346,10 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
                 rec = json.loads(data)
             except ValueError as e:
                 raise UserError(f"commit record {uri} is not valid JSON ({e})") from None
-            if int(rec.get("epoch") or 0) < epoch:  # a fenced writer's, committed after the takeover
-                stale.append(uri)
+            if int(rec.get("epoch") or 0) < epoch:  # a fenced writer's, committed after the takeover:
+                # litter, with its files (its name is no valid piece's: that one would be in a segment)
+                stale += [uri] + [io.join(root, rec[k]) for k in ("data_path", "errors_path", "parts_path")
+                                  if rec.get(k)]
                 continue
             recs.append(rec)
             valid.append(uri)
@@ -379,8 +382,9 @@ class Compactor:
     folder over: :class:`LeaseLost`, and nothing is deleted. Without (tools, tests) writes are plain."""
 
     def __init__(self, root: str, header: dict[str, Any], every: int, seconds: float, *,
-                 epoch: int | None = None, version: str | None = None):
+                 epoch: int | None = None, version: str | None = None, lease: Lease | None = None):
         self.root = root
+        self.lease = lease  # when its renewal finds it taken over, stop before the next write
         self.header = header
         self.every = max(1, int(every))
         self.seconds = float(seconds)
@@ -392,6 +396,8 @@ class Compactor:
         self._last = time.monotonic()
 
     def add(self, record: dict[str, Any]) -> None:
+        if self.lease is not None and self.lease.lost and not self.stopped:
+            self._stop(header_epoch(self.root))
         self.pending.append(record)
         self.pending_uris.append(commit_uri(self.root, record["name"]))
         if len(self.pending) >= self.every or time.monotonic() - self._last >= self.seconds:
@@ -433,7 +439,8 @@ class Compactor:
         seg_dir = io.join(self.root, SEGMENTS)
         orphans = [u for u in io.list_dir(seg_dir) if f"{SEGMENTS}/{u.rsplit('/', 1)[-1]}" not in named]
         io.remove_many(orphans + list(ledger.litter))
-        io.remove_tmp_litter(io.join(self.root, COMMITS))
+        for d in (self.root, io.join(self.root, COMMITS)):
+            io.remove_tmp_litter(d)
 
     def flush(self) -> None:
         if self.stopped:
@@ -514,24 +521,26 @@ class Compactor:
 
 
 def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segments: int, make_header,
-                     check=None, epoch: int | None = None) -> tuple[Ledger | None, dict[str, Any], Compactor]:
-    """A job's start, under its lease of ``epoch``: read the folder's ledger (``check(header)`` refuses
-    an incompatible one), or create a new header (``make_header()``, only if there is still none);
-    stamp the epoch into the header (the fence), fold the commit records a killed run left uncompacted,
-    remove the litter and consolidate a long segment list. Returns (ledger or None, header, compactor)."""
+                     check=None, lease: Lease | None = None) -> tuple[Ledger | None, dict[str, Any], Compactor]:
+    """A job's start, under its ``lease``: read the folder's ledger (``check(header)`` refuses an
+    incompatible one), or create a new header (``make_header()``, only if there is still none); stamp
+    the lease's epoch into the header (the fence), fold the commit records a killed run left
+    uncompacted, remove the litter and consolidate a long segment list. Without a lease (tools, tests)
+    header writes are plain. Returns (ledger or None, header, compactor)."""
+    epoch = lease.epoch if lease is not None else None
     led = load(root, kind)
     if led is not None:
         header = led.header
         if check is not None:
             check(header)
-        comp = Compactor(root, header, every, seconds, epoch=epoch, version=led.version)
+        comp = Compactor(root, header, every, seconds, epoch=epoch, version=led.version, lease=lease)
         comp.take_over(led)
         comp.consolidate(max_segments)
     else:
         header = make_header()
         if epoch is not None:
             header["epoch"] = epoch
-        comp = Compactor(root, header, every, seconds, epoch=epoch, version=None)
+        comp = Compactor(root, header, every, seconds, epoch=epoch, version=None, lease=lease)
         comp.write_header()
     return led, header, comp
 
@@ -627,9 +636,8 @@ class Lease:
                 if cur is not None and cur.get("owner") == self.owner:  # our own write, its answer lost
                     self.version = version
                     continue
-                self.lost = True
-                log.warning("lost the lease %s: another job took the folder over (%s); this job stops at its "
-                            "next header write", self.uri, (cur or {}).get("job", "lease removed"))
+                self.lost = True  # the driver stops at its next commit record or header write
+                log.debug("lost the lease %s: another job took the folder over", self.uri)
                 return
             except Exception as e:  # noqa: BLE001 - a missed renewal is retried; expiry is ttl away
                 log.warning("could not renew the lease %s: %s", self.uri, e)

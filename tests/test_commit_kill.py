@@ -19,6 +19,7 @@ import traceback
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import only_named_objects
 
 from ragseg import io
 
@@ -121,27 +122,6 @@ def _content(kind: str, out: str) -> dict:
     return c
 
 
-def _only_named_objects(kind: str, out: str) -> None:
-    """Every object under ``out`` is named: the header, the segments it lists, the files of the
-    committed records, the PNGs of the labelled images and panoptic.json; no orphan segment, no commit
-    object left (the run compacted all of its records), no temporary file."""
-    from ragseg import ledger
-
-    led = ledger.load(out, kind)
-    fs, root = io.fs_and_path(out)
-    root = root.rstrip("/")
-    fs.invalidate_cache()
-    have = sorted(p[len(root) + 1:] for p in fs.find(root))
-    named = {ledger.MANIFEST, *led.header["segments"]}
-    for r in led.records.to_pylist():
-        named |= {p for p in (r["data_path"], r["errors_path"], r["parts_path"]) if p}
-    if kind == "labels":
-        from ragseg.labels_out import PANOPTIC_JSON, iter_images
-
-        named |= {PANOPTIC_JSON} | {f"panoptic/{a['png_name']}" for a in iter_images(out)}
-    assert have == sorted(named), f"unnamed objects: {sorted(set(have) - named)}; missing: {sorted(named - set(have))}"
-
-
 def _kill_everywhere(kind: str, base: str, tmp_path) -> int:
     images = _images(str(tmp_path))
     vocab = str(tmp_path / "vocab.json")
@@ -159,7 +139,7 @@ def _kill_everywhere(kind: str, base: str, tmp_path) -> int:
     steps = int(open(counter).read())
     ref = _content(kind, ref_out)
     assert len(ref["images"]) == N_IMAGES and len(ref["errors"]) == 1
-    _only_named_objects(kind, ref_out)
+    only_named_objects(kind, ref_out)
     for k in range(1, steps + 1):
         out = io.join(base, f"{kind}-k{k}")
         open(counter, "w").close()
@@ -167,7 +147,7 @@ def _kill_everywhere(kind: str, base: str, tmp_path) -> int:
         assert os.WIFSIGNALED(status), f"step {k} of {steps}: the fault hook did not fire"
         assert _forked(kind, _cfg(kind, images, out, vocab), None, counter) == 0, f"rerun after step {k} failed"
         assert _content(kind, out) == ref, f"kill after write {k} of {steps}, then rerun: output differs"
-        _only_named_objects(kind, out)
+        only_named_objects(kind, out)
     return steps
 
 

@@ -176,7 +176,7 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
         led, header, comp = ledger.open_for_writing(
             out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json")),
-            lambda h: dblib.check_compatible(h, model_id, mode, dim, out), epoch=lease.epoch)
+            lambda h: dblib.check_compatible(h, model_id, mode, dim, out), lease=lease)
 
         source_errors: list[dict] = []
         rows = _source_rows(cfg, source_errors)

@@ -282,7 +282,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
         led, header, comp = ledger.open_for_writing(
             out, labels_out.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: ledger.new_header(labels_out.KIND, config_hash=job_hash, index_version=meta.get("version"),
-                                      vocab=vocab.categories()), check, epoch=lease.epoch)
+                                      vocab=vocab.categories()), check, lease=lease)
 
         source_errors: list[dict] = []
         rows = list_table(lc.images, errors=source_errors)

@@ -256,6 +256,106 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         raise
 
 
+class PreconditionFailed(Exception):
+    """A conditional write found the object other than the writer last read it (or present when it
+    was to be created, or gone)."""
+
+
+def _content_version(data: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _s3_like(fs) -> bool:
+    return protocol_of_fs(fs) in ("s3", "s3a")
+
+
+def read_versioned(uri: str) -> tuple[bytes, str]:
+    """The bytes of ``uri`` and a version token for :func:`write_if`: the object's ETag on S3 (the
+    bytes are read with ``If-Match`` on it, so they are that version's), else the sha256 of the
+    content. FileNotFoundError when missing."""
+    fs, path = fs_and_path(uri)
+    if _s3_like(fs):
+        for _ in range(3):
+            fs.invalidate_cache(path)
+            try:
+                with fs.open(path, "rb") as f:
+                    data = f.read()
+                    return data, str(f.details["ETag"])
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) or not _is_precondition(e):
+                    raise
+                # replaced between the HEAD and the GET: read again
+        raise OSError(f"{uri} keeps changing while it is read")
+    data = read_bytes(uri)
+    return data, _content_version(data)
+
+
+def _is_precondition(e: BaseException) -> bool:
+    text = str(e)
+    return "PreconditionFailed" in text or "412" in text or "pre-conditions" in text
+
+
+def write_if(uri: str, data: bytes, expect: str | None) -> str:
+    """Write ``data`` to ``uri`` only if the object is still at version ``expect`` (a token from
+    :func:`read_versioned` or an earlier ``write_if``), or, with ``expect=None``, does not exist yet;
+    returns the new version. Raises :class:`PreconditionFailed` otherwise, writing nothing.
+
+    S3: one conditional PUT (``If-Match: <ETag>`` / ``If-None-Match: *``), atomic on the store. Local
+    files: compare-then-write (temporary file + rename) under an exclusive ``flock`` of the folder, so two
+    writers on one host never interleave. Other stores: compare-then-write (not atomic between hosts;
+    the folder's lease keeps writers apart)."""
+    fs, path = fs_and_path(uri)
+    if _s3_like(fs):
+        try:
+            out = fs.pipe_file(path, data, mode="create") if expect is None else fs.pipe_file(path, data, IfMatch=expect)
+        except FileExistsError:
+            raise PreconditionFailed(f"{uri} exists already") from None
+        except FileNotFoundError:  # If-Match on an object that is gone
+            raise PreconditionFailed(f"{uri} is gone") from None
+        except OSError as e:
+            if _is_precondition(e):
+                raise PreconditionFailed(f"{uri} changed since it was read") from None
+            raise
+        _fault_tick()
+        etag = out.get("ETag") if isinstance(out, dict) else None
+        return str(etag) if etag else read_versioned(uri)[1]
+    if protocol_of_fs(fs) == "file":
+        import fcntl
+
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(folder, os.O_RDONLY)
+        try:  # the lock covers only compare + rename (microseconds)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _check_version(uri, expect)
+            os.replace(tmp, path)
+        finally:
+            os.close(fd)  # releases the lock
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _fault_tick()
+        return _content_version(data)
+    _check_version(uri, expect)
+    write_bytes_atomic(uri, data)
+    return _content_version(data)
+
+
+def _check_version(uri: str, expect: str | None) -> None:
+    try:
+        cur = _content_version(read_bytes(uri))
+    except FileNotFoundError:
+        cur = None
+    if cur != expect:
+        raise PreconditionFailed(f"{uri} {'exists already' if expect is None else 'changed since it was read'}")
+
+
 # Parquet encodings: zstd, dictionaries and statistics for everything but columns of dense floats that
 # none of them helps (float16 embeddings: zstd saves <1%, dictionaries and min/max stats are pure
 # cost; together they made writing a feature shard 4x slower), which are stored plain.

@@ -26,6 +26,27 @@ kill -9 at any point leaves a consistent state:
 ``_lease.json`` makes the writer unique: a second job on the same folder refuses to start while the
 first one's lease is alive (renewed every ``lease_ttl_s / 3`` seconds; a lease whose owner process is
 gone from this host, or that expired, is taken over).
+
+Fencing. Every lease taken (a new job, or a takeover of a dead or stalled one) carries an *epoch*, one
+more than any before it (the lease's and the header's). A writer stamps its epoch into the header with
+its first header write and into each commit record, and writes the header only *conditionally* on the
+version it last read or wrote (:func:`ragseg.io.write_if`: ``If-Match`` / ``If-None-Match`` on S3,
+compare-then-rename under ``flock`` locally). A writer that stalled past its lease (GC pause, suspended
+VM, partition) and wakes up after another job took the folder over finds the header changed: it stops
+with :class:`LeaseLost` (one line, exit code 2) before deleting anything, leaving at most an orphan
+segment. Commit objects of an older epoch than the header's that no segment holds were written by such
+a stale writer after the takeover: readers ignore them (the new writer recomputes those images).
+
+Litter. A writer, once its header is in place, removes what killed or fenced writers left behind:
+segments under ``_manifest/`` that the header does not name, commit objects whose record a segment
+already holds, and stale commit objects (:meth:`Compactor.clean`). So after any kill and a rerun only
+named objects remain.
+
+Retries. A record written by ``--retry-errors`` (``retry`` true) re-processes images whose latest
+outcome was an error row: for each image the record of the highest epoch is its outcome (an image is
+retried only after an error, so the outcomes it supersedes are all errors). Totals count each image
+once (:meth:`Ledger.totals`), :meth:`Ledger.covered_image_ids` is distinct, and :func:`latest_errors`
+gives the error rows of the images whose latest outcome is an error.
 """
 
 from __future__ import annotations
@@ -70,6 +91,8 @@ RECORD_SCHEMA = pa.schema([
     pa.field("pid", pa.int64()),
     pa.field("created", pa.float64()),
     pa.field("stage_seconds", pa.string()),  # JSON {stage: busy seconds} of the piece's images
+    pa.field("epoch", pa.int64()),  # the writing job's lease epoch (null: written before epochs)
+    pa.field("retry", pa.bool_()),  # true: re-processes images whose latest outcome was an error
 ])
 RECORD_FIELDS = tuple(RECORD_SCHEMA.names)
 
@@ -77,12 +100,13 @@ RECORD_FIELDS = tuple(RECORD_SCHEMA.names)
 # ----------------------------------------------------------------------------------------------
 # Records (worker side)
 # ----------------------------------------------------------------------------------------------
-def piece_name(image_ids: Iterable[str]) -> str:
+def piece_name(image_ids: Iterable[str], salt: str = "") -> str:
     """Content name of a piece: the same images always give the same name (a retried write task
-    overwrites its own files), different images practically never do."""
+    overwrites its own files), different images practically never do. ``salt`` tells apart pieces of
+    the same images written by different runs (``--retry-errors``)."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(salt.encode())
     for i in sorted(str(x) for x in image_ids):
         h.update(i.encode())
         h.update(b"\n")
@@ -104,12 +128,13 @@ def writer_identity() -> dict[str, Any]:
 
 def new_record(name: str, image_ids: list[str], *, images: int, segments: int, errors: int,
                empty_images: int, data_path: str, errors_path: str | None, parts_path: str | None,
-               stage_seconds: dict[str, float]) -> dict[str, Any]:
+               stage_seconds: dict[str, float], epoch: int = 0, retry: bool = False) -> dict[str, Any]:
     return {"name": name, "image_ids": [str(i) for i in image_ids], "images": int(images),
             "segments": int(segments), "errors": int(errors), "empty_images": int(empty_images),
             "data_path": data_path, "errors_path": errors_path, "parts_path": parts_path,
             **writer_identity(), "created": time.time(),
-            "stage_seconds": json.dumps({k: round(float(v), 6) for k, v in sorted(stage_seconds.items())})}
+            "stage_seconds": json.dumps({k: round(float(v), 6) for k, v in sorted(stage_seconds.items())}),
+            "epoch": int(epoch), "retry": bool(retry)}
 
 
 def commit_uri(root: str, name: str) -> str:
@@ -125,6 +150,19 @@ def records_table(records: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in RECORD_FIELDS} for r in records], schema=RECORD_SCHEMA)
 
 
+def _conform(table: pa.Table) -> pa.Table:
+    """A segment written by an older ragseg (fewer record columns) as RECORD_SCHEMA: nulls for the
+    columns it lacks."""
+    missing = [f for f in RECORD_SCHEMA if f.name not in table.column_names]
+    for f in missing:
+        table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(list(RECORD_FIELDS)).cast(RECORD_SCHEMA)
+
+
+class LeaseLost(UserError):
+    """This job's lease was taken over (its header changed under it): it stops, deleting nothing."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Header
 # ----------------------------------------------------------------------------------------------
@@ -135,11 +173,17 @@ def manifest_uri(root: str) -> str:
 def read_header(root: str, kind: str) -> dict[str, Any] | None:
     """The folder's header, or None for a new folder. A format-1 folder is refused with how to
     migrate it; anything else that is not a ragseg header of ``kind`` is refused too."""
+    return read_header_versioned(root, kind)[0]
+
+
+def read_header_versioned(root: str, kind: str) -> tuple[dict[str, Any] | None, str | None]:
+    """:func:`read_header` and the header's version (for a conditional write, :func:`ragseg.io.write_if`)."""
     uri = manifest_uri(root)
     try:
-        text = io.read_text(uri)
+        data, version = io.read_versioned(uri)
     except FileNotFoundError:
-        return None
+        return None, None
+    text = data.decode("utf-8")
     try:
         h = json.loads(text)
     except ValueError as e:
@@ -153,7 +197,7 @@ def read_header(root: str, kind: str) -> dict[str, Any] | None:
         raise UserError(f"{uri} is not a ragseg manifest of format {FORMAT}")
     if h.get("kind") != kind:
         raise UserError(f"{root} holds ragseg {h.get('kind')!r} output, not {kind!r}")
-    return h
+    return h, version
 
 
 def peek_kind(root: str) -> str:
@@ -174,8 +218,23 @@ def _zero_totals() -> dict[str, int]:
     return {"pieces": 0, "images": 0, "segments": 0, "errors": 0, "empty_images": 0}
 
 
+def header_bytes(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, indent=2, sort_keys=True).encode("utf-8")
+
+
 def write_header(root: str, header: dict[str, Any]) -> None:
-    io.write_json_atomic(manifest_uri(root), header)
+    """Unconditional header write (new folders made by tools and tests; jobs use
+    :meth:`Compactor.write_header`, conditional on the version they read)."""
+    io.write_bytes_atomic(manifest_uri(root), header_bytes(header))
+
+
+def header_epoch(root: str) -> int:
+    """The epoch a folder's header records (0: none yet, or no header)."""
+    try:
+        h = io.read_json(manifest_uri(root))
+    except (FileNotFoundError, ValueError):
+        return 0
+    return int(h.get("epoch") or 0) if isinstance(h, dict) else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,16 +248,36 @@ class Ledger:
     header: dict[str, Any]
     records: pa.Table  # RECORD_SCHEMA, one row per committed piece, sorted by name
     uncompacted: list[str] = field(default_factory=list)  # commit object URIs not yet in a segment
+    version: str | None = None  # the header's version as read (ragseg.io.read_versioned)
+    # objects nobody needs: commit objects whose record a segment already holds, and commit objects
+    # written by a fenced writer with the files they name
+    litter: list[str] = field(default_factory=list)
+
+    def retried(self) -> bool:
+        """True when some piece re-processed images (``--retry-errors``): an image may then be in
+        several pieces, the one of the highest epoch being its outcome."""
+        return self.records.num_rows > 0 and bool(pc.any(pc.fill_null(self.records.column("retry"), False)).as_py())
 
     def covered_image_ids(self) -> pa.Array:
-        """Every image id of every committed piece (an Arrow string array; no Python set)."""
+        """Every image id that has an outcome, once (an Arrow string array; no Python set)."""
         col = self.records.column("image_ids")
-        return pc.list_flatten(col).combine_chunks() if self.records.num_rows else pa.array([], pa.string())
+        if not self.records.num_rows:
+            return pa.array([], pa.string())
+        ids = pc.list_flatten(col).combine_chunks()
+        return pc.unique(ids) if self.retried() else ids
 
     def totals(self) -> dict[str, int]:
+        """Pieces, then images (each once), segments, errors (images whose latest outcome is an error)
+        and empty images. A retry piece's images all had an error outcome before, which it supersedes:
+        they are not counted again as images, and their earlier errors are taken off."""
         t = {"pieces": self.records.num_rows}
         for k in ("images", "segments", "errors", "empty_images"):
             t[k] = int(pc.sum(self.records.column(k)).as_py() or 0) if self.records.num_rows else 0
+        if self.records.num_rows:
+            retry = pc.fill_null(self.records.column("retry"), False)
+            redone = int(pc.sum(pc.if_else(retry, self.records.column("images"), 0)).as_py() or 0)
+            t["images"] -= redone
+            t["errors"] -= redone
         return t
 
 
@@ -234,7 +313,7 @@ def _read_segments(root: str, names: list[str]) -> list[pa.Table]:
         if isinstance(data, Exception):
             raise UserError(f"manifest segment {uri} listed in {manifest_uri(root)} is unreadable "
                             f"({type(data).__name__}: {data})")
-        out.append(pq.read_table(pa.BufferReader(data)).cast(RECORD_SCHEMA))
+        out.append(_conform(pq.read_table(pa.BufferReader(data))))
     return out
 
 
@@ -243,7 +322,7 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
     no commit (a new folder). Safe while a job writes (see module docstring)."""
     for _ in range(retries):
         commits = list_commits(root)
-        header = read_header(root, kind)
+        header, version = read_header_versioned(root, kind)
         if header is None:
             if commits:
                 raise UserError(f"{root} has commit records but no {MANIFEST}; was it written by ragseg?")
@@ -252,24 +331,34 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
         known = set()
         for t in tables:
             known.update(t.column("name").to_pylist())
-        todo = [u for u in commits if u.rsplit("/", 1)[-1][: -len(".json")] not in known]
+        todo, folded = [], []
+        for u in commits:
+            (folded if u.rsplit("/", 1)[-1][: -len(".json")] in known else todo).append(u)
         got = _cat(todo)
         if any(isinstance(v, FileNotFoundError) for v in got.values()):
             continue  # compacted meanwhile: the header now names its segment
-        recs = []
+        recs, valid, stale = [], [], []
+        epoch = int(header.get("epoch") or 0)
         for uri, data in got.items():
             if isinstance(data, Exception):
                 raise UserError(f"commit record {uri} is unreadable ({type(data).__name__}: {data})")
             try:
-                recs.append(json.loads(data))
+                rec = json.loads(data)
             except ValueError as e:
                 raise UserError(f"commit record {uri} is not valid JSON ({e})") from None
+            if int(rec.get("epoch") or 0) < epoch:  # a fenced writer's, committed after the takeover:
+                # litter, with its files (its name is no valid piece's: that one would be in a segment)
+                stale += [uri] + [io.join(root, rec[k]) for k in ("data_path", "errors_path", "parts_path")
+                                  if rec.get(k)]
+                continue
+            recs.append(rec)
+            valid.append(uri)
         if recs:
             tables.append(records_table(recs))
         table = pa.concat_tables(tables) if tables else records_table([])
         if table.num_rows:
             table = _dedup(table.sort_by("name"))
-        return Ledger(root, header, table, uncompacted=todo)
+        return Ledger(root, header, table, uncompacted=valid, version=version, litter=folded + stale)
     raise UserError(f"{root}: commit records kept moving while reading them; is a compaction stuck?")
 
 
@@ -286,18 +375,29 @@ def _dedup(table: pa.Table) -> pa.Table:
 # Compaction (driver side, single writer under the lease)
 # ----------------------------------------------------------------------------------------------
 class Compactor:
-    """Collects the records a running job commits and folds them into segments (module docstring)."""
+    """Collects the records a running job commits and folds them into segments (module docstring).
 
-    def __init__(self, root: str, header: dict[str, Any], every: int, seconds: float):
+    With an ``epoch`` (a job under its lease) every header write is conditional on ``version``, the
+    header's version as this writer last read or wrote it; a failed one means another job took the
+    folder over: :class:`LeaseLost`, and nothing is deleted. Without (tools, tests) writes are plain."""
+
+    def __init__(self, root: str, header: dict[str, Any], every: int, seconds: float, *,
+                 epoch: int | None = None, version: str | None = None, lease: Lease | None = None):
         self.root = root
+        self.lease = lease  # when its renewal finds it taken over, stop before the next write
         self.header = header
         self.every = max(1, int(every))
         self.seconds = float(seconds)
+        self.epoch = epoch
+        self.version = version
+        self.stopped: str | None = None  # why this writer was fenced off
         self.pending: list[dict[str, Any]] = []
         self.pending_uris: list[str] = []
         self._last = time.monotonic()
 
     def add(self, record: dict[str, Any]) -> None:
+        if self.lease is not None and self.lease.lost and not self.stopped:
+            self._stop(header_epoch(self.root))
         self.pending.append(record)
         self.pending_uris.append(commit_uri(self.root, record["name"]))
         if len(self.pending) >= self.every or time.monotonic() - self._last >= self.seconds:
@@ -312,11 +412,83 @@ class Compactor:
         recs = ledger.records.filter(mask).to_pylist()
         self._write(recs, list(ledger.uncompacted))
 
+    def take_over(self, ledger: Ledger) -> None:
+        """At start, under this job's lease: stamp the epoch into the header and write it (the fence:
+        from now on a writer of an older epoch cannot write the header), folding the commit objects an
+        earlier run left uncompacted on the way; then remove the litter (:meth:`clean`)."""
+        if self.epoch is None:
+            self.adopt(ledger)
+            return
+        have = int(self.header.get("epoch") or 0)
+        if have >= self.epoch:
+            self._stop(have)
+        self.header["epoch"] = self.epoch
+        if ledger.uncompacted:
+            self.adopt(ledger)
+        else:
+            self.write_header()
+        self.clean(ledger)
+
+    def clean(self, ledger: Ledger) -> None:
+        """Remove what killed or fenced writers left (after this writer's header is in place): segments
+        the header does not name (a compaction killed before its header write, a consolidation killed
+        before its deletes, a fenced writer's last segment), commit objects a segment already holds (a
+        compaction killed before its deletes) or that a fenced writer wrote (``ledger.litter``), and
+        temporary files of killed local writes."""
+        named = set(self.header["segments"])
+        seg_dir = io.join(self.root, SEGMENTS)
+        orphans = [u for u in io.list_dir(seg_dir) if f"{SEGMENTS}/{u.rsplit('/', 1)[-1]}" not in named]
+        io.remove_many(orphans + list(ledger.litter))
+        for d in (self.root, io.join(self.root, COMMITS)):
+            io.remove_tmp_litter(d)
+
     def flush(self) -> None:
+        if self.stopped:
+            return  # fenced: nothing more is written or deleted
         if self.pending:
             self._write(self.pending, self.pending_uris)
         self.pending, self.pending_uris = [], []
         self._last = time.monotonic()
+
+    def write_header(self) -> None:
+        """Write the header: conditional on the version this writer last read or wrote (with an epoch),
+        else plainly. Raises :class:`LeaseLost` when the folder was taken over."""
+        if self.stopped:
+            raise LeaseLost(self.stopped)
+        if self.epoch is None:
+            write_header(self.root, self.header)
+            return
+        try:
+            self.version = io.write_if(manifest_uri(self.root), header_bytes(self.header), self.version)
+        except io.PreconditionFailed:
+            self._stop(header_epoch(self.root))
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the header changed since this writer wrote it (before a write
+        outside the ledger that a newer writer owns, e.g. label's panoptic.json)."""
+        if self.stopped:
+            raise LeaseLost(self.stopped)
+        if self.epoch is None:
+            return
+        try:
+            _, version = io.read_versioned(manifest_uri(self.root))
+        except FileNotFoundError:
+            version = None
+        if version != self.version:
+            self._stop(header_epoch(self.root))
+
+    def _stop(self, newer: int) -> None:
+        lease = _read_lease(io.join(self.root, LEASE)) or {}
+        who = (f" ({lease.get('job')} on {lease.get('host')}, pid {lease.get('pid')})"
+               if lease.get("owner") and int(lease.get("epoch") or 0) > int(self.epoch or 0) else "")
+        if newer > int(self.epoch or 0):
+            what = f"was taken over by another job{who} (epoch {newer} > this job's {self.epoch})"
+        else:
+            what = f"had its {MANIFEST} changed by another writer{who}"
+        self.stopped = (f"{self.root} {what}: this job's lease had expired (commit.lease_ttl_s); it stops here "
+                        "and deletes nothing; what it committed is kept, and the images it did not commit are "
+                        "left to the other job or a rerun")
+        raise LeaseLost(self.stopped)
 
     def _write(self, records: list[dict[str, Any]], uris: list[str]) -> None:
         n = len(self.header["segments"])
@@ -327,7 +499,10 @@ class Compactor:
         tot["pieces"] += len(records)
         for k in ("images", "segments", "errors", "empty_images"):
             tot[k] += sum(int(r[k]) for r in records)
-        write_header(self.root, self.header)
+        redone = sum(int(r["images"]) for r in records if r.get("retry"))  # see Ledger.totals
+        tot["images"] -= redone
+        tot["errors"] -= redone
+        self.write_header()
         io.remove_many(uris)
 
     def consolidate(self, max_segments: int) -> None:
@@ -341,35 +516,53 @@ class Compactor:
         rel = f"{SEGMENTS}/seg-{len(segs):06d}-{uuid.uuid4().hex[:8]}-all.parquet"
         io.write_parquet_atomic(io.join(self.root, rel), table)
         self.header["segments"] = [rel]
-        write_header(self.root, self.header)
+        self.write_header()
         io.remove_many([io.join(self.root, s) for s in segs])
 
 
 def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segments: int, make_header,
-                     check=None) -> tuple[Ledger | None, dict[str, Any], Compactor]:
-    """A job's start, under its lease: read the folder's ledger (``check(header)`` refuses an
-    incompatible one), or write a new header (``make_header()``); fold the commit records a killed run
-    left uncompacted and consolidate a long segment list. Returns (ledger or None, header, compactor)."""
+                     check=None, lease: Lease | None = None) -> tuple[Ledger | None, dict[str, Any], Compactor]:
+    """A job's start, under its ``lease``: read the folder's ledger (``check(header)`` refuses an
+    incompatible one), or create a new header (``make_header()``, only if there is still none); stamp
+    the lease's epoch into the header (the fence), fold the commit records a killed run left
+    uncompacted, remove the litter and consolidate a long segment list. Without a lease (tools, tests)
+    header writes are plain. Returns (ledger or None, header, compactor)."""
+    epoch = lease.epoch if lease is not None else None
     led = load(root, kind)
     if led is not None:
         header = led.header
         if check is not None:
             check(header)
+        comp = Compactor(root, header, every, seconds, epoch=epoch, version=led.version, lease=lease)
+        comp.take_over(led)
+        comp.consolidate(max_segments)
     else:
         header = make_header()
-        write_header(root, header)
-    comp = Compactor(root, header, every, seconds)
-    if led is not None:
-        comp.adopt(led)
-        comp.consolidate(max_segments)
+        if epoch is not None:
+            header["epoch"] = epoch
+        comp = Compactor(root, header, every, seconds, epoch=epoch, version=None, lease=lease)
+        comp.write_header()
     return led, header, comp
 
 
 # ----------------------------------------------------------------------------------------------
 # Lease
 # ----------------------------------------------------------------------------------------------
+def _read_lease(uri: str) -> dict[str, Any] | None:
+    try:
+        cur = json.loads(io.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"owner": "?", "expires": 0}
+    return cur if isinstance(cur, dict) else {"owner": "?", "expires": 0}
+
+
 class Lease:
-    """One writer per output folder. ``acquire`` refuses while another live job holds the lease."""
+    """One writer per output folder. ``acquire`` refuses while another live job holds the lease, and
+    takes over a dead or expired one. Each lease taken gets an ``epoch`` one more than any before
+    (the lease's, the header's): the fence of :class:`Compactor`. Renewals are conditional on the
+    lease this writer last wrote; one that fails means another job took the folder over: ``lost``."""
 
     def __init__(self, root: str, ttl_s: float, job: str):
         self.root = root
@@ -377,21 +570,30 @@ class Lease:
         self.ttl = float(ttl_s)
         self.job = job
         self.owner = uuid.uuid4().hex
+        self.epoch = 0
+        self.version: str | None = None
+        self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
         now = time.time()
         return json.dumps({"owner": self.owner, "job": self.job, "host": socket.gethostname(),
-                           "pid": os.getpid(), "renewed": now, "expires": now + self.ttl}).encode()
+                           "pid": os.getpid(), "renewed": now, "expires": now + self.ttl,
+                           "epoch": self.epoch}).encode()
 
-    def _read(self) -> dict[str, Any] | None:
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            return json.loads(io.read_bytes(self.uri))
+            data, version = io.read_versioned(self.uri)
         except FileNotFoundError:
-            return None
+            return None, None
+        try:
+            cur = json.loads(data)
         except ValueError:
-            return {"owner": "?", "expires": 0}  # a torn lease (cannot happen with atomic writes) is stale
+            cur = None
+        if not isinstance(cur, dict):
+            cur = {"owner": "?", "expires": 0}  # a torn lease (cannot happen with atomic writes) is stale
+        return cur, version
 
     def _stale(self, cur: dict[str, Any]) -> bool:
         if float(cur.get("expires", 0)) < time.time():
@@ -406,17 +608,19 @@ class Lease:
     def acquire(self) -> Lease:
         io.makedirs(self.root)
         for _ in range(3):
-            cur = self._read()
-            if cur is not None:
-                if not self._stale(cur):
-                    raise UserError(
-                        f"{self.root} is being written by another ragseg job ({cur.get('job')} on "
-                        f"{cur.get('host')}, pid {cur.get('pid')}, lease renewed "
-                        f"{time.time() - float(cur.get('renewed', 0)):.0f} s ago); wait for it to finish, or "
-                        f"if it is dead remove {self.uri} (it expires {self.ttl:.0f} s after its last renewal)")
-                io.remove(self.uri)
-            if io.create_exclusive(self.uri, self._body()):
+            cur, version = self._read()
+            if cur is not None and not self._stale(cur):
+                raise UserError(
+                    f"{self.root} is being written by another ragseg job ({cur.get('job')} on "
+                    f"{cur.get('host')}, pid {cur.get('pid')}, lease renewed "
+                    f"{time.time() - float(cur.get('renewed', 0)):.0f} s ago); wait for it to finish, or "
+                    f"if it is dead remove {self.uri} (it expires {self.ttl:.0f} s after its last renewal)")
+            self.epoch = max(int((cur or {}).get("epoch") or 0), header_epoch(self.root)) + 1
+            try:  # a takeover replaces exactly the stale lease read above; a new lease must not exist
+                self.version = io.write_if(self.uri, self._body(), version)
                 break
+            except io.PreconditionFailed:
+                continue
         else:
             raise UserError(f"could not take the lease {self.uri}: another job keeps taking it")
         self._thread = threading.Thread(target=self._renew, name="ragseg-lease", daemon=True)
@@ -426,7 +630,15 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                io.write_bytes_atomic(self.uri, self._body())
+                self.version = io.write_if(self.uri, self._body(), self.version)
+            except io.PreconditionFailed:
+                cur, version = self._read()
+                if cur is not None and cur.get("owner") == self.owner:  # our own write, its answer lost
+                    self.version = version
+                    continue
+                self.lost = True  # the driver stops at its next commit record or header write
+                log.debug("lost the lease %s: another job took the folder over", self.uri)
+                return
             except Exception as e:  # noqa: BLE001 - a missed renewal is retried; expiry is ttl away
                 log.warning("could not renew the lease %s: %s", self.uri, e)
 
@@ -434,7 +646,9 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        cur = self._read()
+        if self.lost:
+            return
+        cur, _ = self._read()
         if cur is not None and cur.get("owner") == self.owner:
             io.remove(self.uri)
 
@@ -443,3 +657,64 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# Error rows of the latest outcomes (--retry-errors, ragseg info)
+# ----------------------------------------------------------------------------------------------
+ERRORS_PER_READ = 256  # errors tables fetched per bulk read
+
+
+def latest_errors(led: Ledger) -> pa.Table:
+    """The error rows (``ragseg.errors.ERRORS_SCHEMA`` plus the record's ``epoch``) of the images whose
+    latest outcome is an error: the errors tables of the records that hold errors, read in bulk, less
+    the rows of images that a later retry piece (higher epoch) re-processed. Arrow only: no per-image
+    Python work."""
+    import pyarrow.parquet as pq
+
+    from ragseg.errors import ERRORS_SCHEMA
+
+    schema = ERRORS_SCHEMA.append(pa.field("epoch", pa.int64()))
+    t = led.records
+    if t.num_rows == 0:
+        return schema.empty_table()
+    t = t.filter(pc.and_(pc.greater(t.column("errors"), 0), pc.is_valid(t.column("errors_path"))))
+    paths = t.column("errors_path").to_pylist()
+    epochs = pc.fill_null(t.column("epoch"), 0).to_pylist()
+    tables = []
+    for a in range(0, len(paths), ERRORS_PER_READ):
+        uris = [io.join(led.root, p) for p in paths[a:a + ERRORS_PER_READ]]
+        got = _cat(uris)
+        for uri, epoch in zip(uris, epochs[a:a + ERRORS_PER_READ]):
+            data = got[uri]
+            if isinstance(data, Exception):
+                raise UserError(f"errors table {uri} of a committed piece is unreadable ({type(data).__name__}: {data})")
+            e = pq.read_table(pa.BufferReader(data)).select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
+            tables.append(e.append_column("epoch", pa.repeat(pa.scalar(epoch, pa.int64()), e.num_rows)))
+    errs = pa.concat_tables(tables) if tables else schema.empty_table()
+    if errs.num_rows == 0 or not led.retried():
+        return errs
+    r = led.records.filter(pc.fill_null(led.records.column("retry"), False))
+    ids = pc.list_flatten(r.column("image_ids"))
+    parents = pc.list_parent_indices(r.column("image_ids"))
+    latest = pa.table({"image_id": ids, "latest": pc.take(pc.fill_null(r.column("epoch"), 0), parents)})
+    latest = latest.group_by("image_id").aggregate([("latest", "max")])
+    joined = errs.join(latest, "image_id", join_type="left outer")
+    keep = pc.or_kleene(pc.is_null(joined.column("latest_max")),
+                        pc.greater_equal(joined.column("epoch"), joined.column("latest_max")))
+    return joined.filter(pc.fill_null(keep, True)).select(schema.names).sort_by([("image_id", "ascending")])
+
+
+def error_counts(led: Ledger) -> dict[str, dict[str, int]]:
+    """Errors of the latest outcomes by stage, then by reason (the exception type an error row names,
+    ``decode: FileNotFoundError: ...`` -> ``FileNotFoundError``; "other" when it names none)."""
+    errs = latest_errors(led)
+    if errs.num_rows == 0:
+        return {}
+    reason = pc.struct_field(pc.extract_regex(errs.column("error"), r"^(?P<reason>[A-Za-z_][A-Za-z0-9_.]*):"), [0])
+    t = pa.table({"stage": errs.column("stage"), "reason": pc.fill_null(reason, "other"), "n": errs.column("image_id")})
+    out: dict[str, dict[str, int]] = {}
+    for row in t.group_by(["stage", "reason"]).aggregate([("n", "count")]).sort_by(
+            [("stage", "ascending"), ("reason", "ascending")]).to_pylist():
+        out.setdefault(row["stage"], {})[row["reason"]] = int(row["n_count"])
+    return out

@@ -222,3 +222,24 @@ def run_cli_main(argv: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = old
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def only_named_objects(kind: str, out: str) -> None:
+    """Every object under ``out`` is named: the header, the segments it lists, the files of the
+    committed records, the PNGs of the labelled images and panoptic.json; no orphan segment, no commit
+    object left (the run compacted all of its records), no temporary file."""
+    from ragseg import io, ledger
+
+    led = ledger.load(out, kind)
+    fs, root = io.fs_and_path(out)
+    root = root.rstrip("/")
+    fs.invalidate_cache()
+    have = sorted(p[len(root) + 1:] for p in fs.find(root))
+    named = {ledger.MANIFEST, *led.header["segments"]}
+    for r in led.records.to_pylist():
+        named |= {p for p in (r["data_path"], r["errors_path"], r["parts_path"]) if p}
+    if kind == "labels":
+        from ragseg.labels_out import PANOPTIC_JSON, iter_images
+
+        named |= {PANOPTIC_JSON} | {f"panoptic/{a['png_name']}" for a in iter_images(out)}
+    assert have == sorted(named), f"unnamed objects: {sorted(set(have) - named)}; missing: {sorted(named - set(have))}"

@@ -14,8 +14,10 @@
   ``file_name`` of the image and of the PNG, ``id = R + 256 G + 256^2 B``;
 - Open Images V7 as the official downloader writes it (``<dir>/<split>/<ImageID>.jpg``) with the
   V7 CSVs (``oidv7-class-descriptions.csv``: LabelName,DisplayName; image labels:
-  ImageID,Source,LabelName,Confidence), and the public bucket ``s3://open-images-dataset/<split>/``
-  (served here by moto on 127.0.0.1, read with anonymous access).
+  ImageID,Source,LabelName,Confidence; the V7 download page,
+  storage.googleapis.com/openimages/web/download_v7.html), and the public bucket
+  ``s3://open-images-dataset/<split>/`` (served here by moto on 127.0.0.1, read with anonymous access);
+  ImageIDs are 16 hex digits. A partial download: full-split CSVs, some images.
 """
 
 from __future__ import annotations
@@ -285,16 +287,77 @@ def test_openimages_finds_the_downloader_layout(tmp_path, images_at):
     assert rows[0]["file_name"] == f"{OI_IDS[0]}.jpg"
 
 
-def test_openimages_without_images_stops_with_one_line(tmp_path):
+def test_openimages_without_images_stops_with_one_line(tmp_path, caplog):
     root = _openimages(tmp_path / "oi", None)
     with pytest.raises(UserError) as e:
         list_rows(SourceConfig(kind="openimages", uri=str(root), split="validation"))
     msg = str(e.value)
     assert "\n" not in msg and OI_IDS[0] in msg
     assert f"found in {root}/images/validation or " in msg and f" or {root}/validation or " in msg
-    with pytest.raises(UserError, match=f"no Open Images image found in {tmp_path}/elsewhere "):
-        list_rows(SourceConfig(kind="openimages", uri=str(root), split="validation",
-                               images_dir=str(tmp_path / "elsewhere")))
+    # an explicit images_dir is trusted: the rows are listed (their images become decode error rows),
+    # with one warning that none is there
+    rows = list_rows(SourceConfig(kind="openimages", uri=str(root), split="validation",
+                                  images_dir=str(tmp_path / "elsewhere")))
+    assert [r["uri"] for r in rows] == [f"{tmp_path}/elsewhere/{i}.jpg" for i in OI_IDS]
+    warned = [r.getMessage() for r in caplog.records if "annotated images present" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"Open Images: 0 of 2 annotated images present in {tmp_path}/elsewhere")
+
+
+def _hex_ids(n: int, seed: int) -> list[str]:
+    """ImageIDs as Open Images has them: 16 random hex digits."""
+    rng = np.random.default_rng(seed)
+    return sorted({"".join(f"{b:02x}" for b in rng.integers(0, 256, 8)) for _ in range(n)})
+
+
+def _openimages_labels(root: Path, ids: list[str]) -> None:
+    """The V7 CSVs for ``ids`` (format as in the module docstring: oidv7-class-descriptions.csv and
+    oidv7-validation-annotations-human-imagelabels.csv)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "oidv7-class-descriptions.csv").write_text("LabelName,DisplayName\n/m/01g317,Person\n/m/0k4j,Car\n")
+    (root / "oidv7-validation-annotations-human-imagelabels.csv").write_text(
+        "ImageID,Source,LabelName,Confidence\n" + "".join(f"{i},verification,/m/01g317,1\n" for i in ids))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_openimages_partial_download(tmp_path, caplog, explicit):
+    """Full-split CSVs, a few images on disk (the last ones in ImageID order, so that probing the first
+    sorted ids would find none): the folder is found by its contents (or trusted when given), every
+    annotated image gets a row, and one warning gives the counts up front."""
+    ids = _hex_ids(20_000, seed=3)
+    root = tmp_path / "oi"
+    _openimages_labels(root, ids)
+    present = ids[-4:]
+    (root / "validation").mkdir()
+    for k, i in enumerate(present):
+        (root / "validation" / f"{i}.jpg").write_bytes(_jpeg(seed=k))
+    (root / "validation" / "README.txt").write_text("not an image")
+    cfg = SourceConfig(kind="openimages", uri=str(root), split="validation",
+                       images_dir=str(root / "validation") if explicit else None)
+    rows = list_rows(cfg)
+    assert len(rows) == len(ids) and rows[-1]["uri"] == str(root / "validation" / f"{ids[-1]}.jpg")
+    warned = [r.getMessage() for r in caplog.records if "annotated images present" in r.getMessage()]
+    assert warned == [f"Open Images: 4 of 20k annotated images present in {root}/validation; rows for the others "
+                      "go to the errors table; use `source.image_list` (a file of ImageIDs) to restrict the job "
+                      "to the images you have"]
+    # the fix it names: a file of ImageIDs (one a line, no header) restricts the job to them, no warning
+    caplog.clear()
+    (tmp_path / "have.txt").write_text("".join(i + "\n" for i in present))
+    rows = list_rows(cfg.model_copy(update={"image_list": str(tmp_path / "have.txt")}))
+    assert [r["image_id"] for r in rows] == present and all(r["labels"] == ["Person"] for r in rows)
+    assert all(os.path.exists(r["uri"]) for r in rows)
+    assert not [r for r in caplog.records if "annotated images present" in r.getMessage()]
+
+
+def test_openimages_most_images_present_no_warning(tmp_path, caplog):
+    ids = _hex_ids(10, seed=4)
+    root = tmp_path / "oi"
+    _openimages_labels(root, ids)
+    (root / "images" / "validation").mkdir(parents=True)
+    for i in ids[:6]:
+        (root / "images" / "validation" / f"{i}.jpg").write_bytes(b"x")
+    rows = list_rows(SourceConfig(kind="openimages", uri=str(root), split="validation"))
+    assert len(rows) == 10 and rows[0]["uri"].startswith(f"{root}/images/validation/")
+    assert not [r for r in caplog.records if "annotated images present" in r.getMessage()]
 
 
 @pytest.fixture()
@@ -346,6 +409,38 @@ def test_openimages_public_bucket_with_anonymous_access(tmp_path, moto_s3):
     # without anonymous access there are no credentials to sign with: one line naming the folder
     with pytest.raises(UserError, match="image folder s3://open-images-dataset/validation/ cannot be read"):
         list_rows(cfg.model_copy(update={"storage_options": {}}))
+
+
+def test_openimages_partial_bucket_is_judged_by_one_listing_page(tmp_path, moto_s3, caplog, monkeypatch):
+    """An images folder in a bucket: one ListObjectsV2 page (here 5 keys) decides. 10 of 40 annotated
+    images are there (every 4th in ImageID order): the page holds the first 5 present, the 5th of them is
+    the 17th annotated id, so about 5 / 17 * 40 = 12 are estimated present."""
+    import boto3
+
+    from ragseg.sources import openimages
+
+    monkeypatch.setattr(openimages, "LISTING_PAGE", 5)
+    s3 = boto3.client("s3", endpoint_url=moto_s3, aws_access_key_id="x", aws_secret_access_key="x",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="oi-partial", ACL="public-read")
+    ids = _hex_ids(40, seed=5)
+    for i in ids[::4]:
+        s3.put_object(Bucket="oi-partial", Key=f"validation/{i}.jpg", Body=b"x", ACL="public-read")
+    root = tmp_path / "oi"
+    _openimages_labels(root, ids)
+    cfg = SourceConfig(kind="openimages", uri=str(root), split="validation",
+                       images_dir="s3://oi-partial/validation", storage_options={"anon": True})
+    rows = list_rows(cfg)
+    assert len(rows) == 40
+    warned = [r.getMessage() for r in caplog.records if "annotated images present" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("Open Images: about 12 of 40 annotated images present in "
+                                                     "s3://oi-partial/validation (estimated from one listing page")
+    # a page that is the whole folder counts exactly
+    caplog.clear()
+    monkeypatch.setattr(openimages, "LISTING_PAGE", 1000)
+    list_rows(cfg)
+    warned = [r.getMessage() for r in caplog.records if "annotated images present" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("Open Images: 10 of 40 annotated images present")
 
 
 # ---------- index store ----------

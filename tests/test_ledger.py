@@ -16,10 +16,10 @@ from ragseg import io, ledger
 from ragseg.errors import UserError
 
 
-def _rec(name: str, ids: list[str], segs: int = 3) -> dict:
+def _rec(name: str, ids: list[str], segs: int = 3, epoch: int = 0) -> dict:
     return ledger.new_record(name, ids, images=len(ids), segments=segs, errors=0, empty_images=0,
                              data_path=f"features/{name}.parquet", errors_path=None, parts_path=None,
-                             stage_seconds={"embed": 0.5})
+                             stage_seconds={"embed": 0.5}, epoch=epoch)
 
 
 def test_commit_compact_and_read_back(tmp_path):
@@ -171,3 +171,189 @@ def test_format1_db_is_refused_in_one_line_and_migrates(tmp_path):
     led = open_db(root)
     assert sorted(led.covered_image_ids().to_pylist()) == sorted(f"im{s}_{j}" for s in range(2) for j in range(3))
     assert migrate_v1(root, "db")["migrated"] is False  # idempotent
+
+
+# ---------- litter, fencing, retries ----------
+def test_next_writer_removes_litter(tmp_path):
+    """An orphan segment (compaction killed before its header write), commit objects already folded
+    into a segment (killed before the deletes) and a temporary file: the next writer's start removes
+    them all; only named objects remain."""
+    root = str(tmp_path / "db")
+    lease = ledger.Lease(root, ttl_s=60, job="build-db").acquire()
+    try:
+        _, header, comp = ledger.open_for_writing(root, "db", 2, 1e9, 64, lambda: ledger.new_header("db"), lease=lease)
+        recs = [_rec(f"p{i}", [f"i{i}"], epoch=lease.epoch) for i in range(4)]
+        for r in recs:
+            ledger.write_commit(root, r)
+        comp._write(recs[:2], [])  # segment + header, commit objects left: a kill before the deletes
+        io.write_parquet_atomic(io.join(root, "_manifest/seg-000009-orphan.parquet"), ledger.records_table(recs[2:]))
+        open(os.path.join(root, "_commits", ".tmp-abc-p9.json"), "w").close()
+    finally:
+        lease.release()
+    with ledger.Lease(root, ttl_s=60, job="build-db") as lease2:
+        assert lease2.epoch == 2
+        led, header, comp = ledger.open_for_writing(root, "db", 2, 1e9, 64, lambda: None, lease=lease2)
+        assert led.records.num_rows == 4 and sorted(led.litter) == [ledger.commit_uri(root, "p0"),
+                                                                    ledger.commit_uri(root, "p1")]
+    assert header["epoch"] == 2 and header["totals"]["pieces"] == 4
+    assert os.listdir(os.path.join(root, "_commits")) == []
+    assert sorted(f"_manifest/{f}" for f in os.listdir(os.path.join(root, "_manifest"))) == sorted(header["segments"])
+    assert ledger.load(root, "db").records.column("name").to_pylist() == ["p0", "p1", "p2", "p3"]
+
+
+def test_stale_commit_objects_are_ignored(tmp_path):
+    """A commit object of an older epoch than the header's that no segment holds was written by a
+    fenced writer after the takeover: readers do not see it."""
+    root = str(tmp_path / "db")
+    header = ledger.new_header("db")
+    header["epoch"] = 5
+    ledger.write_header(root, header)
+    ledger.write_commit(root, ledger.new_record("p-old", ["a"], images=1, segments=1, errors=0, empty_images=0,
+                                                data_path="features/x.parquet", errors_path=None, parts_path=None,
+                                                stage_seconds={}, epoch=4))
+    ledger.write_commit(root, ledger.new_record("p-new", ["b"], images=1, segments=1, errors=0, empty_images=0,
+                                                data_path="features/y.parquet", errors_path=None, parts_path=None,
+                                                stage_seconds={}, epoch=5))
+    led = ledger.load(root, "db")
+    assert led.records.column("name").to_pylist() == ["p-new"]
+    assert led.litter == [ledger.commit_uri(root, "p-old"), io.join(root, "features/x.parquet")]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_conditional_writes(tmp_path, where, request):
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        import fsspec
+
+        fs = fsspec.filesystem("s3")
+        if not fs.exists("cond-writes"):
+            fs.mkdir("cond-writes")
+        uri = "s3://cond-writes/x/manifest.json"
+    else:
+        uri = str(tmp_path / "x" / "manifest.json")
+    v1 = io.write_if(uri, b"one", None)
+    with pytest.raises(io.PreconditionFailed):
+        io.write_if(uri, b"again", None)  # create-only: it exists
+    data, v = io.read_versioned(uri)
+    assert data == b"one" and v == v1
+    v2 = io.write_if(uri, b"two", v1)
+    with pytest.raises(io.PreconditionFailed):
+        io.write_if(uri, b"stale", v1)  # conditional on a version that is gone
+    assert io.read_versioned(uri) == (b"two", v2)
+
+
+_WRITER = r"""
+import os, sys, time
+from ragseg.config import load_config
+from ragseg.errors import UserError
+from ragseg.jobs import cli
+from ragseg.pipelines.build_db import run_build_db
+from ragseg.pipelines.common import inline_executor
+from ragseg.pipelines.generated import DbResults
+
+images, out, per_piece, gate = sys.argv[1:5]
+cfg = load_config(None, ["source.kind=folder", f"source.uri={images}", f"build_db.out={out}",
+                         f"build_db.images_per_shard={per_piece}", "commit.compact_every=1",
+                         "commit.lease_ttl_s=3", "ray.progress=false"])
+make = DbResults(segments_per_image=2, hw=(16, 16))
+calls = [0]
+
+def results(rows):
+    calls[0] += 1
+    if gate != "-" and calls[0] == 2:  # the second piece: say so, then wait (paused from outside)
+        open(gate + ".at", "w").close()
+        while not os.path.exists(gate + ".go"):
+            time.sleep(0.05)
+    return make(rows)
+
+try:
+    run_build_db(cfg, execute=inline_executor(results))
+except UserError as e:
+    cli._exit_user_error(e, False)  # what `ragseg build-db` does: one line, exit code 2
+"""
+
+
+def _writer(images: str, out: str, per_piece: int, gate: str = "-") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WRITER, images, out, str(per_piece), gate],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run_here(images: str, out: str, per_piece: int) -> None:
+    """The writer script's job without a gate, in this process."""
+    from ragseg.config import load_config
+    from ragseg.pipelines.build_db import run_build_db
+    from ragseg.pipelines.common import inline_executor
+    from ragseg.pipelines.generated import DbResults
+
+    cfg = load_config(None, ["source.kind=folder", f"source.uri={images}", f"build_db.out={out}",
+                             f"build_db.images_per_shard={per_piece}", "commit.compact_every=1",
+                             "commit.lease_ttl_s=3", "ray.progress=false"])
+    run_build_db(cfg, execute=inline_executor(DbResults(segments_per_image=2, hw=(16, 16))))
+
+
+def _committed_rows(out: str) -> tuple[list[str], list[str]]:
+    import pyarrow.parquet as pq
+
+    led = ledger.load(out, "db")
+    ids = [i for r in led.records.to_pylist() for i in r["image_ids"]]
+    fs, root = io.fs_and_path(out)
+    rows = []
+    for p in led.records.column("data_path").to_pylist():
+        with fs.open(f"{root.rstrip('/')}/{p}", "rb") as f:
+            rows += [json.dumps(r, sort_keys=True, default=str) for r in pq.read_table(f).to_pylist()]
+    return sorted(ids), sorted(rows)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_stalled_writer_is_fenced(tmp_path, where, request):
+    """Writer A commits a piece, then stalls (SIGSTOP) past its lease's TTL in the middle of its second
+    piece. Writer B takes the folder over (epoch + 1) and finishes the job with other piece sizes. A
+    resumes: it commits its piece (a stale commit object, ignored by readers), then stops with one
+    line, exit code 2, deleting nothing. Nothing is lost or doubled: the committed rows equal a clean
+    run's; a rerun removes A's litter and only named objects remain."""
+    import signal
+    import time
+
+    from conftest import only_named_objects
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(6):
+        (images / f"im{i}.jpg").write_bytes(b"not decoded: generated results stand in for the stages")
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        import fsspec
+
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("fence-test")
+        base = "s3://fence-test"
+    else:
+        base = str(tmp_path)
+    ref, out = f"{base}/ref", f"{base}/out"
+    _run_here(str(images), ref, 2)
+
+    gate = str(tmp_path / "gate")
+    a = _writer(str(images), out, 2, gate)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(gate + ".at"):
+            assert a.poll() is None, a.stderr.read()
+            assert time.time() < deadline, "writer A never reached its second piece"
+            time.sleep(0.05)
+        a.send_signal(signal.SIGSTOP)  # a stall: GC pause, suspended VM
+        time.sleep(3 + 1.5)  # past commit.lease_ttl_s
+        b = _writer(str(images), out, 3)
+        assert b.wait(timeout=300) == 0, b.stderr.read()
+        open(gate + ".go", "w").close()
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(timeout=300) == 2
+        err = a.stderr.read().strip()
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "taken over by another job" in err, err
+    assert "epoch 2 > this job's 1" in err and "deletes nothing" in err
+    assert _committed_rows(out) == _committed_rows(ref)  # B's output intact: A deleted nothing, doubled nothing
+    _run_here(str(images), out, 2)  # a rerun: nothing to do but remove A's litter
+    assert _committed_rows(out) == _committed_rows(ref)
+    only_named_objects("db", out)

@@ -223,7 +223,9 @@ def test_evaluate_files_and_missing_prediction(tmp_path):
     assert "missing predictions: 1" in table and "person" in table
 
 
-def test_evaluate_maps_categories_by_name(tmp_path):
+def test_evaluate_maps_categories_by_name_only_when_asked(tmp_path):
+    """A prediction numbered its own way: its ids are not ground-truth ids, an error naming the fix
+    (ids are authoritative, as in panopticapi); with match_categories_by_name it is mapped by name."""
     gdir, pdir = _make_set(tmp_path)
     pred = json.loads((tmp_path / "pred.json").read_text())
     shift = {A: 10, B: 11, C: 12}
@@ -232,7 +234,11 @@ def test_evaluate_maps_categories_by_name(tmp_path):
         for s in ann["segments_info"]:
             s["category_id"] = shift[s["category_id"]]
     (tmp_path / "pred.json").write_text(json.dumps(pred))
-    res = evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir))
+    with pytest.raises(PanopticFormatError, match=r"unknown category_id 1[012] \('.*' in the prediction's categories\)"
+                       r".*--match-categories-by-name"):
+        evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir))
+    res = evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir),
+                   match_categories_by_name=True)
     assert res["All"]["pq"] == 100.0
     assert res["category_remap"] == {"10": A, "11": B, "12": C}
     assert len(res["warnings"]) == 1 and "3 mapped by class name" in res["warnings"][0]
@@ -242,7 +248,8 @@ def test_evaluate_maps_categories_by_name(tmp_path):
     pred["annotations"][0]["segments_info"][0]["category_id"] = 50
     (tmp_path / "pred.json").write_text(json.dumps(pred))
     with pytest.raises(PanopticFormatError, match="unicorn"):
-        evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir))
+        evaluate(str(tmp_path / "gt.json"), str(gdir), str(tmp_path / "pred.json"), str(pdir),
+                 match_categories_by_name=True)
 
 
 def test_cli_eval_gt_against_itself(tmp_path):
@@ -312,11 +319,102 @@ def test_cli_eval_says_what_it_changed(tmp_path):
             s["category_id"] += 100
     (tmp_path / "pred.json").write_text(json.dumps(pred))
     r = _eval_cli(tmp_path)
+    assert r.exit_code != 0 and "--match-categories-by-name" in str(r.exception)
+    r = _eval_cli(tmp_path, "--match-categories-by-name")
     assert r.exit_code == 0, r.output
     warnings = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 2, r.output
     assert "mapped by class name" in warnings[0] and "101->1 'person'" in warnings[0]
     assert "1 ground-truth segment area(s)" in warnings[1] and "image 1 segment 257: JSON 999, PNG 32" in warnings[1]
+
+
+def _renamed_set(root, pred_segments: str):
+    """One 10x10 image in COCO panoptic files (panopticapi's format: PNG ids = R + 256 G + 256^2 B,
+    ``segments_info`` with ``id``, ``category_id``, ``iscrowd``). Ground truth: rows 0-4 segment 1
+    (category 1 'crate', thing), rows 5-7 segment 2 (category 2 'ball', stuff), row 8 void, row 9
+    segment 3 (category 1, crowd). The prediction's ``categories`` swap the two names; its segments use
+    the ground truth's ids: ``pred_segments`` "perfect" (the gt itself) or "shifted" (segment 11: rows
+    0-3 + the void row 8, category 1; segment 12: rows 4-7, category 2; segment 13: the crowd row 9,
+    category 1)."""
+    gdir, pdir = root / "gt", root / "pred"
+    gdir.mkdir(exist_ok=True)
+    pdir.mkdir(exist_ok=True)
+    gt_ids = np.zeros((10, 10), np.uint32)
+    gt_ids[0:5], gt_ids[5:8], gt_ids[9] = 1, 2, 3
+    gt_segs = [{"id": 1, "category_id": 1, "iscrowd": 0, "area": 50},
+               {"id": 2, "category_id": 2, "iscrowd": 0, "area": 30},
+               {"id": 3, "category_id": 1, "iscrowd": 1, "area": 10}]
+    if pred_segments == "perfect":
+        pred_ids, pred_segs = gt_ids, [{"id": s["id"], "category_id": s["category_id"]} for s in gt_segs]
+    else:
+        pred_ids = np.zeros((10, 10), np.uint32)
+        pred_ids[0:4], pred_ids[8], pred_ids[4:8], pred_ids[9] = 11, 11, 12, 13
+        pred_segs = [{"id": 11, "category_id": 1}, {"id": 12, "category_id": 2}, {"id": 13, "category_id": 1}]
+    _write_png(gdir / "im.png", gt_ids)
+    _write_png(pdir / "im.png", pred_ids)
+    cats = [{"id": 1, "name": "crate", "isthing": 1}, {"id": 2, "name": "ball", "isthing": 0}]
+    (root / "gt.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "im.jpg", "height": 10, "width": 10}],
+        "annotations": [{"image_id": 7, "file_name": "im.png", "segments_info": gt_segs}], "categories": cats}))
+    (root / "pred.json").write_text(json.dumps({
+        "annotations": [{"image_id": 7, "file_name": "im.png", "segments_info": pred_segs}],
+        "categories": [{"id": 1, "name": "ball", "isthing": 0}, {"id": 2, "name": "crate", "isthing": 1}]}))
+    return str(root / "gt.json"), str(gdir), str(root / "pred.json"), str(pdir)
+
+
+def test_category_ids_are_authoritative_names_only_warn(tmp_path):
+    """The issue's case: ids 1 and 2 named the other way round in the prediction's categories. As in
+    panopticapi the ids are used as they are (a perfect prediction scores 100) and one warning names the
+    disagreement; --match-categories-by-name re-maps by name instead.
+
+    Expected numbers from panopticapi's rules (pq_compute_single_core): match = same category and
+    IoU > 0.5 with union = pred area + gt area - intersection - (pred ∩ gt void); crowd gt never matches
+    and is no FN; an unmatched pred is no FP when more than half of it lies on gt void or on a crowd
+    segment of its own category; per class PQ = sum IoU / (TP + FP/2 + FN/2), means over present classes.
+    "shifted", ids as they are: 11 vs gt 1: inter 40, union 50 + 50 - 40 - 10 (void row) = 50, IoU 0.8;
+    12 vs gt 2: inter 30, union 40 + 30 - 30 = 40, IoU 0.75; 13 lies on the crowd of its category: no
+    FP. crate PQ 80, ball PQ 75, All 77.5. By name (1 <-> 2): 11 is 'ball' (no same-class overlap:
+    FP, 10/50 void), 12 'crate' vs gt 1: IoU 10 / (40 + 50 - 10) = 0.125 (FP), 13 'ball' on a 'crate'
+    crowd (FP); both gt segments FN: every PQ 0."""
+    paths = _renamed_set(tmp_path, "perfect")
+    res = evaluate(*paths)
+    assert res["All"]["pq"] == 100.0 and res["category_remap"] == {}
+    assert len(res["warnings"]) == 1
+    w = res["warnings"][0]
+    assert "name 2 ground-truth id(s) differently" in w and "id 1 is 'ball' in the prediction but 'crate'" in w
+    assert "--match-categories-by-name" in w
+
+    paths = _renamed_set(tmp_path, "shifted")
+    res = evaluate(*paths)
+    per = {c["id"]: c for c in res["per_class"]}
+    assert (per[1]["tp"], per[1]["fp"], per[1]["fn"]) == (1, 0, 0) and per[1]["pq"] == pytest.approx(80.0)
+    assert (per[2]["tp"], per[2]["fp"], per[2]["fn"]) == (1, 0, 0) and per[2]["pq"] == pytest.approx(75.0)
+    assert res["All"]["pq"] == pytest.approx(77.5) and res["Things"]["pq"] == pytest.approx(80.0)
+    assert res["Stuff"]["pq"] == pytest.approx(75.0) and len(res["warnings"]) == 1
+
+    res = evaluate(*paths, match_categories_by_name=True)
+    per = {c["id"]: c for c in res["per_class"]}
+    assert (per[1]["tp"], per[1]["fp"], per[1]["fn"]) == (0, 1, 1)
+    assert (per[2]["tp"], per[2]["fp"], per[2]["fn"]) == (0, 2, 1)
+    assert res["All"]["pq"] == 0.0 and res["category_remap"] == {"1": 2, "2": 1}
+    assert len(res["warnings"]) == 1 and "2 mapped by class name" in res["warnings"][0]
+
+
+def test_cli_eval_warns_once_about_renamed_categories(tmp_path):
+    gt, gdir, pred, pdir = _renamed_set(tmp_path, "perfect")
+    from typer.testing import CliRunner
+
+    from ragseg.jobs.cli import app
+
+    args = ["eval", "--gt-json", gt, "--gt-dir", gdir, "--pred-json", pred, "--pred-dir", pdir]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "differently" in warnings[0]
+    assert "All" in r.output and "100.0" in r.output
+    r = CliRunner().invoke(app, args + ["--match-categories-by-name"])
+    assert r.exit_code == 0, r.output
+    assert "mapped by class name" in r.output
 
 
 def _reference_pq_image(pan_gt, gt_ann_segs, pan_pred, pred_ann_segs):

@@ -26,14 +26,19 @@ Differences from the reference, all on inputs it would crash on or where it is a
   in ``missing_predictions``;
 - several crowd segments of one category in an image all count for the FP rule (the reference keeps the
   last one only);
-- image ids are compared as strings (``139`` and ``"139"`` are the same image);
-- when the prediction JSON carries ``categories``, its category ids are mapped onto the ground truth's
-  by class name (case-insensitive), so a vocabulary numbered differently from the gt still evaluates
-  (reported in ``warnings``); with identical numbering this changes nothing. A predicted class name
-  unknown to the gt is an error.
+- image ids are compared as strings (``139`` and ``"139"`` are the same image).
 
-``warnings`` holds one line per kind of change (category re-mapping, gt areas that disagree with the
-PNGs); ``ragseg eval`` prints them.
+Category ids are authoritative, as in the reference: a prediction's segments are scored with their
+``category_id`` as it is, and the prediction's own ``categories`` list (if any) is not consulted, except
+that a name it gives to a ground-truth id that disagrees with the ground truth's name for that id is
+reported in ``warnings`` (one line). A ``category_id`` that is not a ground-truth id is an error, as in
+the reference. ``match_categories_by_name=True`` (``ragseg eval --match-categories-by-name``) instead maps
+the prediction's category ids onto the ground truth's by class name (case-insensitive): the fix for a
+prediction numbered its own way (a vocabulary CSV without ids); a predicted class name unknown to the gt
+is then an error.
+
+``warnings`` holds one line per kind of finding (names that disagree, category re-mapping, gt areas that
+disagree with the PNGs); ``ragseg eval`` prints them.
 """
 
 from __future__ import annotations
@@ -272,6 +277,27 @@ def _category_remap(gt_cats: Mapping[int, Mapping], pred_cats: list[Mapping] | N
     return remap
 
 
+def _name_disagreements(gt_cats: Mapping[int, Mapping], pred_cats: list[Mapping] | None) -> list[tuple[int, str, str]]:
+    """(id, prediction's name, ground truth's name) for each ground-truth id the prediction's
+    ``categories`` name differently (case and spacing ignored)."""
+    out = []
+    for c in pred_cats or []:
+        cid = int(c["id"])
+        if cid in gt_cats and "name" in c:
+            pred_name, gt_name = str(c.get("name", "")), str(gt_cats[cid].get("name", ""))
+            if _norm_name(pred_name) != _norm_name(gt_name):
+                out.append((cid, pred_name, gt_name))
+    return sorted(out)
+
+
+def _names_warning(diff: list[tuple[int, str, str]]) -> str:
+    shown = ", ".join(f"id {i} is {p!r} in the prediction but {g!r} in the ground truth" for i, p, g in diff[:5])
+    more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+    return (f"the prediction's categories name {len(diff)} ground-truth id(s) differently ({shown}{more}); "
+            "ids are used as they are (COCO panoptic semantics), not re-mapped; if the prediction numbers its "
+            "categories its own way, rerun with --match-categories-by-name")
+
+
 def _load_categories(gt: Mapping) -> dict[int, dict]:
     cats = gt.get("categories")
     if not cats:
@@ -320,7 +346,7 @@ def _gt_area_mismatches(key: str, gt_ids: np.ndarray, gt_segs: Iterable[Mapping]
 
 
 def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = None, workers: int = 4,
-             allow_missing: bool = False) -> dict:
+             allow_missing: bool = False, match_categories_by_name: bool = False) -> dict:
     """PQ / SQ / RQ of a COCO panoptic prediction against COCO panoptic ground truth.
 
     ``pred_json`` is a COCO panoptic JSON, or the output folder of ``ragseg label``: then its per-piece
@@ -335,7 +361,8 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = N
          "category_remap": {pred id: gt id}, "warnings": [one line each]}
 
     A gt image without a prediction raises :class:`PanopticFormatError` naming the images unless
-    ``allow_missing`` (then it is scored as an empty prediction).
+    ``allow_missing`` (then it is scored as an empty prediction). Category ids are used as they are
+    unless ``match_categories_by_name`` (module docstring).
     """
     from ragseg import labels_out
 
@@ -349,7 +376,8 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = N
         raise PanopticFormatError("pred_dir (the predicted PNG folder) is needed with a prediction JSON")
     categories = _load_categories(gt)
     pred_cats = pred.get("categories") or []
-    remap = _category_remap(categories, pred_cats)
+    remap = _category_remap(categories, pred_cats) if match_categories_by_name else {}
+    renamed = [] if match_categories_by_name else _name_disagreements(categories, pred_cats)
     pred_names = {int(c["id"]): str(c.get("name", "")) for c in pred_cats}
     gt_anns = _by_image(gt.get("annotations", []), "ground-truth")
     pred_anns = _by_image(pred.get("annotations", []), "prediction")
@@ -383,6 +411,13 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = N
                     raise PanopticFormatError(
                         f"image {key}: segment {s.get('id')} has category {cid} "
                         f"({pred_names.get(cid, '?')!r}), which is not a ground-truth category")
+            elif int(s["category_id"]) not in categories:
+                cid = int(s["category_id"])
+                named = f" ({pred_names[cid]!r} in the prediction's categories)" if cid in pred_names else ""
+                raise PanopticFormatError(
+                    f"image {key}: segment {s.get('id')} has unknown category_id {cid}{named}, not a ground-truth "
+                    "category id; if the prediction numbers its categories its own way, rerun with "
+                    "--match-categories-by-name")
             pred_segs.append(s)
         gt_ids = read_id_png(rio.join(gt_dir, g["file_name"]))
         pred_ids = read_id_png(rio.join(pred_dir, p.get("file_name") or g["file_name"]))
@@ -401,6 +436,8 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = N
         total += st
         area_mismatches.extend(mism)
     warnings = []
+    if renamed:
+        warnings.append(_names_warning(renamed))
     if remap and _remap_warning(remap, pred_names, categories):
         warnings.append(_remap_warning(remap, pred_names, categories))
     if area_mismatches:

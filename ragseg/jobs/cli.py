@@ -18,6 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Retrieval-au
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config (any fsspec URI).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b=c (repeatable).")]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
+RetryOpt = Annotated[bool, typer.Option(
+    "--retry-errors", help="Re-process only the images whose latest outcome in the output is an error row.")]
+MatchingOpt = Annotated[str | None, typer.Option(
+    "--errors-matching", metavar="REGEX",
+    help="With --retry-errors: only errors whose '<stage>: <Type>: <message>' matches REGEX (searched, RE2).")]
 
 
 def _cfg(config: str | None, sets: list[str] | None, options: dict[str, object] | None = None) -> JobConfig:
@@ -55,11 +60,16 @@ def eval_cmd(
     out: Annotated[str | None, typer.Option(help="Write the metrics JSON here.")] = None,
     allow_missing: Annotated[bool, typer.Option(
         help="Score ground-truth images the prediction lacks as empty predictions instead of failing.")] = False,
+    match_categories_by_name: Annotated[bool, typer.Option(
+        help="Map the prediction's category ids onto the ground truth's by class name (for a prediction that "
+             "numbers its categories its own way). Default: ids are used as they are, as COCO's panopticapi does.")
+    ] = False,
 ) -> None:
     """PQ / SQ / RQ for All, Things, Stuff and per class (COCO panoptic semantics)."""
     from ragseg.eval.pq import evaluate, format_table
 
-    res = evaluate(gt_json, gt_dir, pred_json, pred_dir, allow_missing=allow_missing)
+    res = evaluate(gt_json, gt_dir, pred_json, pred_dir, allow_missing=allow_missing,
+                   match_categories_by_name=match_categories_by_name)
     for line in res.get("warnings", []):
         typer.echo(f"warning: {line}", err=True)
     typer.echo(format_table(res))
@@ -76,11 +86,14 @@ def build_db_cmd(
     set_: SetOpt = None,
     out: Annotated[str | None, typer.Option(help="DB URI (overrides build_db.out).")] = None,
     address: AddressOpt = None,
+    retry_errors: RetryOpt = False,
+    errors_matching: MatchingOpt = None,
 ) -> None:
     """Source -> (gt masks | detect -> segment) -> embed -> Parquet feature shards + manifest."""
     from ragseg.pipelines.build_db import run_build_db
 
-    _print_json(run_build_db(_cfg(config, set_, {"build_db.out": out, "ray.address": address})))
+    _print_json(run_build_db(_cfg(config, set_, {"build_db.out": out, "ray.address": address}),
+                             retry_errors=retry_errors, errors_matching=errors_matching))
 
 
 @app.command("build-index")
@@ -139,7 +152,8 @@ def search_cmd(
 def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB or label output URI.")]) -> None:
     """An index store: the live version's counts, parameters, nprobe / re-rank settings, bytes per vector
     and the quality measured at build (1-recall@1, 1-recall@10, 10-recall@10, kNN-vote agreement). A
-    feature DB or a label output: its header, committed totals and pieces (read from the ledger, in bulk)."""
+    feature DB or a label output: its header, committed totals (each image once, with its latest outcome),
+    its errors counted by stage and reason, and pieces (read from the ledger, in bulk)."""
     from ragseg.index.store import index_info
     from ragseg.io import exists, join
 
@@ -149,6 +163,7 @@ def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB 
         head = ledger.read_header(index, ledger.peek_kind(index))
         led = ledger.load(index, head["kind"])
         _print_json({"uri": index, "kind": head["kind"], "format": head["format"], "totals": led.totals(),
+                     "errors_by_stage": ledger.error_counts(led),
                      "segments": len(head["segments"]), "uncompacted_commits": len(led.uncompacted),
                      "runs": len(head.get("runs", [])),
                      **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "config_hash", "index_version")
@@ -187,6 +202,8 @@ def label_cmd(
     out: Annotated[str | None, typer.Option(help="Output URI.")] = None,
     proposals: Annotated[str | None, typer.Option(help="fcclip | gdino-sam | sam-grid | gt")] = None,
     address: AddressOpt = None,
+    retry_errors: RetryOpt = False,
+    errors_matching: MatchingOpt = None,
 ) -> None:
     """Panoptic pseudo-labels for a corpus: proposals -> masked CLIP -> retrieval + CLIP -> merge."""
     from ragseg.pipelines.label import run_label
@@ -195,7 +212,7 @@ def label_cmd(
                                   "label.out": out, "label.proposals": proposals, "ray.address": address}
     if images:
         options.update({"label.images.kind": "folder", "label.images.uri": images})
-    _print_json(run_label(_cfg(config, set_, options)))
+    _print_json(run_label(_cfg(config, set_, options), retry_errors=retry_errors, errors_matching=errors_matching))
 
 
 @app.command("convert-weights")

@@ -36,6 +36,7 @@ from ragseg.pipelines.common import (
     write_source_errors,
 )
 from ragseg.pipelines.listing import clear_listings
+from ragseg.pipelines.retry import retry_rows
 from ragseg.preflight import preflight
 from ragseg.schema import embeddings_to_arrow, feature_schema
 from ragseg.stages.batch import as_list
@@ -101,8 +102,10 @@ class WriteDbPiece:
     feature Parquet and errors table, then its commit record (ragseg.ledger), and returns only that
     record (one row) to the driver."""
 
-    def __init__(self, out: str, label_source: str, model_id: str, mode: str, dim: int):
+    def __init__(self, out: str, label_source: str, model_id: str, mode: str, dim: int, epoch: int = 0,
+                 retry: bool = False):
         self.out, self.label_source, self.model_id, self.mode, self.dim = out, label_source, model_id, mode, dim
+        self.epoch, self.retry = epoch, retry  # the job's lease epoch; a --retry-errors run
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(v) for v in batch["image_id"]]
@@ -111,7 +114,7 @@ class WriteDbPiece:
         errors = [str(e) if e else "" for e in batch["error"]]
         ok = np.array([i for i, e in enumerate(errors) if not e], dtype=np.int64)
         bad = [i for i, e in enumerate(errors) if e]
-        name = ledger.piece_name(ids)
+        name = ledger.piece_name(ids, f"retry-{self.epoch}" if self.retry else "")
         paths = dblib.piece_paths(name)
         table = segments_table(batch, ok, self.label_source, self.model_id, self.mode, self.dim)
         io.write_parquet_atomic(io.join(self.out, paths["features"]), table)
@@ -122,7 +125,7 @@ class WriteDbPiece:
         rec = ledger.new_record(name, ids, images=len(ids), segments=table.num_rows, errors=len(bad),
                                 empty_images=empty, data_path=paths["features"],
                                 errors_path=paths["errors"] if bad else None, parts_path=None,
-                                stage_seconds=stage_seconds(batch))
+                                stage_seconds=stage_seconds(batch), epoch=self.epoch, retry=self.retry)
         ledger.write_commit(self.out, rec)
         return record_batch(rec)
 
@@ -156,41 +159,48 @@ def build_graph(cfg: JobConfig, ds):
     return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
 
 
-def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]:
-    """build-db into ``cfg.build_db.out``; ``execute`` replaces the model graph (tests, benchmarks)."""
+def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: bool = False,
+                 errors_matching: str | None = None) -> dict[str, Any]:
+    """build-db into ``cfg.build_db.out``; ``execute`` replaces the model graph (tests, benchmarks).
+    ``retry_errors``: re-process only the images whose latest outcome is an error row (matching the
+    regular expression ``errors_matching``, when given), :mod:`ragseg.pipelines.retry`."""
+    if errors_matching and not retry_errors:
+        raise UserError("--errors-matching selects which errors --retry-errors retries: give both")
     if execute is None:
         preflight(cfg, "build-db")  # model sections checked on the driver, before Ray starts
     out = cfg.build_db.out
     model_id, mode, dim = embed_identity(cfg)
-    with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db"):
+    with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db") as lease:
         clear_listings(out)
         c = cfg.commit
         led, header, comp = ledger.open_for_writing(
             out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json")),
-            lambda h: dblib.check_compatible(h, model_id, mode, dim, out))
+            lambda h: dblib.check_compatible(h, model_id, mode, dim, out), lease=lease)
 
         source_errors: list[dict] = []
         rows = _source_rows(cfg, source_errors)
-        pending = pending_rows(rows, led)
+        pending = retry_rows(rows, led, errors_matching) if retry_errors else pending_rows(rows, led)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
         run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
                     "config_hash": cfg.hash(), "listed": rows.num_rows, "pending": pending.num_rows,
                     "source_errors": len(source_errors)}
+        if retry_errors:
+            run_info["retry_errors"] = {"errors_matching": errors_matching}
         stats.errors += write_source_errors(out, source_errors)
         del rows
 
         n_pending = pending.num_rows
         if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg), out)
-            writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim)
+            writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim, lease.epoch, retry_errors)
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
             drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress)
 
         header["runs"].append({**run_info, "summary": stats.summary()})
-        ledger.write_header(out, header)
+        comp.write_header()
     summary = {"db": out, "embed_model": model_id, "embed_mode": mode, "dim": dim,
                "pieces_total": header["totals"]["pieces"], **stats.summary()}
     print_summary("build-db", summary, cfg.ray.progress)

@@ -178,7 +178,9 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
             ds = add_stage(graph(ds), writer, "write", cfg, actor=False, batch_size=per_piece)
             yield from ds.iter_rows()
         finally:
-            listing.clear_listings(out)  # ours is the only one: the job holds the folder's lease
+            # only our own listing: a job fenced off after its lease expired must not delete the one of
+            # the job that took the folder over (a killed run's are removed at the next start)
+            listing.remove_listing(uri)
 
     return execute
 

@@ -35,6 +35,7 @@ from ragseg.pipelines.common import (
     write_source_errors,
 )
 from ragseg.pipelines.listing import clear_listings
+from ragseg.pipelines.retry import retry_rows
 from ragseg.preflight import preflight
 
 # columns the piece writer reads (pixels are dropped before it)
@@ -165,9 +166,10 @@ class WriteLabelPiece:
     table, then its commit record (ragseg.ledger), and returns only the record to the driver. The
     panoptic PNGs were written per image by :class:`WritePanoptic` before."""
 
-    def __init__(self, out: str, vocab):
+    def __init__(self, out: str, vocab, epoch: int = 0, retry: bool = False):
         self.out = out
         self.id2name = {int(i): str(n) for i, n in zip(vocab.ids, vocab.names)}
+        self.epoch, self.retry = epoch, retry  # the job's lease epoch; a --retry-errors run
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -175,7 +177,7 @@ class WriteLabelPiece:
             return empty_record_batch()
         ids = [str(v) for v in batch["image_id"]]
         errors = [str(e) if e else "" for e in batch["error"]]
-        name = ledger.piece_name(ids)
+        name = ledger.piece_name(ids, f"retry-{self.epoch}" if self.retry else "")
         paths = labels_out.piece_paths(name)
         lines, seg_rows, empty = [], defaultdict(list), 0
         for i in sorted((i for i in range(n) if not errors[i]), key=lambda i: ids[i]):
@@ -211,7 +213,7 @@ class WriteLabelPiece:
         rec = ledger.new_record(name, sorted(ids), images=n, segments=table.num_rows, errors=len(bad),
                                 empty_images=empty, data_path=paths["segments"],
                                 errors_path=paths["errors"] if bad else None, parts_path=paths["parts"],
-                                stage_seconds=stage_seconds(batch))
+                                stage_seconds=stage_seconds(batch), epoch=self.epoch, retry=self.retry)
         ledger.write_commit(self.out, rec)
         return record_batch(rec)
 
@@ -248,9 +250,13 @@ def label_hash(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps({"label": label, "models": models}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]:
+def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: bool = False,
+              errors_matching: str | None = None) -> dict[str, Any]:
     """label into ``cfg.label.out``; ``execute`` replaces the model graph (tests and benchmarks of the
-    commit path, which then need no index)."""
+    commit path, which then need no index). ``retry_errors``: re-process only the images whose latest
+    outcome is an error row (matching ``errors_matching``, when given), :mod:`ragseg.pipelines.retry`."""
+    if errors_matching and not retry_errors:
+        raise UserError("--errors-matching selects which errors --retry-errors retries: give both")
     if execute is None:
         preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
     from ragseg.sources import list_table
@@ -269,7 +275,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
 
     out = lc.out
     job_hash = label_hash(cfg)
-    with ledger.Lease(out, cfg.commit.lease_ttl_s, "label"):
+    with ledger.Lease(out, cfg.commit.lease_ttl_s, "label") as lease:
         io.remove_tmp_litter(out)
         clear_listings(out)
         def check(header: dict) -> None:
@@ -282,12 +288,12 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
         led, header, comp = ledger.open_for_writing(
             out, labels_out.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: ledger.new_header(labels_out.KIND, config_hash=job_hash, index_version=meta.get("version"),
-                                      vocab=vocab.categories()), check)
+                                      vocab=vocab.categories()), check, lease=lease)
 
         source_errors: list[dict] = []
         rows = list_table(lc.images, errors=source_errors)
         n_listed = rows.num_rows
-        pending = pending_rows(rows, led)
+        pending = retry_rows(rows, led, errors_matching) if retry_errors else pending_rows(rows, led)
         del rows
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         stats.errors += write_source_errors(out, source_errors)
@@ -295,14 +301,19 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
         n_pending = pending.num_rows
         if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab), out)
-            records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
+            records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab, lease.epoch, retry_errors),
+                              lc.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
             drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress)
 
+        comp.check()  # panoptic.json belongs to whoever holds the folder now
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
                                                   lc.panoptic_json_max_images, changed=stats.shards_written > 0)
-        header["runs"].append({"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj})
-        ledger.write_header(out, header)
+        run_info = {"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj}
+        if retry_errors:
+            run_info["retry_errors"] = {"errors_matching": errors_matching}
+        header["runs"].append(run_info)
+        comp.write_header()
     summary = {"out": out, "images_listed": n_listed, "panoptic_json": pj, **stats.summary()}
     print_summary("label", summary, cfg.ray.progress)
     return summary

@@ -41,6 +41,18 @@ def clear_listings(out: str) -> None:
         io.remove(d, recursive=True)
 
 
+def remove_listing(uri: str) -> None:
+    """Remove one job's listing file (and the listing folder once empty, locally): a job never removes
+    another's, even one that took its folder over after its lease expired."""
+    io.remove(uri)
+    fs, path = io.fs_and_path(uri)
+    if io.protocol_of_fs(fs) == "file":
+        try:
+            os.rmdir(os.path.dirname(path))
+        except OSError:  # not empty (another job's listing) or gone
+            pass
+
+
 def write_listing(out: str, rows, per_piece: int):
     """Write ``rows`` with an ``error`` column ("") as consecutive IPC streams of ``per_piece`` rows;
     returns the file's URI, the byte offsets of the pieces (``len = pieces + 1``) and the rows' Arrow

@@ -14,16 +14,21 @@ that overrides its default location (the first existing of the names below, ``<s
                                                                   MaskPath,ImageID,LabelName,BoxID,...
     masks_dir           masks/<split>/ | <split>-masks/           mask PNGs, found by MaskPath (also in
                                                                   sub-folders such as train-masks-0/)
-    image_list          none by default                           ImageID + a path/URL column
+    image_list          none by default                           ImageID [+ a path/URL column], or
+                                                                  one ImageID a line without a header
 
-Images: with ``cfg.image_list``, its rows are the images and the URI is taken from its first
-``path``/``uri``/``url``/``OriginalURL`` column (relative values are resolved against the CSV's
-folder); without one, the images are those named in the annotation CSVs and live at
-``<images folder>/<ImageID>.jpg``. The images folder is ``cfg.images_dir`` (any fsspec URI, e.g. the
-public bucket ``s3://open-images-dataset/<split>/`` with ``storage_options: {anon: true}``), else the
-first of ``<uri>/images/<split>/`` and ``<uri>/<split>/`` (the official downloader's layout) that
-holds one of the first few expected images. When none of them does, listing stops with a
-:class:`~ragseg.errors.UserError` naming the folder(s) before any pipeline starts.
+Images: with ``cfg.image_list``, its rows are the images (and only those: the way to restrict a job to
+the images of a partial download) and the URI is taken from its first ``path``/``uri``/``url``/
+``OriginalURL`` column (relative values are resolved against the CSV's folder); without such a column,
+or without an image list (then the images are those named in the annotation CSVs), an image lives at
+``<images folder>/<ImageID>.jpg``. The images folder is ``cfg.images_dir`` when set (any fsspec URI, e.g.
+the public bucket ``s3://open-images-dataset/<split>/`` with ``storage_options: {anon: true}``), trusted
+as it is: an image missing there becomes a ``decode`` error row. Else it is the first of
+``<uri>/images/<split>/`` and ``<uri>/<split>/`` (the official downloader's layout) whose contents
+(:func:`count_present`: one scan of a local folder, one listing page of an object store) include an
+annotated image; when none does, listing stops with a :class:`~ragseg.errors.UserError` naming the
+folders before any pipeline starts. When fewer than half of the expected images are in the folder (full
+split CSVs, some images downloaded: the usual case), one warning says so up front, with the counts.
 
 ``labels`` = display names of the human-verified positive image-level labels (Confidence 1) and of the
 boxes' labels. Ground truth is ``instance_masks``: one segment per segmentation row (``isthing``
@@ -34,7 +39,10 @@ PNG is reported in ``errors`` and only that line is skipped.
 
 from __future__ import annotations
 
+import bisect
 import csv
+import logging
+import os
 import posixpath
 from collections.abc import Iterator
 
@@ -42,12 +50,15 @@ import fsspec
 
 from ragseg.config import SourceConfig
 from ragseg.errors import UserError
-from ragseg.io import exists, join, storage_options
+from ragseg.io import exists, fs_and_path, join, protocol_of_fs, storage_options
 from ragseg.sources import add_error, first_existing, list_names, make_row, require, select
+
+log = logging.getLogger(__name__)
 
 URI_COLUMNS = ("path", "uri", "url", "imagepath", "filepath", "file_name", "originalurl")
 LONG = {"val": "validation"}
-PROBE_IMAGES = 3  # expected images looked for when choosing / checking the images folder
+LISTING_PAGE = 1000  # keys of the one object-store listing page that the images folder is judged by
+IMAGE_EXT = ".jpg"
 
 
 def _split_names(split: str) -> list[str]:
@@ -72,8 +83,9 @@ def _rows(uri: str, errors: list[dict] | None, required: tuple[str, ...],
         if header is None:
             return
         header = [h.strip() for h in header]
-        if header_optional and header and header[0] != required[0]:
-            # headerless file (e.g. class-descriptions-boxable.csv): the first line is data
+        if header_optional and header and required[0] not in header:
+            # headerless file (e.g. class-descriptions-boxable.csv, a list of ImageIDs): the first
+            # line is data
             yield 1, dict(zip(required, header))
             header = list(required)
         missing = [c for c in required if c not in header]
@@ -195,7 +207,7 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
     if cfg.image_list:
         list_dir = cfg.image_list.rsplit("/", 1)[0] if "/" in cfg.image_list else "."
         col = None
-        for n, rec in _rows(cfg.image_list, errors, ("ImageID",)):
+        for n, rec in _rows(cfg.image_list, errors, ("ImageID",), header_optional=True):
             if col is None:
                 lower = {k.lower(): k for k in rec}
                 col = next((lower[c] for c in URI_COLUMNS if c in lower), "")
@@ -213,8 +225,8 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
     else:
         in_folder = sorted(mentioned)
     if in_folder:
-        images_dir = images_folder(cfg, root, splits, sorted(in_folder)[:PROBE_IMAGES])
-        uris.update({i: join(images_dir, i + ".jpg") for i in in_folder})
+        images_dir = images_folder(cfg, root, splits, sorted(in_folder))
+        uris.update({i: join(images_dir, i + IMAGE_EXT) for i in in_folder})
 
     rows = []
     for image_id, uri in uris.items():
@@ -224,23 +236,104 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
     return select(rows, cfg)
 
 
-def images_folder(cfg: SourceConfig, root: str, splits: list[str], probe_ids: list[str]) -> str:
-    """The folder holding ``<ImageID>.jpg``: ``cfg.images_dir``, else the first of ``<root>/images/<split>``
-    and ``<root>/<split>`` that holds one of ``probe_ids``; UserError naming the folder(s) when none does."""
-    candidates = [cfg.images_dir] if cfg.images_dir else \
-        [join(root, "images", s) for s in splits] + [join(root, s) for s in splits]
-    for folder in candidates:
-        for image_id in probe_ids:
-            uri = join(folder, image_id + ".jpg")
-            try:
-                if exists(uri):
-                    return folder
-            except Exception as e:  # noqa: BLE001 - unreachable store, denied access: say so once
-                raise UserError(f"Open Images image folder {folder} cannot be read ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:200]})") from None
-    looked = ", ".join(i + ".jpg" for i in probe_ids)
+def count_present(folder: str, ids: list[str]) -> tuple[int, bool]:
+    """How many of ``ids`` (sorted ImageIDs) have their ``<ImageID>.jpg`` directly in ``folder``, judged by
+    what the folder contains; returns (count, exact).
+
+    A local folder is scanned once (exact). An S3 folder is judged by one listing page
+    (:data:`LISTING_PAGE` keys, in key order): exact when the folder holds no more; otherwise the
+    fraction present among the ids that sort up to the page's last key, times all ids (ImageIDs are
+    random hex, so a page is a uniform sample of them). Other stores: one listing (exact). A folder that
+    does not exist holds nothing."""
+    fs, path = fs_and_path(folder)
+    path = path.rstrip("/")
+    proto = protocol_of_fs(fs)
+
+    def stems(names) -> list[str]:
+        return [n[: -len(IMAGE_EXT)] for n in names if n.endswith(IMAGE_EXT)]
+
+    if proto == "file":
+        if not os.path.isdir(path):
+            return 0, True
+        ids_set = set(ids)
+        with os.scandir(path) as it:
+            return sum(1 for e in it if e.name.endswith(IMAGE_EXT) and e.name[: -len(IMAGE_EXT)] in ids_set), True
+    if proto in ("s3", "s3a"):
+        bucket, key, _ = fs.split_path(path)
+        prefix = f"{key}/" if key else ""
+        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=LISTING_PAGE,
+                          **fs.req_kw)
+        names = [c["Key"][len(prefix):] for c in page.get("Contents", [])]
+        found = stems(names)
+        wanted = set(ids)
+        hits = sum(1 for f in found if f in wanted)
+        if not page.get("IsTruncated") or not names:
+            return hits, True
+        last = names[-1][: -len(IMAGE_EXT)] if names[-1].endswith(IMAGE_EXT) else names[-1]
+        upto = bisect.bisect_right(ids, last)  # ids that sort up to the page's last key
+        return (round(hits / upto * len(ids)) if upto else hits), False
+    try:
+        names = [posixpath.basename(str(p).rstrip("/")) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return 0, True
+    wanted = set(ids)
+    return sum(1 for f in stems(names) if f in wanted), True
+
+
+def _human(n: int) -> str:
+    for div, unit in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
+        if n >= div:
+            return f"{n / div:.1f}".rstrip("0").rstrip(".") + unit
+    return str(n)
+
+
+def _warn_if_mostly_missing(cfg: SourceConfig, folder: str, present: int, exact: bool, total: int) -> None:
+    """One warning up front when fewer than half of the expected images are in the folder: their rows
+    would all become decode error rows."""
+    if present * 2 >= total:
+        return
+    how = "" if exact else "about "
+    est = "" if exact else f" (estimated from one listing page of {LISTING_PAGE} keys)"
+    hint = ("restrict source.image_list to the images you have" if cfg.image_list else
+            "use `source.image_list` (a file of ImageIDs) to restrict the job to the images you have")
+    log.warning("Open Images: %s%s of %s annotated images present in %s%s; rows for the others go to the errors "
+                "table; %s", how, _human(present), _human(total), folder, est, hint)
+
+
+def images_folder(cfg: SourceConfig, root: str, splits: list[str], ids: list[str]) -> str:
+    """The folder holding ``<ImageID>.jpg`` for the sorted ImageIDs ``ids``: ``cfg.images_dir`` as it is,
+    else the first of ``<root>/images/<split>`` and ``<root>/<split>`` whose contents include one of
+    ``ids`` (:func:`count_present`); UserError naming the folders when none does. Warns once when most
+    of ``ids`` are missing from the folder."""
+
+    def unreadable(folder: str, e: Exception) -> UserError:
+        return UserError(f"Open Images image folder {folder} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})")
+
     if cfg.images_dir:
-        raise UserError(f"no Open Images image found in {cfg.images_dir} (looked for {looked}); "
-                        "set source.images_dir to the folder that holds <ImageID>.jpg")
-    raise UserError(f"no Open Images image found in {' or '.join(candidates)} (looked for {looked}); "
+        folder = cfg.images_dir
+        try:
+            present, exact = count_present(folder, ids)
+        except Exception as e:  # noqa: BLE001 - a store that cannot list: can it read at all?
+            try:
+                exists(join(folder, ids[0] + IMAGE_EXT))
+            except Exception:  # noqa: BLE001 - unreachable store, denied access: say so once
+                raise unreadable(folder, e) from None
+            log.warning("Open Images: cannot list %s (%s); the images there are not counted", folder,
+                        type(e).__name__)
+            return folder
+        _warn_if_mostly_missing(cfg, folder, present, exact, len(ids))
+        return folder
+    candidates = [join(root, "images", s) for s in splits] + [join(root, s) for s in splits]
+    for folder in candidates:
+        try:
+            present, exact = count_present(folder, ids)
+        except Exception as e:  # noqa: BLE001
+            raise unreadable(folder, e) from None
+        if present:
+            _warn_if_mostly_missing(cfg, folder, present, exact, len(ids))
+            return folder
+    shown = ", ".join(i + IMAGE_EXT for i in ids[:3])
+    raise UserError(f"no Open Images image found in {' or '.join(candidates)} (none of the {_human(len(ids))} "
+                    f"annotated ImageIDs of split {cfg.split!r} is there as <ImageID>.jpg, e.g. {shown}); "
                     "set source.images_dir to the folder that holds <ImageID>.jpg")

@@ -506,3 +506,23 @@ def test_agrees_with_reference_transcription(seed):
         got = [st.iou, st.tp, st.fp, st.fn] if st else [0.0, 0, 0, 0]
         exp = ref.get(cat, [0.0, 0, 0, 0])
         assert got[1:] == exp[1:] and got[0] == pytest.approx(exp[0])
+
+
+def test_gt_area_from_the_json_and_last_crowd_per_category_as_the_reference():
+    """panopticapi (``pq_compute_single_core``): the union uses the gt segment's JSON ``area``; for the FP
+    rule, an image keeps one crowd segment per category, the last one in ``segments_info``."""
+    # gt: seg 1 (A) 5 px in the PNG but 6 in its JSON area; pred 9 (A) exactly those 5 px
+    gt = row((1, 5), (2, 5))
+    gsegs = [seg(1, A) | {"area": 6}, seg(2, B) | {"area": 5}]
+    st = pq_stats_image(gt, gsegs, row((9, 5), (8, 5)), [seg(9, A), seg(8, B)], CATS)
+    assert metrics(st, A)["sq"] == pytest.approx(100 * 5 / 6)  # 5 / (5 + 6 - 5), not 1.0
+    assert metrics(st, B)["sq"] == 100.0
+    # two crowd regions of A: crowd 1 (6 px), crowd 2 (2 px), listed in that order, then B (2 px)
+    gt = row((1, 6), (2, 2), (3, 2))
+    gsegs = [seg(1, A, crowd=1), seg(2, A, crowd=1), seg(3, B)]
+    pred = row((7, 8), (0, 2))  # pred 7 (A) covers both crowds: only crowd 2 (2 of 8 px) excuses it
+    st = pq_stats_image(gt, gsegs, pred, [seg(7, A)], CATS)
+    assert (metrics(st, A)["fp"], metrics(st, B)["fn"]) == (1, 1)
+    # listed the other way round, crowd 1 (6 of 8 px) is the one kept: not a FP
+    st = pq_stats_image(gt, [gsegs[1], gsegs[0], gsegs[2]], pred, [seg(7, A)], CATS)
+    assert metrics(st, A)["fp"] == 0

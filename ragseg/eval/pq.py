@@ -19,14 +19,15 @@ Values are percentages (0..100).
 
 Differences from the reference, all on inputs it would crash on or where it is ambiguous:
 
-- areas are pixel counts of the PNGs (the reference takes gt areas from the JSON; in COCO they agree);
-  a gt ``area`` that disagrees with its PNG is reported in ``warnings``;
 - a gt image without a prediction is an error naming the images (the reference stops on the first);
   with ``allow_missing`` its non-crowd gt segments all count as false negatives and its id is listed
   in ``missing_predictions``;
-- several crowd segments of one category in an image all count for the FP rule (the reference keeps the
-  last one only);
+- a gt segment without an ``area`` in the JSON uses its PNG pixel count (the reference would fail);
 - image ids are compared as strings (``139`` and ``"139"`` are the same image).
+
+As the reference: predicted areas are the PNG's pixel counts, gt areas the JSON's ``area`` (a gt
+``area`` that disagrees with its PNG is reported in ``warnings``), and for the FP rule an image keeps one
+crowd segment per category, the last one listed.
 
 Category ids are authoritative, as in the reference: a prediction's segments are scored with their
 ``category_id`` as it is, and the prediction's own ``categories`` list (if any) is not consulted, except
@@ -191,6 +192,10 @@ def pq_stats_image(
         gt_pred[(g, p)] = int(cnt)
         gt_area[g] += int(cnt)
 
+    for g, gs in gt_segms.items():  # the reference's union uses the JSON's gt area
+        if gs.get("area") is not None:
+            gt_area[g] = int(gs["area"])
+
     gt_matched: set[int] = set()
     pred_matched: set[int] = set()
     for (g, p), inter in gt_pred.items():
@@ -210,12 +215,12 @@ def pq_stats_image(
             gt_matched.add(g)
             pred_matched.add(p)
 
-    crowd_by_cat: dict[int, list[int]] = defaultdict(list)
+    crowd_by_cat: dict[int, int] = {}  # one crowd segment per category: the last listed (the reference)
     for g, gs in gt_segms.items():
         if g in gt_matched:
             continue
         if int(gs.get("iscrowd", 0)) == 1:
-            crowd_by_cat[int(gs["category_id"])].append(g)
+            crowd_by_cat[int(gs["category_id"])] = g
             continue
         stat[int(gs["category_id"])].fn += 1
 
@@ -224,8 +229,8 @@ def pq_stats_image(
             continue
         cat = int(ps["category_id"])
         ignored = gt_pred.get((VOID, p), 0)
-        for g in crowd_by_cat.get(cat, ()):
-            ignored += gt_pred.get((g, p), 0)
+        if cat in crowd_by_cat:
+            ignored += gt_pred.get((crowd_by_cat[cat], p), 0)
         if ignored / pred_area[p] > 0.5:
             continue
         stat[cat].fp += 1
@@ -332,7 +337,7 @@ def _remap_warning(remap: dict[int, int], pred_names: Mapping[int, str], gt_cats
 def _area_warning(mismatches: list[tuple[str, int, int, int]]) -> str:
     key, sid, js, px = mismatches[0]
     return (f"{len(mismatches)} ground-truth segment area(s) in the JSON disagree with the PNG "
-            f"(first: image {key} segment {sid}: JSON {js}, PNG {px}); PQ uses the PNG areas")
+            f"(first: image {key} segment {sid}: JSON {js}, PNG {px}); PQ uses the JSON areas, as panopticapi")
 
 
 def _gt_area_mismatches(key: str, gt_ids: np.ndarray, gt_segs: Iterable[Mapping]) -> list[tuple[str, int, int, int]]:

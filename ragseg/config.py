@@ -209,6 +209,7 @@ class Sam2Config(Strict):
     arch: Literal["hiera_t", "hiera_s", "hiera_b+", "hiera_l", "custom"] = "hiera_l"
     checkpoint: str | None = None
     sha256: str | None = None
+    random_weights: bool = False  # the architecture with random weights from seed, no checkpoint (benchmarks)
     seed: int = 0
     # custom architecture (arch: custom): Hiera trunk and neck sizes, model input side
     image_size: int = Field(default=1024, ge=64)

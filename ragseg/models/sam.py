@@ -175,6 +175,8 @@ def mask_model_id(cfg: SamConfig) -> str:
 def sam2_checkpoint(s: Sam2Config) -> str | None:
     """The SAM 2.1 checkpoint to load: the configured one, else the official URL of ``arch`` (none for
     ``custom``: random weights)."""
+    if s.random_weights:
+        return None
     if s.checkpoint:
         return s.checkpoint
     return None if s.arch == "custom" else SAM2_CHECKPOINTS[s.arch]

@@ -345,3 +345,49 @@ def test_sam2_official_configs():
         assert sam2_checkpoint(Sam2Config(arch=arch)) == (
             f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{names[arch]}.pt")
     assert sam2_checkpoint(Sam2Config(arch="custom")) is None
+
+
+def test_sam2_checkpoint_through_the_weights_resolver(tiny_cfg):
+    """SAM 2.1 checkpoints are ordinary single-file checkpoints of the resolver / mirror / preflight:
+    the official URL of the arch by default, none with random weights or a custom arch."""
+    from ragseg.config import SAM2_CHECKPOINTS
+    from ragseg.models import weights
+    from ragseg.models.sam import config_problems
+
+    cfg = _cfg(tiny_cfg, family="sam2")
+    assert weights.checkpoints(cfg.models, {"sam"}) == []  # custom, random weights
+    cfg.models.sam.sam2.arch = "hiera_l"
+    (ck,) = weights.checkpoints(cfg.models, {"sam"})
+    assert (ck.field, ck.kind, ck.ref) == ("models.sam.sam2.checkpoint", "file", SAM2_CHECKPOINTS["hiera_l"])
+    assert ck.file_name == "sam2.1_hiera_large.pt"
+    rec = {"field": ck.field, "kind": "file", "sha256": {"sam2.1_hiera_large.pt": "ab" * 32}}
+    assert weights.sync_overrides(cfg.models, [rec], "s3://m/")[1] == f"models.sam.sam2.sha256={'ab' * 32}"
+    cfg.models.sam.sam2.random_weights = True
+    assert weights.checkpoints(cfg.models, {"sam"}) == []
+    cfg.models.sam.sam2.arch = "custom"
+    cfg.models.sam.sam2.global_att_blocks = [1]  # the first block of stage 2 pools its queries
+    assert any("global_att_blocks" in p for p in config_problems(cfg.models.sam))
+
+
+def test_compile_option_wraps_the_encoder(tiny_cfg, monkeypatch):
+    """models.sam.compile: the image encoder's forward goes through torch.compile (static shapes); the
+    stage's output is unchanged (the stand-in compiler returns the function as is: no C++ build here)."""
+    import torch
+
+    from ragseg.stages.segment import Segment
+
+    seen = []
+
+    def fake_compile(fn, **kw):
+        seen.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    images = _images(7)[:2]
+    batch = {"image": _obj(images), "boxes": _obj([_boxes(im, 2) for im in images]),
+             "box_labels": _obj([["a", "b"]] * 2), "box_scores": _obj([np.ones(2, np.float32)] * 2),
+             "error": np.array(["", ""], dtype=object)}
+    a = Segment(_cfg(tiny_cfg, compile=True))(dict(batch))
+    assert seen == [{"dynamic": False}]
+    b = Segment(_cfg(tiny_cfg))(dict(batch))
+    assert list(a["seg_masks_rle"]) == list(b["seg_masks_rle"])

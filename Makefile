@@ -45,6 +45,7 @@ BENCH_SCALE_ARGS ?=
 
 bench: setup
 	$(BIN)/python bench/stages.py
+	$(BIN)/python bench/stages.py --flops
 	$(BIN)/python bench/index.py $(BENCH_INDEX_ARGS)
 	$(BIN)/python bench/build_db.py
 	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)

@@ -529,7 +529,8 @@ def sam_batching_main(args, out: Path) -> int:
     """SAM ViT-H and SAM 2.1 hiera-t with random weights on 768x1024 images (longer side 1024: the
     encoders' input), FLOP_BOXES boxes each: images/s of the Segment stage with the batch in one encoder
     pass (``encoder_batch`` = batch size) and with one image per pass (``encoder_batch`` 1), at each batch
-    size; ``--iters`` timed batches after one warm-up image. Appends to ``out`` (stages.json)."""
+    size (at batch 1 they are the same run); ``--iters`` timed batches (after one warm-up image for
+    SAM 2.1; none for ViT-H). Appends to ``out`` (stages.json)."""
     import torch
 
     from ragseg.config import load_config
@@ -545,10 +546,12 @@ def sam_batching_main(args, out: Path) -> int:
         from ragseg.stages.segment import Segment
 
         seg = Segment(load_config(None, over))
-        warm, _ = make_batch("segment", 1, hw, FLOP_BOXES, seed=99)
-        seg(warm)
+        if name != "sam-vit_h":  # one warm-up image (ViT-H: skipped, a full image costs minutes on 2 CPUs)
+            warm, _ = make_batch("segment", 1, hw, FLOP_BOXES, seed=99)
+            seg(warm)
         for bs in args.batch_sizes:
-            for mode, eb in (("batched", bs), ("per_image", 1)):
+            # at batch 1 both modes are the same run (one image per pass)
+            for mode, eb in (("batched", bs), ("per_image", 1)) if bs > 1 else (("batched", 1),):
                 seg.model.cfg.encoder_batch = eb
                 batches = [make_batch("segment", bs, hw, FLOP_BOXES, seed=k)[0] for k in range(args.iters)]
                 t, c = time.perf_counter(), time.process_time()

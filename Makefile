@@ -9,6 +9,8 @@ GPU ?=
 FAISS := $(if $(filter 1 yes true,$(GPU)),gpu,cpu)
 FAISS_OTHERS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu faiss-gpu-cu11 faiss-gpu-cu12 faiss-gpu-cuvs faiss-gpu-cu12-cuvs faiss-gpu-cu13-cuvs)
 FAISS_MARK := $(VENV)/.faiss-$(FAISS)
+# SAM 2.1 (models.sam.family: sam2): an sdist built against the installed torch (see pyproject.toml)
+SAM2 := sam2==1.1.0
 
 .PHONY: setup test demo bench lint clean
 
@@ -20,6 +22,7 @@ $(STAMP): pyproject.toml $(FAISS_MARK)
 	$(BIN)/python -m pip uninstall -q -y $(FAISS_OTHERS) 2>/dev/null || true
 	$(BIN)/python -m pip install -q -e '.[dev,$(FAISS)]'
 	$(BIN)/python -c "import faiss; print('faiss', faiss.__version__, 'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build')"
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install -q --no-deps --no-build-isolation $(SAM2)
 	rm -f $(VENV)/.faiss-cpu $(VENV)/.faiss-gpu
 	touch $(FAISS_MARK) $(STAMP)
 
@@ -42,6 +45,7 @@ BENCH_SCALE_ARGS ?=
 
 bench: setup
 	$(BIN)/python bench/stages.py
+	$(BIN)/python bench/stages.py --flops
 	$(BIN)/python bench/index.py $(BENCH_INDEX_ARGS)
 	$(BIN)/python bench/build_db.py
 	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)

@@ -13,7 +13,8 @@
 set -euo pipefail
 WHL=${WHL:-.whl}
 WHEELS=(faiss-cpu==1.15.1 open_clip_torch==3.3.0 segment-anything==1.0 pycocotools==2.0.11 pydantic==2.14.4
-        pydantic-core==2.50.5 annotated-types typing-inspection "typing-extensions>=4.16" ftfy wcwidth)
+        pydantic-core==2.50.5 annotated-types typing-inspection "typing-extensions>=4.16" ftfy wcwidth
+        hydra-core==1.3.8 omegaconf==2.3.1 iopath==0.1.10 portalocker)
 case "${1:-download}" in
   download)
     case "$WHL" in  # a folder inside the repo must be git-ignored (device README: .git/info/exclude)
@@ -26,6 +27,10 @@ case "${1:-download}" in
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$WHL" "$w"
     done
+    # sdists only: antlr4-python3-runtime 4.9.3 (hydra's pin) and sam2 (SAM 2.1, whose build imports torch):
+    # pure wheels built here with the project's venv
+    "${PYTHON:-.venv/bin/python}" -m pip wheel -q --no-deps -w "$WHL" antlr4-python3-runtime==4.9.3
+    SAM2_BUILD_CUDA=0 "${PYTHON:-.venv/bin/python}" -m pip wheel -q --no-deps --no-build-isolation -w "$WHL" sam2==1.1.0
     du -sh "$WHL" ;;
   install)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl ;;

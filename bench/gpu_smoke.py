@@ -13,12 +13,17 @@ Steps (each recorded in the JSON; a failing step does not stop the others):
    the coarse k-means on the GPU; recall@10 of each against exact search. Check: every GPU recall is
    within ``faiss_recall_gap`` of the CPU recall.
 3. ``stages``: each model stage at full size with random weights (bench/stages.py ``--full``:
-   ConvNeXt-L d-320 mask pooling, SAM ViT-H with box prompts, Grounding DINO base; FC-CLIP when
-   ``ragseg.models.fcclip`` exists), images/s per batch size under bf16 autocast with the peak GPU
-   memory, and bf16 against fp32 on the same inputs. Checks (``TOLERANCES``): embeddings' cosine,
-   SAM's and Grounding DINO's image-encoder outputs' relative error, and Grounding DINO's top boxes
-   matched as sets (its two-stage query selection may pick other queries under bf16). Thresholded masks are reported (mean IoU), not checked: with
-   random weights SAM's mask logits sit near 0, so bf16 flips pixels at the threshold.
+   ConvNeXt-L d-320 mask pooling at ``pool_image_size`` 1088, SAM ViT-H with box prompts, SAM 2.1
+   hiera-l with box prompts, Grounding DINO base; FC-CLIP when ``ragseg.models.fcclip`` exists),
+   images/s per batch size under bf16 autocast with the peak GPU memory, each rate also as a share of
+   the FLOP ceiling (``bench/results/flops.json``: FLOPs per image; ``share_of_peak`` = images/s x FLOPs /
+   989 TFLOPS, the H100/H200 dense bf16 peak), and bf16 against fp32 on the same inputs. The SAM stages
+   run batched (``models.sam.encoder_batch`` 4: the batch's images in one encoder pass); their encoder
+   features batched vs one image per pass are compared too. Checks (``TOLERANCES``): embeddings'
+   cosine, SAM's / SAM 2.1's and Grounding DINO's image-encoder outputs' relative error (bf16 vs fp32,
+   batched vs per image), and Grounding DINO's top boxes matched as sets (its two-stage query
+   selection may pick other queries under bf16). Thresholded masks are reported (mean IoU), not
+   checked: with random weights SAM's mask logits sit near 0, so bf16 flips pixels at the threshold.
 4. ``pipeline``: a 32-image build-db (ground-truth masks, ConvNeXt-L pooling) and a 32-image label
    (gdino-sam proposals) through Ray with ``num_gpus`` actors sharing the GPU (``ray.gpus_per_actor``),
    on a generated set; images/s of each. Check: every image done, no errored row.
@@ -50,13 +55,14 @@ import stages as bstages  # noqa: E402  (bench/stages.py)
 TOLERANCES = {
     "faiss_recall_gap": 0.03,  # GPU recall@10 >= CPU recall@10 - this
     "embed_cos_min": 0.97,  # every bf16 embedding vs its fp32 twin
-    "sam_encoder_rel_err": 0.05,  # ||bf16 - fp32|| / ||fp32|| of SAM's image features
+    "sam_encoder_rel_err": 0.05,  # ||bf16 - fp32|| / ||fp32|| of SAM's (and SAM 2.1's) image features
+    "sam_batched_rel_err": 0.02,  # the same features, 4 images in one encoder pass vs one per pass (bf16)
     "gdino_encoder_rel_err": 0.05,  # Grounding DINO's vision encoder output, as SAM's
     # the top-20 fp32 boxes (by score) with a bf16 box at IoU >= 0.8: the two-stage query selection
     # may pick other queries under bf16, so boxes are matched as sets, not query by query
     "gdino_top_boxes_matched": 0.8,
 }
-MODEL_STAGES = ("embed-pool", "segment", "detect")
+MODEL_STAGES = ("embed-pool", "segment", "segment-sam2", "detect")
 
 
 def log(msg: str) -> None:
@@ -211,20 +217,30 @@ def compare_embed(fn, batch: dict) -> dict:
             "ok": bool(cos.min() >= TOLERANCES["embed_cos_min"])}
 
 
-def compare_segment(fn, batch: dict, device: str) -> dict:
+def _features(fn, images: list) -> "torch.Tensor":  # noqa: F821
+    """The mask model's image embeddings of ``images`` (SAM: (n, 256, 64, 64); SAM 2.1: image_embed)."""
     import torch
 
+    m = fn.model
+    states = m.encode([m.prepare(im) for im in images], [im.shape[:2] for im in images])
+    return torch.cat([s["image_embed"] if isinstance(s, dict) else s[0] for s in states]).float()
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def compare_segment(fn, batch: dict, device: str) -> dict:
+    """bf16 vs fp32 image features and masks of a SAM stage (either family), and the batched encoder
+    (``encoder_batch`` 4) vs one image per pass."""
     from ragseg.masks import decode_rle
 
-    rs = np.random.RandomState(0)
-    size = fn.sam.image_encoder.img_size
-    x = torch.from_numpy(rs.randn(1, 3, size, size).astype(np.float32)).to(device)
+    images = [np.asarray(im) for im in batch["image"]]
     feats = {}
     for prec in ("fp32", "bf16"):
         set_precision(fn, prec)
-        with torch.inference_mode():
-            feats[prec] = fn.sam.image_encoder(x).float()
-    rel = float((feats["bf16"] - feats["fp32"]).norm() / feats["fp32"].norm())
+        feats[prec] = _features(fn, images)
+    rel = _rel(feats["bf16"], feats["fp32"])
     masks = {}
     for prec in ("fp32", "bf16"):
         set_precision(fn, prec)
@@ -235,8 +251,29 @@ def compare_segment(fn, batch: dict, device: str) -> dict:
             a, b = decode_rle(ma).astype(bool), decode_rle(mb).astype(bool)
             union = np.logical_or(a, b).sum()
             ious.append(1.0 if union == 0 else np.logical_and(a, b).sum() / union)
+    # batched vs per image, bf16 (the production path): 4 images in one encoder pass, then one by one
+    eb = fn.model.cfg.encoder_batch
+    quad = (images * 4)[:4]
+    fn.model.cfg.encoder_batch = 4
+    together = _features(fn, quad)
+    fn.model.cfg.encoder_batch = 1
+    alone = _features(fn, quad)
+    fn.model.cfg.encoder_batch = eb
+    brel = _rel(together, alone)
     return {"sam_encoder_rel_err": round(rel, 5), "mask_iou_mean_info": round(float(np.mean(ious)), 4),
-            "ok": bool(rel <= TOLERANCES["sam_encoder_rel_err"])}
+            "sam_batched_rel_err": round(brel, 6), "family": fn.model.family, "attention": fn.model.attention,
+            "ok": bool(rel <= TOLERANCES["sam_encoder_rel_err"] and brel <= TOLERANCES["sam_batched_rel_err"])}
+
+
+def add_ceiling_share(results: list[dict], flops: dict[str, int]) -> None:
+    """Each measured rate as a share of the FLOP ceiling: images/s x FLOPs per image / the 989 TFLOPS
+    H100/H200 dense bf16 peak (whatever the GPU; its name is in the row)."""
+    for r in results:
+        f = flops.get(r.get("stage"))
+        if f:
+            r["flops_per_image"] = f
+            r["ceiling_images_per_s"] = round(bstages.PEAK_FLOPS / f, 2)
+            r["share_of_peak"] = round(r["images_per_s"] * f / bstages.PEAK_FLOPS, 4)
 
 
 def compare_detect(fn, batch: dict) -> dict:
@@ -276,6 +313,8 @@ def stages_step(device: str, full: bool, batch_sizes: list[int], images: int) ->
 
     over = (list(bstages.FULL_OVERRIDES) if full else []) + [f"models.device.device={device}",
                                                              "models.device.precision=bf16"]
+    if full:  # the pool embeddings at their production size, as flops.json counts them
+        over.append(f"models.clip.pool_image_size={bstages.POOL_SIDE}")
     cfg = load_config(None if full else str(ROOT / "configs" / "test-tiny.yaml"), over)
     hw = (480, 640) if full else (96, 128)
     args = argparse.Namespace(batch_sizes=batch_sizes, images=images, segments=16 if full else 8,
@@ -298,7 +337,7 @@ def stages_step(device: str, full: bool, batch_sizes: list[int], images: int) ->
             batch, _ = bstages.make_batch(stage, 2, hw, args.segments, seed=7)
             if stage.startswith("embed"):
                 out["bf16_vs_fp32"][stage] = compare_embed(fn, batch)
-            elif stage == "segment":
+            elif stage.startswith("segment"):
                 out["bf16_vs_fp32"][stage] = compare_segment(fn, batch, device)
             else:
                 out["bf16_vs_fp32"][stage] = compare_detect(fn, batch)
@@ -314,6 +353,10 @@ def stages_step(device: str, full: bool, batch_sizes: list[int], images: int) ->
         out["fcclip"] = "skipped: ragseg.models.fcclip is not in this checkout"
     else:
         out["fcclip"] = "skipped: ragseg.models.fcclip exists, but bench/stages.py has no fcclip stage yet"
+    flops = bstages.flops_by_stage()
+    out["flops_source"] = "bench/results/flops.json" if flops else "missing: run bench/stages.py --flops"
+    if full:
+        add_ceiling_share(out["results"], flops)
     out["checks"] = {s: bool(v.get("ok")) for s, v in out["bf16_vs_fp32"].items()}
     return out
 

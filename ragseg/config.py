@@ -29,6 +29,29 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------------------------
 # Runtime
 # ----------------------------------------------------------------------------------------------
+# the pipelines' model stages (Ray actor pools); everything else (decode, gt, sam_prep, merge, write)
+# runs as CPU tasks
+MODEL_STAGES = ("detect", "segment", "sam_grid", "embed", "fcclip", "classify")
+
+
+class StageResources(Strict):
+    """One model stage's actor pool: ``actors`` (an int: fixed pool; "auto": autoscaling, see
+    ``ray.model_actors``), ``gpus`` per actor (a fraction shares a GPU; used when the cluster has GPUs
+    and the stage runs on one), ``cpus`` per actor. Unset fields take ``ray.model_actors`` /
+    ``ray.gpus_per_actor`` / ``ray.cpus_per_actor``."""
+
+    actors: int | Literal["auto"] | None = None
+    gpus: float | None = Field(default=None, ge=0)
+    cpus: float | None = Field(default=None, gt=0)
+
+    @field_validator("actors")
+    @classmethod
+    def _actors(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("actors must be >= 1 or 'auto'")
+        return v
+
+
 class RayConfig(Strict):
     """How Ray is started. ``address`` (or the ``RAY_ADDRESS`` env var) joins a cluster; otherwise a
     local Ray is started with the CPU and object-store caps below."""
@@ -56,6 +79,25 @@ class RayConfig(Strict):
     read_concurrency: int = Field(default=4, ge=1)
     max_errored_blocks: int = 0
     progress: bool = True
+    # per-stage overrides of the three settings above (keys: the model stages' names, see
+    # MODEL_STAGES), e.g. {segment: {gpus: 0.5}, detect: {gpus: 0.25, actors: 2}}: light stages take a
+    # fraction of a GPU so that one GPU hosts several of them (README: layouts per GPU count)
+    stages: dict[str, StageResources] = Field(default_factory=dict)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v: dict[str, StageResources]) -> dict[str, StageResources]:
+        bad = sorted(set(v) - set(MODEL_STAGES))
+        if bad:
+            raise ValueError(f"unknown stage(s) {bad}; model stages are {list(MODEL_STAGES)}")
+        return v
+
+    def resources(self, stage: str) -> StageResources:
+        """The actors / GPUs / CPUs of one model stage: its ``stages`` entry, else the defaults above."""
+        own = self.stages.get(stage) or StageResources()
+        return StageResources(actors=self.model_actors if own.actors is None else own.actors,
+                              gpus=self.gpus_per_actor if own.gpus is None else own.gpus,
+                              cpus=self.cpus_per_actor if own.cpus is None else own.cpus)
 
 
 class SourceConfig(Strict):
@@ -152,10 +194,42 @@ class ClipConfig(Strict):
     )
 
 
-class SamConfig(Strict):
-    """segment_anything model. ``arch``: vit_h / vit_l / vit_b (official sizes) or ``custom`` (sizes
-    below, for tiny tests)."""
+SAM2_CHECKPOINTS = {  # SAM 2.1 (sam2 package README, "SAM 2.1 checkpoints")
+    "hiera_t": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt",
+    "hiera_s": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt",
+    "hiera_b+": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_base_plus.pt",
+    "hiera_l": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt",
+}
 
+
+class Sam2Config(Strict):
+    """SAM 2.1 through the ``sam2`` package (``models.sam.family: sam2``). ``arch``: hiera_t / hiera_s /
+    hiera_b+ / hiera_l (the package's ``configs/sam2.1/sam2.1_<arch>.yaml``) or ``custom``: the hiera_t
+    config with the ``tiny`` sizes below (random weights, tests). ``checkpoint``: path, URL or bucket URI
+    of the official ``.pt`` (null: the official SAM 2.1 URL of ``arch``, :data:`SAM2_CHECKPOINTS`; with
+    ``custom``, random weights from ``seed``)."""
+
+    arch: Literal["hiera_t", "hiera_s", "hiera_b+", "hiera_l", "custom"] = "hiera_l"
+    checkpoint: str | None = None
+    sha256: str | None = None
+    random_weights: bool = False  # the architecture with random weights from seed, no checkpoint (benchmarks)
+    seed: int = 0
+    # custom architecture (arch: custom): Hiera trunk and neck sizes, model input side
+    image_size: int = Field(default=1024, ge=64)
+    embed_dim: int = Field(default=96, ge=1)
+    num_heads: int = Field(default=1, ge=1)
+    stages: list[int] = Field(default_factory=lambda: [1, 2, 7, 2])
+    global_att_blocks: list[int] = Field(default_factory=lambda: [5, 7, 9])
+    window_spec: list[int] = Field(default_factory=lambda: [8, 4, 14, 7])
+    d_model: int = Field(default=256, ge=16)
+
+
+class SamConfig(Strict):
+    """The mask model. ``family: sam``: segment_anything; ``arch`` vit_h / vit_l / vit_b (official
+    sizes) or ``custom`` (sizes below, for tiny tests). ``family: sam2``: SAM 2.1 (``sam2`` below). The
+    inference settings after the architecture apply to both."""
+
+    family: Literal["sam", "sam2"] = "sam"
     arch: Literal["vit_h", "vit_l", "vit_b", "custom"] = "vit_h"
     checkpoint: str | None = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
     sha256: str | None = None
@@ -167,7 +241,15 @@ class SamConfig(Strict):
     encoder_global_attn_indexes: list[int] = Field(default_factory=lambda: [7, 15, 23, 31])
     prompt_embed_dim: int = 256
     seed: int = 0
-    # inference
+    sam2: Sam2Config = Sam2Config()
+    # inference. encoder_batch: images per image-encoder forward pass (a batch's images, resized and
+    # padded as the model expects, are stacked; prompts are then decoded per image on its slice)
+    encoder_batch: int = Field(default=4, ge=1)
+    # image-encoder attention (family sam): sdpa = torch's scaled_dot_product_attention with SAM's
+    # decomposed relative positions as an additive bias (equal to eager up to float rounding: tested),
+    # eager = segment_anything's own; auto = sdpa on CUDA, eager on the CPU
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    compile: bool = False  # torch.compile the image encoder (CUDA; first batches pay the compile)
     boxes_per_batch: int = Field(default=64, ge=1)
     multimask_output: bool = False
     min_region_area: int = Field(default=0, ge=0)  # remove islands/holes smaller than this (pixels)

@@ -39,6 +39,22 @@ def new_header(embed_model: str, embed_mode: str, dim: int, models_hash: str, mo
                              models_hash=models_hash, models=models)
 
 
+def note_mask_model(h: dict, mask_model: str, db: str) -> str | None:
+    """Record the model that made this run's masks in the header (``mask_model``: the first, and
+    ``mask_models``: every one seen, in order). Returns a warning when the DB already holds masks of
+    another model: mixing them is allowed (each feature row keeps its ``label_source``) but the DB's
+    segments then differ in kind."""
+    seen = h.setdefault("mask_models", [])
+    h.setdefault("mask_model", mask_model)
+    if mask_model in seen:
+        return None
+    seen.append(mask_model)
+    if len(seen) == 1:
+        return None
+    return (f"DB {db} already holds segments whose masks came from {', '.join(seen[:-1])}; this run adds "
+            f"masks from {mask_model}: one DB now mixes mask models (use a new --out to keep them apart)")
+
+
 def check_compatible(h: dict, embed_model: str, embed_mode: str, dim: int, db: str) -> None:
     """A DB holds one embedding space: a different model, mode or dim is refused."""
     have = (h["embed_model"], h["embed_mode"], int(h["dim"]))

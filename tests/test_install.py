@@ -141,8 +141,11 @@ def test_gpu_smoke_cpu_check_stages(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["failed_checks"] == [] and doc["mode"] == "cpu-check"
     st = doc["stages"]
-    assert set(st["bf16_vs_fp32"]) == {"embed-pool", "segment", "detect"}
+    stages = ("embed-pool", "segment", "segment-sam2", "detect")
+    assert set(st["bf16_vs_fp32"]) == set(stages)
     assert all(v["ok"] for v in st["bf16_vs_fp32"].values())
-    assert {(r["stage"], r["batch_size"]) for r in st["results"]} == {
-        (s, b) for s in ("embed-pool", "segment", "detect") for b in (1, 2)}
+    assert {(r["stage"], r["batch_size"]) for r in st["results"]} == {(s, b) for s in stages for b in (1, 2)}
+    # the SAM stages: both families, batched encoder vs one image per pass compared
+    assert st["bf16_vs_fp32"]["segment"]["family"] == "sam" and st["bf16_vs_fp32"]["segment-sam2"]["family"] == "sam2"
+    assert all(st["bf16_vs_fp32"][s]["sam_batched_rel_err"] <= 1e-4 for s in ("segment", "segment-sam2"))
     assert st["fcclip"].startswith("skipped")

@@ -246,7 +246,14 @@ def checkpoints(models, include: set[str] | None = None) -> list[Checkpoint]:
             out.append(Checkpoint("models.clip.pretrained", "file", c.pretrained, c.sha256,
                                   what=f"CLIP checkpoint for {c.model}"))
     s = models.sam
-    if "sam" in include and s.checkpoint:
+    if "sam" in include and getattr(s, "family", "sam") == "sam2":
+        from ragseg.models.sam import sam2_checkpoint
+
+        ref = sam2_checkpoint(s.sam2)
+        if ref:
+            out.append(Checkpoint("models.sam.sam2.checkpoint", "file", ref, s.sam2.sha256,
+                                  what="SAM 2.1 checkpoint"))
+    elif "sam" in include and s.checkpoint:
         out.append(Checkpoint("models.sam.checkpoint", "file", s.checkpoint, s.sha256, what="SAM checkpoint"))
     f = getattr(models, "fcclip", None)
     if "fcclip" in include and f is not None and f.checkpoint:
@@ -704,6 +711,6 @@ def sync_overrides(models, records: list[dict], to: str) -> list[str]:
     over = [f"models.weights.mirror={to}"]
     for r in records:
         if r["kind"] == "file":
-            section = r["field"].split(".")[1]
-            over.append(f"models.{section}.sha256={next(iter(r['sha256'].values()))}")
+            section = r["field"].rsplit(".", 1)[0]  # models.sam, models.sam.sam2, ...
+            over.append(f"{section}.sha256={next(iter(r['sha256'].values()))}")
     return over

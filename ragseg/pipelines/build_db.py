@@ -130,6 +130,14 @@ class WriteDbPiece:
         return record_batch(rec)
 
 
+def mask_model(cfg: JobConfig) -> str:
+    """What makes this build's masks: ``gt`` (ground truth) or the mask model's id
+    (:func:`ragseg.models.sam.mask_model_id`, family and checkpoint included)."""
+    from ragseg.models.sam import mask_model_id
+
+    return "gt" if cfg.build_db.masks == "gt" else mask_model_id(cfg.models.sam)
+
+
 def _source_rows(cfg: JobConfig, source_errors: list[dict]):
     from ragseg.sources import list_table
 
@@ -151,9 +159,11 @@ def build_graph(cfg: JobConfig, ds):
         ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
     else:
         from ragseg.stages.detect import Detect
-        from ragseg.stages.segment import Segment
+        from ragseg.stages.segment import SamPrep, Segment, needs_prep
 
         ds = model(ds, functools.partial(Detect, cfg), "detect", batch_size=cfg.models.gdino.batch_size)
+        if needs_prep(cfg):  # SAM's input resize on a CPU task: the GPU actor gets ready arrays
+            ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
         ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block)
     ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block)
     return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
@@ -177,13 +187,17 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
             out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json")),
             lambda h: dblib.check_compatible(h, model_id, mode, dim, out), lease=lease)
+        masks_by = mask_model(cfg)
+        mixed = dblib.note_mask_model(header, masks_by, out)
+        if mixed:
+            log.warning(mixed)
 
         source_errors: list[dict] = []
         rows = _source_rows(cfg, source_errors)
         pending = retry_rows(rows, led, errors_matching) if retry_errors else pending_rows(rows, led)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
-        run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
+        run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks, "mask_model": masks_by,
                     "config_hash": cfg.hash(), "listed": rows.num_rows, "pending": pending.num_rows,
                     "source_errors": len(source_errors)}
         if retry_errors:
@@ -201,7 +215,9 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
 
         header["runs"].append({**run_info, "summary": stats.summary()})
         comp.write_header()
-    summary = {"db": out, "embed_model": model_id, "embed_mode": mode, "dim": dim,
+    summary = {"db": out, "embed_model": model_id, "embed_mode": mode, "dim": dim, "mask_model": masks_by,
                "pieces_total": header["totals"]["pieces"], **stats.summary()}
+    if mixed:
+        summary["warnings"] = [mixed]
     print_summary("build-db", summary, cfg.ray.progress)
     return summary

@@ -59,42 +59,51 @@ def _stage_task(batch: dict[str, np.ndarray], factory: Callable[[], Callable], n
     return _timed_call(fn, name, batch)
 
 
-def actor_pool(cfg: JobConfig, num_gpus: float, model_stages: int = 1):
-    """A fixed pool of ``ray.model_actors`` actors, or ("auto") a pool that starts with this stage's
-    share of the cluster (its GPUs for GPU stages, else its CPUs, split evenly over the graph's
-    ``model_stages`` actor stages) and may grow to the whole of it when the others are idle."""
+def actor_pool(cfg: JobConfig, num_gpus: float, model_stages: int = 1, stage: str | None = None):
+    """A fixed pool of the stage's ``actors`` (``ray.stages.<stage>.actors``, else ``ray.model_actors``),
+    or ("auto") a pool that starts with this stage's share of the cluster (its GPUs for GPU stages,
+    else its CPUs, split evenly over the graph's ``model_stages`` actor stages) and may grow to the
+    whole of it when the others are idle."""
     import ray
 
-    n = cfg.ray.model_actors
+    res_cfg = cfg.ray.resources(stage or "")
+    n = res_cfg.actors
     if n != "auto":
         return ray.data.ActorPoolStrategy(size=n)
     res = ray.cluster_resources()
     if num_gpus > 0:
         units = int(res.get("GPU", 0) // num_gpus)
     else:
-        units = int(res.get("CPU", 1) // cfg.ray.cpus_per_actor)
+        units = int(res.get("CPU", 1) // res_cfg.cpus)
     share = max(1, units // max(1, model_stages))
     return ray.data.ActorPoolStrategy(min_size=share, max_size=max(share, units))
 
 
+def stage_gpus(cfg: JobConfig, name: str, gpu: bool) -> float:
+    """GPUs per actor of model stage ``name``: its configured fraction (``ray.stages.<name>.gpus``, else
+    ``ray.gpus_per_actor``) when it is a GPU stage and the cluster has GPUs, else 0."""
+    from ragseg.runtime import cluster_gpus
+
+    return float(cfg.ray.resources(name).gpus) if (gpu and cluster_gpus() > 0) else 0.0
+
+
 def add_stage(ds, factory: Callable[[], Callable], name: str, cfg: JobConfig, *, actor: bool,
               batch_size: int, gpu: bool = False, model_stages: int = 1):
-    """Append a stage to a Ray Dataset: a CPU task, or an actor pool (:func:`actor_pool`;
-    ``gpus_per_actor`` GPUs each when the cluster has GPUs)."""
+    """Append a stage to a Ray Dataset: a CPU task (decoding, resizing, writing: never on a GPU), or
+    an actor pool (:func:`actor_pool`) with the stage's ``ray.stages.<name>`` resources (GPUs per actor
+    when the cluster has GPUs, CPUs per actor; defaults ``ray.gpus_per_actor`` / ``cpus_per_actor``)."""
     if not actor:
         token = uuid.uuid4().hex
         return ds.map_batches(_stage_task, fn_kwargs={"factory": factory, "name": name, "token": token},
                               batch_size=batch_size, num_cpus=1)
 
-    from ragseg.runtime import cluster_gpus
-
-    num_gpus = cfg.ray.gpus_per_actor if (gpu and cluster_gpus() > 0) else 0
+    num_gpus = stage_gpus(cfg, name, gpu)
     return ds.map_batches(
         StageActor,
         fn_constructor_kwargs={"factory": factory, "name": name},
         batch_size=batch_size,
-        compute=actor_pool(cfg, num_gpus, model_stages),
-        num_cpus=cfg.ray.cpus_per_actor,
+        compute=actor_pool(cfg, num_gpus, model_stages, stage=name),
+        num_cpus=cfg.ray.resources(name).cpus,
         num_gpus=num_gpus,
     )
 

@@ -143,14 +143,18 @@ def build_graph(cfg: JobConfig, ds, vocab):
         ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
     elif lc.proposals == "gdino-sam":
         from ragseg.stages.detect import Detect
-        from ragseg.stages.segment import Segment
+        from ragseg.stages.segment import SamPrep, Segment, needs_prep
 
         ds = model(ds, functools.partial(Detect, cfg, vocab=list(vocab.names)), "detect",
                    batch_size=cfg.models.gdino.batch_size, gpu=True)
+        if needs_prep(cfg):  # SAM's input resize on a CPU task: the GPU actor gets ready arrays
+            ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
         ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block, gpu=True)
     elif lc.proposals == "sam-grid":
-        from ragseg.stages.segment import SamGrid
+        from ragseg.stages.segment import SamGrid, SamPrep, needs_prep
 
+        if needs_prep(cfg):
+            ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
         ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
     ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
     ds = model(ds, functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), "classify",

@@ -196,8 +196,10 @@ class Detect:
         from ragseg.runtime import autocast
 
         g = self.gcfg
+        # the image processor (torchvision backend) resizes and normalises on the model's device: the
+        # actor's host only hands over the decoded uint8 arrays
         inputs = self.processor(images=images, text=[chunk["prompt"]] * len(images), return_tensors="pt",
-                                truncation=True, max_length=self.max_tokens)
+                                truncation=True, max_length=self.max_tokens, device=self.device)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with torch.inference_mode(), autocast(self.device, self.cfg.models.device):
             out = self.model(**inputs)

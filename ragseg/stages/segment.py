@@ -14,7 +14,7 @@ import numpy as np
 from ragseg.config import JobConfig
 from ragseg.errors import error_text
 from ragseg.masks import SEG_COLUMNS, encode_rle_stats
-from ragseg.stages.batch import as_list, as_rgb, errors_of, object_column
+from ragseg.stages.batch import as_list, as_rgb, errors_of, object_column, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -134,52 +134,97 @@ def _row(masks: list[np.ndarray], labels: list[str], scores: list[float]) -> dic
     }
 
 
+SAM_INPUT = "sam_image"  # column: the mask model's input of an image, resized on a CPU task (SamPrep)
+
+
+def needs_prep(cfg: JobConfig) -> bool:
+    """Whether the mask model's input is resized on the CPU before its stage: segment_anything's
+    ``ResizeLongestSide`` is a PIL resize of the uint8 image (host work, kept off the GPU actor); SAM
+    2.1 resizes its float tensor on the model's device."""
+    return cfg.models.sam.family == "sam"
+
+
+class SamPrep:
+    """CPU task before Segment / SamGrid (``family: sam``): adds ``sam_image``, each image resized to
+    the encoder's input side exactly as ``SamPredictor.set_image`` would (uint8, longer side =
+    ``image_size``), so the GPU actor receives ready arrays. Errored rows get an empty array."""
+
+    stage = "sam_prep"
+
+    def __init__(self, cfg: JobConfig):
+        from ragseg.models.sam import arch_sizes
+
+        self.size = int(arch_sizes(cfg.models.sam)["image_size"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ragseg.models.sam import resize_longest
+
+        n = len(batch["image"]) if "image" in batch else len(batch.get("error", []))
+        errors = errors_of(batch, n)
+        out = []
+        for i in range(n):
+            arr = np.zeros((0, 0, 3), np.uint8)
+            if not errors[i]:
+                try:
+                    arr = resize_longest(as_rgb(batch["image"][i]), self.size)
+                except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
+                    errors[i] = error_text(STAGE, e)
+            out.append(arr)
+        res = dict(batch)
+        res[SAM_INPUT] = object_column(out)
+        res["error"] = np.array(errors, dtype=object)
+        return res
+
+
 class _SamStage:
+    """Shared by Segment and SamGrid: the mask model (``models.sam.family``: segment_anything SAM or SAM
+    2.1, :func:`ragseg.models.sam.load_mask_model`), the batch's images encoded together
+    (``encoder_batch`` per forward pass), then each image's prompts on its slice."""
+
     stage = STAGE
 
     def __init__(self, cfg: JobConfig):
-        from ragseg.models.sam import load_sam
+        from ragseg.models.sam import load_mask_model
         from ragseg.runtime import select_device
 
         self.cfg = cfg
         self.scfg = cfg.models.sam
         self.device = select_device(cfg.models.device)
-        self.sam = load_sam(cfg.models).to(self.device)
-        self._autocast_encoder()
+        self.model = load_mask_model(cfg.models, self.device)
+        self.sam = self.model.sam
 
-    def _autocast_encoder(self) -> None:
-        """Run only the image encoder (nearly all of SAM's compute) under the configured autocast and
-        hand its features on as float32: the prompt encoder / mask decoder stay fp32, so the
-        automatic mask generator's numpy conversions never meet bf16 tensors."""
-        from ragseg.runtime import autocast
+    def model_input(self, batch: dict, i: int, image: np.ndarray) -> np.ndarray:
+        """The CPU task's resized input when it is there and right, else resized here."""
+        col = batch.get(SAM_INPUT)
+        if col is not None and self.model.input_ok(image, col[i]):
+            return np.asarray(col[i])
+        return self.model.prepare(image)
 
-        enc = self.sam.image_encoder
-        inner = enc.forward
-        device, dcfg = self.device, self.cfg.models.device
+    def encode(self, rows: list[dict]) -> list:
+        """Every row's image through the image encoder, ``encoder_batch`` images a pass."""
+        return self.model.encode([r["input"] for r in rows], [r["image"].shape[:2] for r in rows])
 
-        def forward(x):
-            with autocast(device, dcfg):
-                return inner(x).float()
+    def prepare_row(self, batch: dict, i: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-        enc.forward = forward
-
-    def segment_row(self, batch: dict, i: int) -> dict:  # pragma: no cover - abstract
+    def run_rows(self, rows: list[dict]) -> list[dict]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image"]) if "image" in batch else len(batch.get("error", []))
         errors = errors_of(batch, n)
-        rows = []
+        prepared = {}
         for i in range(n):
-            row = _empty_row()
-            if not errors[i]:
-                try:
-                    row = self.segment_row(batch, i)
-                except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                    log.warning("%s failed on a row: %s", self.stage, e)
-                    errors[i] = error_text(self.stage, e)
-            rows.append(row)
-        out = dict(batch)
+            if errors[i]:
+                continue
+            try:
+                prepared[i] = self.prepare_row(batch, i)
+            except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
+                log.warning("%s failed on a row: %s", self.stage, e)
+                errors[i] = error_text(self.stage, e)
+        done = run_batched(prepared, self.run_rows, errors, self.stage, log)
+        rows = [done.get(i, _empty_row()) if not errors[i] else _empty_row() for i in range(n)]
+        out = {k: v for k, v in batch.items() if k != SAM_INPUT}  # the resized copy goes no further
         for col in SEG_COLUMNS:
             out[col] = object_column([r[col] for r in rows])
         out["error"] = np.array(errors, dtype=object)
@@ -189,45 +234,27 @@ class _SamStage:
 class Segment(_SamStage):
     """SAM masks for each row's detector boxes: one mask per box, in box order."""
 
-    def __init__(self, cfg: JobConfig):
-        from segment_anything import SamPredictor
-
-        super().__init__(cfg)
-        self.predictor = SamPredictor(self.sam)
+    def best_masks(self, masks: np.ndarray, ious: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, C, H, W), (n, C) -> the best-IoU mask of each box (C = 3 with multimask), cleaned."""
+        if masks.shape[1] > 1:
+            masks, ious = pick_masks(masks, ious)
+        else:
+            masks, ious = masks[:, 0], ious[:, 0]
+        if self.scfg.min_region_area > 0 and len(masks):
+            masks = np.stack([clean_mask(m, self.scfg.min_region_area) for m in masks])
+        return masks, ious.astype(np.float32)
 
     def masks_for_boxes(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """HxWx3 uint8 image, (n,4) xyxy pixel boxes -> (n, H, W) bool masks, (n,) predicted IoU."""
-        import torch
-
+        """One image alone: HxWx3 uint8 image, (n,4) xyxy pixel boxes -> (n, H, W) bool masks, (n,)
+        predicted IoU (the per-image path: one encoder pass for this image)."""
         h, w = image.shape[:2]
         if len(boxes) == 0:
             return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
-        p = self.predictor
-        masks_out, ious_out = [], []
-        with torch.inference_mode():
-            p.set_image(image, image_format="RGB")
-            try:
-                for s in range(0, len(boxes), self.scfg.boxes_per_batch):
-                    b = torch.as_tensor(boxes[s:s + self.scfg.boxes_per_batch], dtype=torch.float32, device=p.device)
-                    b = p.transform.apply_boxes_torch(b, (h, w))
-                    masks, ious, _ = p.predict_torch(point_coords=None, point_labels=None, boxes=b,
-                                                     multimask_output=self.scfg.multimask_output)
-                    m = masks.cpu().numpy().astype(bool)
-                    q = ious.float().cpu().numpy()
-                    if m.shape[1] > 1:
-                        m, q = pick_masks(m, q)
-                    else:
-                        m, q = m[:, 0], q[:, 0]
-                    masks_out.append(m)
-                    ious_out.append(q)
-            finally:
-                p.reset_image()
-        masks = np.concatenate(masks_out)
-        if self.scfg.min_region_area > 0:
-            masks = np.stack([clean_mask(m, self.scfg.min_region_area) for m in masks])
-        return masks, np.concatenate(ious_out).astype(np.float32)
+        state = self.model.encode([self.model.prepare(image)], [(h, w)])[0]
+        return self.best_masks(*self.model.predict_boxes(state, boxes, self.scfg.multimask_output,
+                                                         self.scfg.boxes_per_batch))
 
-    def segment_row(self, batch: dict, i: int) -> dict:
+    def prepare_row(self, batch: dict, i: int) -> dict:
         image = as_rgb(batch["image"][i])
         boxes = as_boxes(batch["boxes"][i])
         labels = [str(x) for x in as_list(batch["box_labels"][i])] if "box_labels" in batch else []
@@ -236,41 +263,73 @@ class Segment(_SamStage):
             labels = (labels + [""] * len(boxes))[: len(boxes)]
         if len(bscores) != len(boxes):
             bscores = np.ones(len(boxes), np.float32)
-        masks, ious = self.masks_for_boxes(image, boxes)
-        scores = np.clip(ious, 0.0, 1.0) * bscores
-        # a box whose mask came out empty has nothing to embed: drop it (ids stay contiguous)
-        keep = [k for k, m in enumerate(masks) if m.any()]
-        return _row([masks[k] for k in keep], [labels[k] for k in keep], [float(scores[k]) for k in keep])
+        row = {"image": image, "boxes": boxes, "labels": labels, "bscores": bscores}
+        if len(boxes):
+            row["input"] = self.model_input(batch, i, image)
+        return row
+
+    def run_rows(self, rows: list[dict]) -> list[dict]:
+        todo = [r for r in rows if len(r["boxes"])]  # an image without boxes needs no embedding
+        states = dict(zip(map(id, todo), self.encode(todo)))
+        out = []
+        for r in rows:
+            if not len(r["boxes"]):
+                out.append(_empty_row())
+                continue
+            masks, ious = self.best_masks(*self.model.predict_boxes(
+                states[id(r)], r["boxes"], self.scfg.multimask_output, self.scfg.boxes_per_batch))
+            scores = np.clip(ious, 0.0, 1.0) * r["bscores"]
+            # a box whose mask came out empty has nothing to embed: drop it (ids stay contiguous)
+            keep = [k for k, m in enumerate(masks) if m.any()]
+            out.append(_row([masks[k] for k in keep], [r["labels"][k] for k in keep],
+                            [float(scores[k]) for k in keep]))
+        return out
 
 
 class SamGrid(_SamStage):
-    """Class-agnostic SAM proposals from a point grid (SamAutomaticMaskGenerator)."""
+    """Class-agnostic SAM proposals from a point grid (the family's automatic mask generator), the
+    batch's images encoded together first."""
 
     def __init__(self, cfg: JobConfig):
-        from segment_anything import SamAutomaticMaskGenerator
-
         super().__init__(cfg)
         s = self.scfg
-        self.generator = SamAutomaticMaskGenerator(
-            self.sam,
-            points_per_side=s.points_per_side,
-            points_per_batch=s.boxes_per_batch,
-            pred_iou_thresh=s.pred_iou_thresh,
-            stability_score_thresh=s.stability_score_thresh,
-            min_mask_region_area=0,  # done below without OpenCV (segment_anything's needs cv2)
-            output_mode="binary_mask",
-        )
+        kw = dict(points_per_side=s.points_per_side, points_per_batch=s.boxes_per_batch,
+                  pred_iou_thresh=s.pred_iou_thresh, stability_score_thresh=s.stability_score_thresh,
+                  min_mask_region_area=0,  # done below without OpenCV (the generators' needs cv2)
+                  output_mode="binary_mask")
+        if s.family == "sam2":
+            from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-    def proposals(self, image: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
+            self.generator = SAM2AutomaticMaskGenerator(self.sam, **kw)
+        else:
+            from segment_anything import SamAutomaticMaskGenerator
+
+            self.generator = SamAutomaticMaskGenerator(self.sam, **kw)
+        self.generator.predictor = self.model.predictor  # takes the embeddings staged per image
+
+    def proposals(self, image: np.ndarray, state=None) -> tuple[list[np.ndarray], list[float]]:
+        """One image's proposals (its embedding ``state`` from the batch pass, else encoded here)."""
         import torch
 
-        with torch.inference_mode():
-            anns = self.generator.generate(image)
+        if state is not None:
+            self.model.predictor.stage(state)
+        try:
+            with torch.inference_mode():
+                anns = self.generator.generate(image)
+        finally:
+            self.model.predictor.stage(None)
         anns = sorted(anns, key=lambda a: -float(a["predicted_iou"]))
         masks = [clean_mask(np.asarray(a["segmentation"], bool), self.scfg.min_region_area) for a in anns]
         keep = [k for k, m in enumerate(masks) if m.any()]
         return [masks[k] for k in keep], [float(anns[k]["predicted_iou"]) for k in keep]
 
-    def segment_row(self, batch: dict, i: int) -> dict:
-        masks, scores = self.proposals(as_rgb(batch["image"][i]))
-        return _row(masks, [""] * len(masks), scores)
+    def prepare_row(self, batch: dict, i: int) -> dict:
+        image = as_rgb(batch["image"][i])
+        return {"image": image, "input": self.model_input(batch, i, image)}
+
+    def run_rows(self, rows: list[dict]) -> list[dict]:
+        out = []
+        for r, state in zip(rows, self.encode(rows), strict=True):
+            masks, scores = self.proposals(r["image"], state)
+            out.append(_row(masks, [""] * len(masks), scores))
+        return out

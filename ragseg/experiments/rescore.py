@@ -36,7 +36,13 @@ from ragseg.errors import UserError
 from ragseg.eval.pq import PQStat, pq_stats_image, read_id_png
 from ragseg.experiments.cache import FeatureSet, Neighbours
 from ragseg.masks import decode_rle
-from ragseg.scoring import clip_scores, iv_scores_over_vocab, merge_retrieval, missing_classes_mask, retrieval_scores
+from ragseg.scoring import (
+    clip_scores,
+    iv_scores_over_vocab,
+    merge_retrieval,
+    missing_classes_mask,
+    retrieval_scores,
+)
 from ragseg.stages.classify import choose_classes, final_scores
 from ragseg.stages.merge import merge_proposals
 

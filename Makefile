@@ -10,7 +10,7 @@ FAISS := $(if $(filter 1 yes true,$(GPU)),gpu,cpu)
 FAISS_OTHERS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu faiss-gpu-cu11 faiss-gpu-cu12 faiss-gpu-cuvs faiss-gpu-cu12-cuvs faiss-gpu-cu13-cuvs)
 FAISS_MARK := $(VENV)/.faiss-$(FAISS)
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean experiments
 
 setup: $(STAMP)
 
@@ -46,8 +46,13 @@ bench: setup
 	$(BIN)/python bench/build_db.py
 	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)
 
+# the paper's five experiments on the embedded synthetic world with the tiny random-weight models
+# (README "Experiments"): results, tables and plots under experiments_out/, the cache in experiments_cache/
+experiments: setup
+	$(BIN)/ragseg experiment all --config configs/experiments.yaml --out experiments_out
+
 lint: setup
 	$(BIN)/ruff check ragseg tests bench
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache experiments_out experiments_cache

@@ -392,7 +392,7 @@ class VocabAddConfig(Strict):
     their ``class_name`` segments are ingested) to a DB that lacks the class, through build-db + refresh."""
 
     dataset: str | None = None
-    class_name: str | None = None  # default: the world's choice / the first thing class of the vocabulary
+    class_name: str | None = None  # default: the first thing class of the vocabulary
     counts: list[int] = Field(default_factory=lambda: [1, 5, 25, 100])
     pool: SourceConfig | None = None  # default: the world's pool
     seed: int = 0
@@ -406,13 +406,12 @@ class WorldConfig(Strict):
     seed: int = 0
     size: int = Field(default=96, ge=32)
     db_images: int = Field(default=80, ge=4)
-    pool_images: int = Field(default=240, ge=0)
+    pool_images: int = Field(default=240, ge=0)  # vocab-add's new images (~0.5 segments of a class each)
     val_images: int = Field(default=24, ge=2)
     generic_images: int = Field(default=40, ge=2)
     b_images: int = Field(default=24, ge=2)
     b_size: int = Field(default=128, ge=32)
     b_seed: int = 7
-    vocab_add_class: str = "kite"
 
 
 class ExperimentConfig(Strict):

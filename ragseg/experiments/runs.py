@@ -337,11 +337,11 @@ def run_db_size(ctx: Context, out: str) -> dict:
              f"{sat if sat is not None else '-'} segments.")
     rep.table("PQ against database size (mean over seeds)",
               ["fraction", "segments", "classes", "PQ mean", "PQ std", "runs", "10-recall@10"],
-              [[s["fraction"], s["size"], s["classes_mean"], s["pq_mean"], s["pq_std"], s["runs"], s["recall10_mean"]]
-               for s in summary])
+              [[f"{100 * s['fraction']:g}%", s["size"], s["classes_mean"], s["pq_mean"], s["pq_std"], s["runs"],
+                s["recall10_mean"]] for s in summary])
     rep.table("Every run", ["seed", "fraction", "segments", "classes", "PQ", "PQ things", "PQ stuff",
                             "10-recall@10", "vote agreement", "index"],
-              [[p["seed"], p["fraction"], p["size"], p["classes"], p["pq"], p["pq_things"], p["pq_stuff"],
+              [[p["seed"], f"{100 * p['fraction']:g}%", p["size"], p["classes"], p["pq"], p["pq_things"], p["pq_stuff"],
                 p["ten_recall_at_10"], p["vote_agreement"], p["index"]] for p in points], digits=3)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -426,7 +426,7 @@ def run_coverage(ctx: Context, out: str) -> dict:
               [[f"{100 * s['fraction']:.0f}%", s["fallback"], s["pq_mean"], s["pq_std"], s["pq_covered_mean"],
                 s["pq_covered_std"], s["pq_uncovered_mean"], s["pq_uncovered_std"], s["runs"]] for s in summary])
     rep.table("Every run", ["seed", "coverage", "fallback", "PQ", "PQ covered", "PQ uncovered", "uncovered classes"],
-              [[p["seed"], p["fraction"], p["fallback"], p["pq"], p["pq_covered"], p["pq_uncovered"],
+              [[p["seed"], f"{100 * p['fraction']:g}%", p["fallback"], p["pq"], p["pq_covered"], p["pq_uncovered"],
                 ", ".join(p["uncovered"])] for p in points])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -585,8 +585,7 @@ def run_vocab_add(ctx: Context, out: str) -> dict:
     if not d.db:
         raise UserError(f"vocab-add needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
     vocab = ctx.vocab(d)
-    x_name = c.class_name or ctx.extras.get("vocab_add_class") or next(
-        n for n, t in zip(vocab.names, vocab.isthing) if t)
+    x_name = c.class_name or next(n for n, t in zip(vocab.names, vocab.isthing) if t)
     xi = vocab.index_of(x_name)
     if xi is None:
         raise UserError(f"vocab-add class {x_name!r} is not in the vocabulary {d.vocab}")

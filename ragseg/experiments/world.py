@@ -169,7 +169,7 @@ def ensure_world(cfg: JobConfig) -> dict:
         ],
         "pool": SourceConfig(kind="coco_panoptic", uri=io.join(a_root, "coco"), split="train",
                              annotations=io.join(ann, "panoptic_pool.json")).model_dump(mode="json"),
-        "pool_images": pool_n, "vocab_add_class": w.vocab_add_class, "fallback_db": db_g,
+        "pool_images": pool_n, "fallback_db": db_g,
         "describe": {"A": f"synthetic seed {w.seed}, {w.size} px: {w.db_images} DB images, {w.val_images} val",
                      "B": f"synthetic seed {w.b_seed}, {w.b_size} px, {w.b_images} images, A's DB",
                      "G": f"synthetic seed {w.seed + 1000}, Open Images layout (things only), "

@@ -57,7 +57,10 @@ class Report:
 
         foot = "\n".join(textwrap.wrap(self.footer, 160))
         fig.text(0.005, 0.003, foot, fontsize=5.5, color="#555555", va="bottom", ha="left")
-        fig.subplots_adjust(bottom=max(fig.subplotpars.bottom, 0.06 + 0.022 * foot.count("\n")))
+        lines = foot.count("\n") + 1
+        inches = fig.get_size_inches()[1]
+        # room for the x label and tick labels (~0.55 in) and the footer (~0.1 in a line)
+        fig.subplots_adjust(bottom=min(0.45, (0.6 + 0.1 * lines) / inches))
         fname = f"{name}.png"
         import io as _io
 

@@ -664,9 +664,10 @@ def run_vocab_add(ctx: Context, out: str) -> dict:
     others = [nm for nm in vocab.names if vocab.index_of(nm) != xi]
     rep.table(f"PQ on {x_name!r} and on the other classes as N grows",
               ["N", f"PQ {x_name}", "PQ others (mean)", "PQ all", "new images", "build-db s", "refresh s",
-               "to published index s", "index"],
+               "to published index s", "refresh", "index"],
               [[s["n"], s["pq_x"], s["pq_others_mean"], s["pq"], s["new_images"], s["build_db_seconds"],
-                s["refresh_seconds"], s["seconds_to_published_index"], s["index"]] for s in steps])
+                s["refresh_seconds"], s["seconds_to_published_index"],
+                s.get("retrain_reason") or ("incremental" if s["n"] else "-"), s["index"]] for s in steps])
     rep.table("PQ per class", ["N"] + list(vocab.names),
               [[s["n"]] + [s["per_class"].get(nm) for nm in vocab.names] for s in steps])
     plt = _plt()

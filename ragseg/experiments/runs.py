@@ -236,7 +236,10 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
                                        ("pq", "PQ (gt masks)"))):
         vals = [results[k][metric] * (100 if metric != "pq" else 1) for k, *_ in ways]
         ax.bar(xs + (j - 1) * 0.27, vals, 0.27, label=lab)
-    ax.set_xticks(xs, [w[1].replace(": ", ":\n") for w in ways], fontsize=7)
+    short = {"clip-full": "CLIP\nfull box crop", "clip-masked": "CLIP\nmasked segment",
+             "retrieval-masked": "retrieval\nmasked query, masked keys",
+             "retrieval-full-query": "retrieval\nfull-crop query, masked keys"}
+    ax.set_xticks(xs, [short[w[0]] for w in ways], fontsize=7)
     ax.set_ylabel("%")
     ax.set_title(f"Domain shift on {d.name}")
     ax.legend(fontsize=7)
@@ -351,8 +354,10 @@ def run_db_size(ctx: Context, out: str) -> dict:
     ax.plot(xs, mu, "o-", label="mean PQ")
     ax.fill_between(xs, mu - sd, mu + sd, alpha=0.25, label="± 1 std over seeds")
     ax.scatter([p["size"] for p in points], [p["pq"] for p in points], s=8, color="k", alpha=0.4, label="runs")
-    if sat is not None:
-        ax.axvline(sat, ls="--", color="r", label=f"saturates at {int(sat)} segments")
+    if sat is not None and sat < N:
+        ax.axvline(sat, ls="--", color="r", label=f"within {c.saturation_pq:g} PQ of the full DB from {int(sat)} segments")
+    elif sat is not None:
+        ax.plot([], [], " ", label=f"no saturation: only the full DB is within {c.saturation_pq:g} PQ of itself")
     ax.set_xscale("log")
     ax.set_xlabel("database segments")
     ax.set_ylabel("PQ")

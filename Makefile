@@ -12,7 +12,7 @@ FAISS_MARK := $(VENV)/.faiss-$(FAISS)
 # SAM 2.1 (models.sam.family: sam2): an sdist built against the installed torch (see pyproject.toml)
 SAM2 := sam2==1.1.0
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean experiments
 
 setup: $(STAMP)
 
@@ -50,8 +50,13 @@ bench: setup
 	$(BIN)/python bench/build_db.py
 	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)
 
+# the paper's five experiments on the embedded synthetic world with the tiny random-weight models
+# (README "Experiments"): results, tables and plots under experiments_out/, the cache in experiments_cache/
+experiments: setup
+	$(BIN)/ragseg experiment all --config configs/experiments.yaml --out experiments_out
+
 lint: setup
 	$(BIN)/ruff check ragseg tests bench
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache experiments_out experiments_cache

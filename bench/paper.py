@@ -28,7 +28,17 @@ sam-grid           training-free SAM grid sampling                   7.8
 path (:mod:`ragseg.fcclip_inference`: its resize and padding, mask pooling of every query, its ensemble
 normalisation with void, the filter on the ensembled distribution, Mask2Former's panoptic inference,
 synonym max) with the eval config's thresholds (object mask 0.0, overlap 0.8); alpha 0.4 / beta 0.8
-are FC-CLIP's, beta 0.7 / gamma 0.3 the paper's. Prints one table (PQ / SQ / RQ next to the
+are FC-CLIP's, beta 0.7 / gamma 0.3 the paper's.
+
+The paper's experiments on the same data: ``--experiments`` then runs ``ragseg experiment all`` with
+``--experiments-config`` (default ``configs/experiments-ade20k.yaml``) into ``OUT/experiments/``, its
+first dataset pointed at ``--ade20k`` / ``--ade-index`` / ``--ade-db`` with ``--oi-index`` as the
+fallback (domain shift, PQ against DB size and class coverage, the alpha/beta/gamma transfer to the
+config's second dataset, vocabulary update). The same commands without this script::
+
+    ragseg experiment all --config configs/experiments-ade20k.yaml --out s3://bucket/ragseg/experiments
+
+Prints one table (PQ / SQ / RQ next to the
 paper's PQ) and writes ``OUT/paper.json``. A finished row is not rerun (label jobs resume by their
 manifest). Nothing here downloads data; ``tests/test_paper_bench.py`` runs it on the synthetic set with
 the tiny random-weight models (``--config configs/test-tiny.yaml``), where the numbers mean nothing.
@@ -101,7 +111,30 @@ def run(a: argparse.Namespace) -> dict:
     doc = {"ade20k": a.ade20k, "config": a.config, "set": a.set or [], "limit": a.limit, "rows": results}
     io.write_json_atomic(io.join(a.out, "paper.json"), doc)
     print(table(results))
+    if a.experiments:
+        doc["experiments"] = run_experiments(a)
     return doc
+
+
+def run_experiments(a: argparse.Namespace) -> dict:
+    """``ragseg experiment all`` on the ADE20k data and indexes given on the command line."""
+    from ragseg import io
+    from ragseg.config import load_config
+    from ragseg.experiments.runs import run
+
+    cfg = load_config(a.experiments_config, list(a.set or []))
+    ds = list(cfg.experiment.datasets)
+    if not ds:
+        from ragseg.errors import UserError
+
+        raise UserError(f"{a.experiments_config} lists no experiment.datasets")
+    first = ds[0].model_copy(update={
+        "images": ds[0].images.model_copy(update={"kind": "ade20k_panoptic", "uri": a.ade20k, "split": "val",
+                                                  "limit": a.limit}),
+        "index": a.ade_index, "db": a.ade_db or ds[0].db, "fallback_index": a.oi_index})
+    cfg = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"datasets": [first, *ds[1:]]})})
+    res = run(cfg, "all", io.join(a.out, "experiments"), a.experiments_config)
+    return {name: {"out": io.join(a.out, "experiments", name), "seconds": r.get("seconds")} for name, r in res.items()}
 
 
 def table(results: list[dict]) -> str:
@@ -124,6 +157,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", help="config override a.b=c (repeatable)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--limit", type=int, help="first N val images only")
+    p.add_argument("--experiments", action="store_true", help="then run `ragseg experiment all` (module doc)")
+    p.add_argument("--experiments-config", default=str(ROOT / "configs" / "experiments-ade20k.yaml"))
+    p.add_argument("--ade-db", help="feature DB of the ADE20k index (db-size, coverage, vocab-add)")
     a = p.parse_args(argv)
     a.rows = [r for r in a.rows.split(",") if r]
     bad = [r for r in a.rows if r not in PAPER_PQ]

@@ -434,6 +434,98 @@ class DemoConfig(Strict):
     seed: int = 0
 
 
+# ----------------------------------------------------------------------------------------------
+# ragseg experiment (ragseg/experiments): the paper's studies, re-scored from a feature cache
+# ----------------------------------------------------------------------------------------------
+class ExperimentDataset(Strict):
+    """An evaluation set of ``ragseg experiment``: images with COCO-panoptic ground truth (``images``:
+    kind ``synthetic``, ``coco_panoptic`` or ``ade20k_panoptic``) and the database(s) under study."""
+
+    name: str
+    images: SourceConfig
+    gt_json: str | None = None  # default: the source's panoptic JSON
+    gt_dir: str | None = None  # default: the source's panoptic PNG folder
+    vocab: str | None = None  # default: the categories of gt_json
+    db: str | None = None  # feature DB (db-size, coverage and vocab-add derive DBs from it)
+    index: str | None = None  # its index (default: built from db into the cache)
+    fallback_index: str | None = None  # generic DB for classes the primary lacks (coverage)
+
+
+class DomainShiftConfig(Strict):
+    dataset: str | None = None  # default: the first dataset
+    plot: Literal["tsne", "umap"] = "tsne"
+    max_points: int = Field(default=1200, ge=10)  # segments in the 2-D embedding plot (x2: full and masked)
+    mmd_max_per_class: int = Field(default=300, ge=4)
+    min_class_segments: int = Field(default=4, ge=4)  # classes with fewer segments get no MMD
+    seed: int = 0
+
+
+class DbSizeConfig(Strict):
+    dataset: str | None = None
+    fractions: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    saturation_pq: float = Field(default=1.0, ge=0)  # saturated: mean PQ within this of the largest DB's
+
+
+class CoverageConfig(Strict):
+    dataset: str | None = None
+    fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+
+
+class SweepConfig(Strict):
+    """alpha/beta/gamma grid (the paper's 0.4/0.7/0.3 is always added); ``k`` and
+    ``retrieval_temperature`` are swept too when given (the label config's values are added)."""
+
+    tune: str | None = None  # dataset A (default: the first)
+    apply: str | None = None  # dataset B (default: the second)
+    alpha: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    beta: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 1.0])
+    gamma: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    k: list[int] = Field(default_factory=list)
+    retrieval_temperature: list[float] = Field(default_factory=list)
+
+
+class VocabAddConfig(Strict):
+    """Add N examples of ``class_name`` from ``pool`` (new images with COCO-panoptic ground truth; only
+    their ``class_name`` segments are ingested) to a DB that lacks the class, through build-db + refresh."""
+
+    dataset: str | None = None
+    class_name: str | None = None  # default: the first thing class of the vocabulary
+    counts: list[int] = Field(default_factory=lambda: [1, 5, 25, 100])
+    pool: SourceConfig | None = None  # default: the world's pool
+    seed: int = 0
+
+
+class WorldConfig(Strict):
+    """The embedded synthetic world (``ragseg.experiments.world``): set A (DB images, a vocab-add pool,
+    val images), a generic set G (its Open Images layout is the fallback DB: things only) and a set B
+    drawn at another size (the sweep's transfer target, labelled with A's DB)."""
+
+    seed: int = 0
+    size: int = Field(default=96, ge=32)
+    db_images: int = Field(default=80, ge=4)
+    pool_images: int = Field(default=240, ge=0)  # vocab-add's new images (~0.5 segments of a class each)
+    val_images: int = Field(default=24, ge=2)
+    generic_images: int = Field(default=40, ge=2)
+    b_images: int = Field(default=24, ge=2)
+    b_size: int = Field(default=128, ge=32)
+    b_seed: int = 7
+
+
+class ExperimentConfig(Strict):
+    cache: str = "./ragseg_cache"  # feature cache, derived DBs and indexes (reused across runs)
+    k_max: int = Field(default=64, ge=1)  # neighbours cached per proposal and database
+    datasets: list[ExperimentDataset] = Field(default_factory=list)
+    world: WorldConfig | None = None  # set: generate the embedded synthetic world and use its datasets
+    mask_cache_mb: int = Field(default=1024, ge=0)  # decoded masks / gt maps kept in memory while re-scoring
+    domain_shift: DomainShiftConfig = DomainShiftConfig()
+    db_size: DbSizeConfig = DbSizeConfig()
+    coverage: CoverageConfig = CoverageConfig()
+    sweep: SweepConfig = SweepConfig()
+    vocab_add: VocabAddConfig = VocabAddConfig()
+
+
 class JobConfig(Strict):
     """The root of every YAML config; each job reads the sections it needs."""
 
@@ -446,6 +538,7 @@ class JobConfig(Strict):
     label: LabelConfig = LabelConfig()
     commit: CommitConfig = CommitConfig()
     demo: DemoConfig = DemoConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the given sections (all when none), for manifests."""

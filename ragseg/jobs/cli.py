@@ -252,6 +252,11 @@ def demo_cmd(config: ConfigOpt = "configs/demo.yaml", set_: SetOpt = None) -> No
     run_demo(_cfg(config, set_))
 
 
+from ragseg.jobs.experiment import register as _register_experiment  # noqa: E402
+
+_register_experiment(app)
+
+
 # ----------------------------------------------------------------------------------------------
 # weights sync / weights check, env
 # ----------------------------------------------------------------------------------------------

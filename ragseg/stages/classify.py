@@ -21,7 +21,7 @@ import logging
 
 import numpy as np
 
-from ragseg.config import JobConfig
+from ragseg.config import EnsembleConfig, JobConfig
 from ragseg.errors import UserError, error_text
 from ragseg.scoring import (
     clip_scores,
@@ -38,6 +38,26 @@ log = logging.getLogger(__name__)
 
 STAGE = "classify"
 OUT_COLUMNS = ("seg_class", "seg_score", "s_ret", "s_clip", "s_iv")
+
+
+def final_scores(s_ret: np.ndarray, support: np.ndarray, s_clip: np.ndarray, s_iv: np.ndarray | None,
+                 in_train: np.ndarray, ens: EnsembleConfig) -> np.ndarray:
+    """The (n, C) final class scores of one image's proposals with the ``label.ensemble`` settings
+    (:func:`ragseg.scoring.ensemble`); non-finite entries become 0. Pure: the label job and the
+    experiments' re-scoring (ragseg.experiments) both call it."""
+    final = ensemble(s_ret, s_clip, s_iv, in_train, ens.alpha, ens.beta, ens.gamma, ens.form,
+                     support=support, scores=ens.scores)
+    return np.where(np.isfinite(final), final, 0.0)
+
+
+def choose_classes(final: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, C) final scores -> ``(seg_class (n,) int64, seg_score (n,) float32, best (n,))``: the argmax
+    class, -1 where its score is not positive (then the score is 0). Pure, shared with ragseg.experiments."""
+    n = final.shape[0]
+    best = final.argmax(axis=1) if n else np.zeros(0, np.int64)
+    score = final[np.arange(n), best].astype(np.float32)
+    cls = np.where(score > 0, best, -1).astype(np.int64)
+    return cls, np.where(cls >= 0, score, 0.0).astype(np.float32), best
 
 
 def _empty_outputs() -> dict[str, np.ndarray]:
@@ -161,20 +181,16 @@ class Classify:
             s_iv = iv_scores_over_vocab(iv_logits, self.vocab, self.ens.trained_classes)
             if s_iv.shape[0] != n:
                 raise ValueError(f"seg_iv_logits has {s_iv.shape[0]} rows for {n} proposals")
-        final = ensemble(s_ret, s_clip, s_iv, self.in_train, self.ens.alpha, self.ens.beta, self.ens.gamma,
-                         self.ens.form, support=support, scores=self.ens.scores)
-        final = np.where(np.isfinite(final), final, 0.0)
-        best = final.argmax(axis=1)
+        final = final_scores(s_ret, support, s_clip, s_iv, self.in_train, self.ens)
+        cls, seg_score, best = choose_classes(final)
         rows = np.arange(n)
-        score = final[rows, best].astype(np.float32)
-        cls = np.where(score > 0, best, -1).astype(np.int64)
 
         def pick(s: np.ndarray | None, computed: bool) -> np.ndarray:
             if s is None or not computed:
                 return np.full(n, np.nan, np.float32)
             return np.where(cls >= 0, s[rows, best], np.nan).astype(np.float32)
 
-        return {"seg_class": cls, "seg_score": np.where(cls >= 0, score, 0.0).astype(np.float32),
+        return {"seg_class": cls, "seg_score": seg_score,
                 "s_ret": pick(s_ret, self.retriever is not None),
                 "s_clip": pick(s_clip, self.text_emb is not None),
                 "s_iv": pick(s_iv, s_iv is not None)}

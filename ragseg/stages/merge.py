@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from ragseg.config import JobConfig
+from ragseg.config import JobConfig, MergeConfig
 from ragseg.errors import error_text
 from ragseg.masks import decode_rle, encode_rle
 from ragseg.panoptic import panoptic_merge, segment_stats, to_png_rgb
@@ -33,6 +33,19 @@ def _num(x) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(v) or math.isinf(v) else v
+
+
+def merge_proposals(masks, classes, scores, isthing: np.ndarray, mc: MergeConfig,
+                    hw: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+    """Decoded (n, H, W) masks with their classes and scores -> ``(id_map, segments)`` of
+    :func:`ragseg.panoptic.panoptic_merge` with the ``label.merge`` settings. Pure: the label job and
+    the experiments' re-scoring (ragseg.experiments) both call it."""
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(masks) != len(classes) or len(scores) != len(classes):
+        raise ValueError(f"{len(masks)} masks, {len(classes)} classes, {len(scores)} scores")
+    return panoptic_merge(masks, scores, classes, isthing, mc.score_threshold, mc.overlap_threshold,
+                          mc.min_area, image_hw=hw)
 
 
 def segment_infos(id_map: np.ndarray, segments: list[dict], category_ids, sources) -> list[dict]:
@@ -65,14 +78,8 @@ class PanopticMerge:
         raise ValueError("no image or height/width to size the panoptic map")
 
     def merge_one(self, hw: tuple[int, int], rles, classes, scores, extras: dict) -> tuple[np.ndarray, str]:
-        classes = np.asarray(classes, dtype=np.int64).reshape(-1)
-        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         masks = [decode_rle(r) for r in rles]
-        if len(masks) != len(classes) or len(scores) != len(classes):
-            raise ValueError(f"{len(masks)} masks, {len(classes)} classes, {len(scores)} scores")
-        id_map, segments = panoptic_merge(masks, scores, classes, self.vocab.isthing,
-                                          self.mc.score_threshold, self.mc.overlap_threshold,
-                                          self.mc.min_area, image_hw=hw)
+        id_map, segments = merge_proposals(masks, classes, scores, self.vocab.isthing, self.mc, hw)
 
         def sources(seg: dict) -> dict:
             top = seg["proposals"][0]

@@ -111,23 +111,40 @@ class TestGeometry:
         return size, padded_shape(size, self.divisibility)
 
 
-def network_input(image: np.ndarray, geometry: TestGeometry, mean: Sequence[float], std: Sequence[float],
-                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, tuple[int, int]]:
-    """HxWx3 uint8 RGB -> ((3, Hp, Wp) float32 normalised, zero-padded; image_size (h, w)).
-    ``mean`` / ``std`` are CLIP's in [0, 1] (FC-CLIP's PIXEL_MEAN / PIXEL_STD are them x 255)."""
+def prepare_image(image: np.ndarray, geometry: TestGeometry, hw: tuple[int, int] | None = None
+                  ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """The CPU half of the test input: (resized HxWx3 uint8 RGB, image_size, padded). ``hw``: the
+    original size when ``image`` is already resized (a CPU task did it): it is then checked, not resized."""
     img = np.asarray(image)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] < 3:
         raise ValueError(f"image must be HxWx3, got shape {img.shape}")
-    size, padded = geometry.sizes(img.shape[:2])
-    resized = resize_uint8(np.ascontiguousarray(img[:, :, :3], dtype=np.uint8), size)
+    size, padded = geometry.sizes(tuple(hw) if hw is not None else img.shape[:2])
+    if hw is not None and tuple(img.shape[:2]) != size:
+        raise ValueError(f"prepared input is {img.shape[0]}x{img.shape[1]}, FC-CLIP's test size of a "
+                         f"{hw[0]}x{hw[1]} image is {size[0]}x{size[1]}")
+    return resize_uint8(np.ascontiguousarray(img[:, :, :3], dtype=np.uint8), size), size, padded
+
+
+def input_tensor(resized: np.ndarray, padded: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """The device half: resized uint8 -> (3, Hp, Wp) float32 normalised (CLIP's ``mean`` / ``std`` in
+    [0, 1]; FC-CLIP's PIXEL_MEAN / PIXEL_STD are them x 255), zero-padded at the bottom and right."""
     x = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).to(device)
     m = torch.tensor([v * 255.0 for v in mean], dtype=torch.float32, device=x.device).view(-1, 1, 1)
     s = torch.tensor([v * 255.0 for v in std], dtype=torch.float32, device=x.device).view(-1, 1, 1)
     x = (x - m) / s
-    x = F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]), value=0.0)
-    return x, size
+    return F.pad(x, (0, padded[1] - resized.shape[1], 0, padded[0] - resized.shape[0]), value=0.0)
+
+
+def network_input(image: np.ndarray, geometry: TestGeometry, mean: Sequence[float], std: Sequence[float],
+                  device: str | torch.device = "cpu", hw: tuple[int, int] | None = None
+                  ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HxWx3 uint8 RGB -> ((3, Hp, Wp) normalised zero-padded input; image_size (h, w)):
+    :func:`prepare_image` then :func:`input_tensor`."""
+    resized, size, padded = prepare_image(image, geometry, hw)
+    return input_tensor(resized, padded, mean, std, device), size
 
 
 # ----------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_key_from_a_mask_equals_the_query_with_that_mask(tiny, tiny_cfg_path, tm
     x, size = network_input(img, geo, bundle.mean, bundle.std)
     assert size == (256, 398) and tuple(x.shape[-2:]) == (256, 416)
     stage = FcclipLabel(cfg, _vocab(tmp_path), bundle=bundle, model=model)
-    logits, _, dense, size2 = stage.forward([img])[0]
+    logits, _, dense, size2 = stage.forward([(img, None)])[0]
     assert size2 == size
     q_logits = torch.full((3, logits.shape[1]), 0.0)
     q_logits[:, 0] = 5.0

@@ -13,8 +13,8 @@ import pytest
 
 from ragseg.config import load_config
 
-MODEL_CLASSES = {"Detect", "Segment", "SamGrid", "Embed", "FcclipProposals", "Classify"}
-CPU_CLASSES = {"DecodeImages", "LoadGroundTruth", "SamPrep", "PanopticMerge", "WritePanoptic"}
+MODEL_CLASSES = {"Detect", "Segment", "SamGrid", "Embed", "FcclipLabel", "Classify"}
+CPU_CLASSES = {"DecodeImages", "LoadGroundTruth", "SamPrep", "FcclipPrep", "PanopticMerge", "WritePanoptic"}
 
 
 def _ops(ds) -> list:
@@ -100,13 +100,16 @@ def test_build_db_plan(tiny_cfg_path, synthetic_root, ray_local, one_gpu_cluster
     assert "sam_prep" not in [_stage(op)[0] for op in _ops(build_graph(cfg2, ds))]
     gt = build_graph(load_config(tiny_cfg_path, ["build_db.masks=gt", *RESOURCES]), ds)
     _check_plan(gt, ["decode", "gt", "embed"], {"embed": 0.25})
+    # keys for FC-CLIP labelling: FC-CLIP's test resize on a CPU task before the embed actor
+    fc = build_graph(load_config(tiny_cfg_path, ["build_db.masks=gt", "models.clip.mode=fcclip", *RESOURCES]), ds)
+    _check_plan(fc, ["decode", "gt", "fcclip_prep", "embed"], {"embed": 0.25})
 
 
 @pytest.mark.parametrize("proposals,want", [
     ("gdino-sam", ["decode", "detect", "sam_prep", "segment", "embed", "classify", "merge", "write"]),
     ("sam-grid", ["decode", "sam_prep", "sam_grid", "embed", "classify", "merge", "write"]),
     ("gt", ["decode", "gt", "embed", "classify", "merge", "write"]),
-    ("fcclip", ["decode", "fcclip", "classify", "merge", "write"]),
+    ("fcclip", ["decode", "fcclip_prep", "fcclip", "write"]),
 ])
 def test_label_plan(tiny_cfg_path, synthetic_root, ray_local, one_gpu_cluster, proposals, want):
     from ragseg.pipelines.label import build_graph
@@ -147,34 +150,53 @@ def _no_decoding(calls: list[str]):
             setattr(obj, name, v)
 
 
-def test_model_stages_do_no_decoding(tiny_cfg_path, synthetic_root, ray_local):
-    """Run the build-db plan's stages in order in this process, as Ray would (tasks: ``fn(batch,
-    **fn_kwargs)``; actors: ``fn(**constructor kwargs)(batch)``): inside every model stage, reading,
-    decoding and resizing images fail, and the rows still come out without errors. The GPU actors got
-    decoded uint8 images and SAM's resized inputs from the CPU tasks before them."""
+@pytest.mark.parametrize("job,overrides,want", [
+    ("build-db", ["build_db.masks=detector"], ["decode", "detect", "sam_prep", "segment", "embed"]),
+    ("build-db", ["build_db.masks=gt", "models.clip.mode=fcclip"], ["decode", "gt", "fcclip_prep", "embed"]),
+    ("label", ["label.proposals=fcclip", "label.ensemble.scores=clip"], ["decode", "fcclip_prep", "fcclip", "write"]),
+])
+def test_model_stages_do_no_decoding(tiny_cfg_path, synthetic_root, ray_local, tmp_path, job, overrides, want):
+    """Run the plan's stages in order in this process, as Ray would (tasks: ``fn(batch, **fn_kwargs)``;
+    actors: ``fn(**constructor kwargs)(batch)``): inside every model stage, reading, decoding and
+    resizing images fail, and the rows still come out without errors. The GPU actors got decoded uint8
+    images, SAM's and FC-CLIP's resized inputs from the CPU tasks before them."""
     from ray.data import ActorPoolStrategy
 
-    from ragseg.pipelines.build_db import build_graph
+    from ragseg.vocab import Vocab
 
     ds, rows = _rows_ds(synthetic_root, n=2)
-    cfg = load_config(tiny_cfg_path, ["build_db.masks=detector"])
+    cfg = load_config(tiny_cfg_path, [*overrides, f"label.out={tmp_path / 'labels'}"])
+    if job == "build-db":
+        from ragseg.pipelines.build_db import build_graph
+
+        plan = build_graph(cfg, ds)
+    else:
+        from ragseg.pipelines.label import build_graph
+
+        plan = build_graph(cfg, ds, Vocab.from_names(["a", "b"]))
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     calls: list[str] = []
     seen = []
-    for op in _ops(build_graph(cfg, ds)):
+    for op in _ops(plan):
         name, cls, actor = _stage(op)
         if isinstance(op.compute, ActorPoolStrategy):
             stage = op.fn(**op.fn_constructor_kwargs)  # built (weights loaded) outside the guard
-            assert all(im.dtype == np.uint8 and im.ndim == 3 for im in batch["image"])
+            images = batch["fcclip_input"] if "fcclip_input" in batch else batch["image"]
+            assert all(im.dtype == np.uint8 and im.ndim == 3 for im in images)
             if cls == "Segment":
                 assert all(p.dtype == np.uint8 and max(p.shape[:2]) == 128 for p in batch["sam_image"])
+            if "fcclip_input" in batch:  # FC-CLIP's test size of the 96 px synthetic images
+                assert all(p.shape[:2] == (256, 256) for p in batch["fcclip_input"])
             with _no_decoding(calls):
                 batch = stage(batch)
         else:
             batch = op.fn(batch, **(op.fn_kwargs or {}))
         seen.append(name)
         assert list(batch["error"]) == ["", ""], (name, list(batch["error"]))
-    assert seen == ["decode", "detect", "sam_prep", "segment", "embed", "select_columns"]
+    assert seen == [*want, "select_columns"]
     assert calls == []
-    assert all(len(e) == len(m) > 0 for e, m in zip(batch["embeddings"], batch["seg_masks_rle"]))
-    assert "image" not in batch and "sam_image" not in batch
+    if job == "build-db":
+        assert all(len(e) == len(m) > 0 for e, m in zip(batch["embeddings"], batch["seg_masks_rle"]))
+    else:
+        assert all(p.endswith(".png") for p in batch["png_name"])
+    assert not {"image", "sam_image", "fcclip_input"} & set(batch)

@@ -146,6 +146,17 @@ def _source_rows(cfg: JobConfig, source_errors: list[dict]):
     return list_table(cfg.source, errors=source_errors)
 
 
+def add_fcclip_prep(ds, cfg: JobConfig):
+    """Before Embed in ``models.clip.mode: fcclip``: FC-CLIP's test resize on a CPU task, so the GPU actor
+    gets ready arrays (the original pixels are not needed after it)."""
+    if cfg.models.clip.mode != "fcclip":
+        return ds
+    from ragseg.stages.fcclip import FcclipPrep
+
+    return add_stage(ds, functools.partial(FcclipPrep, cfg), "fcclip_prep", cfg, actor=False,
+                     batch_size=cfg.ray.images_per_block)
+
+
 def build_graph(cfg: JobConfig, ds):
     """The Ray Data graph over ``ds``, the pending image rows (a read task's pieces a block)."""
     from ragseg.stages.decode import DecodeImages, LoadGroundTruth
@@ -165,6 +176,7 @@ def build_graph(cfg: JobConfig, ds):
         if needs_prep(cfg):  # SAM's input resize on a CPU task: the GPU actor gets ready arrays
             ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
         ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block)
+    ds = add_fcclip_prep(ds, cfg)
     ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block)
     return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 from ragseg import io, labels_out, ledger
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text, failed_rows_table
+from ragseg.pipelines.build_db import add_fcclip_prep
 from ragseg.pipelines.common import (
     Executor,
     RunStats,
@@ -133,8 +134,9 @@ def build_graph(cfg: JobConfig, ds, vocab):
     if lc.proposals == "fcclip":
         # FC-CLIP's whole test-time path (network, retrieval of every query, ensemble, filter, Mask2Former's
         # panoptic inference) in one actor: only the panoptic pixels and segments JSON leave it
-        from ragseg.stages.fcclip import FcclipLabel
+        from ragseg.stages.fcclip import FcclipLabel, FcclipPrep
 
+        ds = add_stage(ds, functools.partial(FcclipPrep, cfg), "fcclip_prep", cfg, actor=False, batch_size=per_block)
         ds = model(ds, functools.partial(FcclipLabel, cfg, vocab, lc.index, lc.fallback_index), "fcclip",
                    batch_size=per_block, gpu=True)
         ds = add_stage(ds, functools.partial(WritePanoptic, lc.out), "write", cfg, actor=False, batch_size=per_block)
@@ -156,6 +158,7 @@ def build_graph(cfg: JobConfig, ds, vocab):
         if needs_prep(cfg):
             ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
         ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
+    ds = add_fcclip_prep(ds, cfg)
     ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
     ds = model(ds, functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), "classify",
                batch_size=per_block)

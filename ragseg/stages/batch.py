@@ -42,6 +42,20 @@ def errors_of(batch: dict, n: int) -> list[str]:
     return ["" if e is None else str(e) for e in as_list(err)]
 
 
+FCCLIP_INPUT = "fcclip_input"  # FcclipPrep's column: the image at FC-CLIP's test size (uint8, unpadded)
+
+
+def model_inputs(batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """Row ``i``'s image for a model stage: (``fcclip_input``, the original (H, W)) when FC-CLIP's CPU
+    task prepared it, else (``image``, None)."""
+    if FCCLIP_INPUT in batch:
+        return np.asarray(batch[FCCLIP_INPUT][i]), (int(batch["height"][i]), int(batch["width"][i]))
+    img = np.asarray(batch["image"][i])
+    if img.dtype == object:  # a column built from equal-shape images nests one level deeper
+        img = np.asarray(img.tolist(), dtype=np.uint8)
+    return img, None
+
+
 def object_column(values: list) -> np.ndarray:
     col = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):

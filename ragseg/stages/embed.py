@@ -24,7 +24,7 @@ import numpy as np
 
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text
-from ragseg.stages.batch import as_list, run_batched
+from ragseg.stages.batch import as_list, model_inputs, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ class Embed:
 
     # --------------------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = batch["image"]
-        n = len(images)
+        n = len(batch["error"]) if "error" in batch else len(batch["image"])
         errors = [str(e) for e in batch["error"]] if "error" in batch else [""] * n
         rles = batch.get("seg_masks_rle")
         out: list[np.ndarray] = [np.zeros((0, self.dim), np.float16) for _ in range(n)]
@@ -81,12 +80,11 @@ class Embed:
             if errors[i]:
                 continue
             try:
-                img = np.asarray(images[i])
-                if img.dtype == object:  # a column built from equal-shape images nests one level deeper
-                    img = np.asarray(img.tolist(), dtype=np.uint8)
+                # after FcclipPrep (fcclip mode): the image at FC-CLIP's test size and the original size
+                img, hw = model_inputs(batch, i)
                 if img.ndim not in (2, 3):
                     raise ValueError(f"image must be HxWx3, got shape {img.shape}")
-                masks = decode_masks(as_list(rles[i] if rles is not None else None), img.shape[:2])
+                masks = decode_masks(as_list(rles[i] if rles is not None else None), hw or img.shape[:2])
                 if len(masks):
                     prepared[i] = (img, masks)
             except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
@@ -202,7 +200,10 @@ class Embed:
 
         b, bs = self.bundle, self.ccfg.batch_size
         geo = geometry(self.cfg)
-        inputs = [network_input(img, geo, b.mean, b.std, self.device) for img, _ in rows]
+        # an image already at FC-CLIP's test size (FcclipPrep) is checked against its masks' size
+        inputs = [network_input(img, geo, b.mean, b.std, self.device,
+                                None if img.shape[:2] == masks.shape[1:] else masks.shape[1:])
+                  for img, masks in rows]
         dense: list = [None] * len(rows)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for r, (x, _) in enumerate(inputs):

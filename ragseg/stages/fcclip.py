@@ -32,7 +32,7 @@ import numpy as np
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text
 from ragseg.fcclip_inference import PostprocessSettings, TestGeometry
-from ragseg.stages.batch import run_batched
+from ragseg.stages.batch import FCCLIP_INPUT, model_inputs, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,39 @@ def text_classifier(cfg: JobConfig, vocab, bundle, model):
     return classifier, [len(n) for n in lists], overlap_mask(lists, trained)
 
 
+class FcclipPrep:
+    """CPU task before :class:`FcclipLabel` (and before ``Embed`` in ``models.clip.mode: fcclip``): adds
+    ``fcclip_input``, each image resized to FC-CLIP's test size exactly as detectron2 does (PIL bilinear
+    on uint8), so the GPU actor receives ready arrays (it only normalises and pads). ``drop_image``: the
+    original pixels are not needed after it (``height`` / ``width`` stay). Errored rows get an empty array."""
+
+    stage = "fcclip_prep"
+
+    def __init__(self, cfg: JobConfig, drop_image: bool = True):
+        self.geometry = geometry(cfg)
+        self.drop_image = drop_image
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ragseg.fcclip_inference import prepare_image
+        from ragseg.stages.batch import as_rgb, errors_of, object_column
+
+        n = len(batch["image"])
+        errors = errors_of(batch, n)
+        out = []
+        for i in range(n):
+            arr = np.zeros((0, 0, 3), np.uint8)
+            if not errors[i]:
+                try:
+                    arr = prepare_image(as_rgb(batch["image"][i]), self.geometry)[0]
+                except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
+                    errors[i] = error_text(STAGE, e)
+            out.append(arr)
+        res = {k: v for k, v in batch.items() if not (self.drop_image and k == "image")}
+        res[FCCLIP_INPUT] = object_column(out)
+        res["error"] = np.array(errors, dtype=object)
+        return res
+
+
 def _num(x) -> float | None:
     v = float(x)
     return None if math.isnan(v) or math.isinf(v) else v
@@ -152,24 +185,21 @@ class FcclipLabel:
 
     # --------------------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = batch["image"]
-        n = len(images)
-        errors = [str(e) for e in batch["error"]] if "error" in batch else [""] * n
-        prepared: dict[int, np.ndarray] = {}
+        n = len(batch["error"])
+        errors = [str(e) for e in batch["error"]]
+        prepared: dict[int, tuple[np.ndarray, tuple[int, int] | None]] = {}
         for i in range(n):
             if errors[i]:
                 continue
             try:
-                img = np.asarray(images[i])
-                if img.dtype == object:
-                    img = np.asarray(img.tolist(), dtype=np.uint8)
+                img, hw = model_inputs(batch, i)
                 if img.ndim not in (2, 3):
                     raise ValueError(f"image must be HxWx3, got shape {img.shape}")
-                prepared[i] = img
+                prepared[i] = (img, hw)
             except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
                 errors[i] = error_text(STAGE, e)
         outs = run_batched(prepared, self.label_images, errors, STAGE, log)
-        res = {k: v for k, v in batch.items() if k != "image"}
+        res = {k: v for k, v in batch.items() if k not in ("image", FCCLIP_INPUT)}
         for k in OUT_COLUMNS:
             col = np.empty(n, dtype=object)
             for i in range(n):
@@ -180,16 +210,17 @@ class FcclipLabel:
         return res
 
     # --------------------------------------------------------------------------------------------
-    def forward(self, images: list[np.ndarray]):
-        """Images -> per image (pred_logits, pred_masks, dense, image_size) on the device, float32; images
-        of one padded input size share forward passes of ``models.fcclip.batch_size``."""
+    def forward(self, images: list[tuple[np.ndarray, tuple[int, int] | None]]):
+        """(image, None) or (``fcclip_input``, original (H, W)) per image -> per image (pred_logits,
+        pred_masks, dense, image_size) on the device, float32; images of one padded input size share
+        forward passes of ``models.fcclip.batch_size``."""
         import torch
 
         from ragseg.fcclip_inference import network_input
         from ragseg.runtime import autocast
 
         b = self.bundle
-        inputs = [network_input(img, self.geometry, b.mean, b.std, self.device) for img in images]
+        inputs = [network_input(img, self.geometry, b.mean, b.std, self.device, hw) for img, hw in images]
         by_shape: dict[tuple[int, int], list[int]] = {}
         for r, (x, _) in enumerate(inputs):
             by_shape.setdefault(tuple(x.shape[-2:]), []).append(r)
@@ -228,11 +259,12 @@ class FcclipLabel:
         s_ret, support = self.retriever.scores(emb.float().cpu().numpy())
         return torch.from_numpy(s_ret).to(emb.device), torch.from_numpy(support).to(emb.device)
 
-    def label_images(self, images: list[np.ndarray]) -> list[dict]:
-        """Images -> per image ``{"panoptic_png", "segments_info"}``."""
+    def label_images(self, images: list[tuple[np.ndarray, tuple[int, int] | None]]) -> list[dict]:
+        """(image, None) or (``fcclip_input``, original (H, W)) per image -> per image
+        ``{"panoptic_png", "segments_info"}``."""
         out = []
-        for img, (logits, masks, dense, size) in zip(images, self.forward(images), strict=True):
-            res = self.postprocess(img.shape[:2], logits, masks, dense, size)
+        for (img, hw), (logits, masks, dense, size) in zip(images, self.forward(images), strict=True):
+            res = self.postprocess(hw or img.shape[:2], logits, masks, dense, size)
             out.append(self.outputs(res))
         return out
 

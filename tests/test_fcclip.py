@@ -271,7 +271,7 @@ def test_index_identity_refusals(tiny_cfg_path, tmp_path):
     from ragseg import ledger
 
     ledger.write_header(str(db), dblib.new_header(model_id, "pool", dim, "h", {"clip": {"pool_image_size": 320}}))
-    with pytest.raises(UserError, match="pool_image_size=320"):
+    with pytest.raises(UserError, match="pool_image_size 320 there vs 512 here"):
         check_index_identity(cfg, {**ok, "db_uri": str(db)}, "idx")
     same = load_config(tiny_cfg_path, ["label.proposals=fcclip", "models.clip.pool_image_size=320"])
     check_index_identity(same, {**ok, "db_uri": str(db)}, "idx")

@@ -49,14 +49,12 @@ RESULT_COLUMNS = ["image_id", "uri", "error", "seg_masks_rle", "seg_labels", "se
 
 def embed_identity(cfg: JobConfig) -> tuple[str, str, int]:
     """(model id, mode, dim) of the configured CLIP embedder, without loading weights. Must agree
-    with ``Embed.model_id`` / ``Embed.dim`` (a test checks it)."""
-    import open_clip
+    with ``Embed.model_id`` / ``Embed.dim`` (a test checks it). The full identity that jobs compare
+    is :func:`ragseg.identity.embed_identity`."""
+    from ragseg.identity import embed_identity as full
 
-    c = cfg.models.clip
-    arch = c.model_cfg or open_clip.get_model_config(c.model)
-    if arch is None:
-        raise UserError(f"unknown open_clip model {c.model!r} (set models.clip.model or models.clip.model_cfg)")
-    return f"open_clip:{c.model}/{c.pretrained or 'random'}", c.mode, int(arch["embed_dim"])
+    ident = full(cfg, checksum=False)
+    return ident["model"], ident["mode"], ident["dim"]
 
 
 def segments_table(batch: dict[str, np.ndarray], rows: np.ndarray, label_source: str, model_id: str, mode: str,
@@ -160,15 +158,20 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
     """build-db into ``cfg.build_db.out``; ``execute`` replaces the model graph (tests, benchmarks)."""
     if execute is None:
         preflight(cfg, "build-db")  # model sections checked on the driver, before Ray starts
+    from ragseg import identity
+
     out = cfg.build_db.out
-    model_id, mode, dim = embed_identity(cfg)
+    embedder = identity.record(cfg)
+    model_id, mode, dim = embedder["model"], embedder["mode"], embedder["dim"]
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db"):
         clear_listings(out)
         c = cfg.commit
         led, header, comp = ledger.open_for_writing(
             out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
-            lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json")),
-            lambda h: dblib.check_compatible(h, model_id, mode, dim, out))
+            lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json"),
+                                     embedder=embedder),
+            lambda h: identity.check(identity.header_identity(h), embedder, f"DB {out}",
+                                     fix="use a new --out DB (or the models.clip it was built with)"))
 
         source_errors: list[dict] = []
         rows = _source_rows(cfg, source_errors)

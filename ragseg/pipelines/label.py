@@ -93,24 +93,29 @@ def _png_bytes(img) -> bytes:
 
 
 def _check_index(cfg: JobConfig, index_uri: str) -> dict:
-    from ragseg.index.store import Index
-    from ragseg.pipelines.build_db import embed_identity
+    """The index's meta (read without opening its FAISS files), after checking that its keys come from
+    the embedder this run queries with (ragseg.identity: model, weights, mode, pooling size, dim),
+    for every proposal method."""
+    from ragseg import identity
+    from ragseg.index.store import read_meta
 
-    meta = Index.open(index_uri).meta
+    meta = read_meta(index_uri)
     if cfg.label.proposals == "fcclip":
         from ragseg.stages.fcclip import check_index_identity
 
         check_index_identity(cfg, meta, index_uri)
         return meta
-    model_id, mode, dim = embed_identity(cfg)
-    have = (meta.get("embed_model"), meta.get("embed_mode"), int(meta.get("dim", -1)))
-    if have != (model_id, mode, dim):
-        raise UserError(
-            f"index {index_uri} holds embeddings of {have[0]} mode={have[1]} dim={have[2]}, but the label "
-            f"config embeds queries with {model_id} mode={mode} dim={dim}: queries and keys must come "
-            f"from the same CLIP model and mode (set models.clip to match the index)"
-        )
+    identity.check(identity.index_identity(meta), identity.embed_identity(cfg), f"index {index_uri}")
     return meta
+
+
+def adopt_index_embedder(cfg: JobConfig, index_uri: str) -> JobConfig:
+    """The embedder identity fields of ``models.clip`` that the config leaves out, taken from the index
+    (ragseg.identity.adopt_clip): a label config need not repeat how the DB was embedded."""
+    from ragseg import identity
+    from ragseg.index.store import read_meta
+
+    return identity.adopt_clip(cfg, identity.index_clip(read_meta(index_uri)))
 
 
 def build_graph(cfg: JobConfig, ds, vocab):
@@ -247,6 +252,8 @@ def label_hash(cfg: JobConfig) -> str:
 def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]:
     """label into ``cfg.label.out``; ``execute`` replaces the model graph (tests and benchmarks of the
     commit path, which then need no index)."""
+    if execute is None and cfg.label.index:
+        cfg = adopt_index_embedder(cfg, cfg.label.index)
     if execute is None:
         preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
     from ragseg.sources import list_table

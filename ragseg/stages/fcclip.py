@@ -51,31 +51,15 @@ def label_config(cfg: JobConfig) -> JobConfig:
 
 def check_index_identity(cfg: JobConfig, meta: dict, index_uri: str) -> None:
     """FC-CLIP queries are ``pool`` features of ``models.clip`` at ``pool_image_size``: refuse (one line)
-    an index whose keys came from another trunk, mode, dimension or pooling input size."""
-    from ragseg import ledger
-    from ragseg.pipelines.build_db import embed_identity
+    an index whose keys came from another trunk, weights, mode, dimension or pooling input size
+    (:func:`ragseg.identity.check`; the identity fields FC-CLIP's pooling adds go there)."""
+    from ragseg import identity
 
-    model_id, _, dim = embed_identity(cfg)
-    have = (meta.get("embed_model"), meta.get("embed_mode"), int(meta.get("dim", -1)))
-    if have != (model_id, "pool", dim):
-        raise UserError(
-            f"index {index_uri} holds {have[0]} mode={have[1]} dim={have[2]} embeddings, but label.proposals="
-            f"fcclip queries are {model_id} mode=pool dim={dim} (the FC-CLIP trunk's mask-pooled features): "
-            f"build the database with models.clip = the FC-CLIP trunk and mode=pool")
-    size = cfg.models.clip.pool_image_size
-    man = None
-    if meta.get("db_uri"):
-        try:
-            man = ledger.read_header(str(meta["db_uri"]), "db")
-        except Exception as e:  # noqa: BLE001 - the DB may live elsewhere; the index meta is what counts
-            log.warning("fcclip: cannot read the index's DB manifest %s (%s); pooling size not checked",
-                        meta["db_uri"], e)
-    if man is not None:
-        db_size = (man.get("models") or {}).get("clip", {}).get("pool_image_size", size)
-        if db_size != size:
-            raise UserError(
-                f"index {index_uri} was built from features pooled at models.clip.pool_image_size={db_size}, "
-                f"this run pools at {size}: queries and keys must come from the same trunk input size")
+    identity.check(identity.index_identity(meta), identity.embed_identity(cfg, mode="pool"), f"index {index_uri}",
+                   context=" (label.proposals=fcclip queries are the FC-CLIP trunk's mask-pooled features, "
+                           "mode=pool)",
+                   fix="build the database with models.clip = the FC-CLIP trunk, mode pool and the same "
+                       "pool_image_size")
 
 
 class FcclipProposals:

@@ -31,7 +31,6 @@ classes matches neither.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field

@@ -190,7 +190,8 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
             writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim)
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
-            drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress)
+            drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress,
+                          pieces=-(-n_pending // cfg.build_db.images_per_shard), interval=cfg.ray.progress_interval_s)
 
         header["runs"].append({**run_info, "summary": stats.summary()})
         ledger.write_header(out, header)

@@ -298,7 +298,8 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
             execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab), out)
             records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
-            drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress)
+            drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress,
+                          pieces=-(-n_pending // lc.images_per_shard), interval=cfg.ray.progress_interval_s)
 
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
                                                   lc.panoptic_json_max_images, changed=stats.shards_written > 0)

@@ -28,7 +28,7 @@ import logging
 import numpy as np
 
 from ragseg.config import JobConfig
-from ragseg.errors import UserError, error_text
+from ragseg.errors import error_text
 from ragseg.stages.batch import run_batched
 
 log = logging.getLogger(__name__)

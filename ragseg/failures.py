@@ -133,24 +133,28 @@ class OutputGuard:
         self.entries = set(_entries(out)) if self.existed else set()
         self._io = io
 
-    def after_failure(self, kind: str) -> None:
-        """``kind``: "user" (remove what the job created), "interrupt" / "internal" (keep ``_logs/``)."""
+    def after_failure(self, kind: str) -> bool:
+        """``kind``: "user" (remove what the job created, its log too), "interrupt" / "internal" (keep
+        ``_logs/``). True when the job's log went with what was removed."""
         if not self.out or not _exists(self.out):
-            return
+            return False
         n = self.committed(self.out)
         if n is None or n > 0:
-            return
+            return False
+        from ragseg.console import LOGS
+
         try:
             if not self.existed and kind == "user":
                 self._io.remove(self.out, recursive=True)
-                return
-            from ragseg.console import LOGS
-
+                return True
+            keep = set(self.entries) | ({LOGS} if kind != "user" else set())
             for name in _entries(self.out):
-                if name not in self.entries and name != LOGS:
+                if name not in keep:
                     self._io.remove(self._io.join(self.out, name), recursive=True)
+            return LOGS not in keep
         except Exception as e:  # noqa: BLE001 - cleaning up must not hide the job's own error
             log.debug("could not clean %s: %s", self.out, e)
+            return False
 
 
 def _exists(uri: str) -> bool:

@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ragseg import io as rio
+from ragseg import provenance
 from ragseg.config import JobConfig
 from ragseg.errors import UserError
 from ragseg.index import quality as iq
@@ -100,6 +101,7 @@ class FeatureDb:
     config_hash: str
     shards: tuple[DbShard, ...]
     embedder: dict | None = None  # ragseg.identity: the keys' embedder identity + models.clip section
+    provenance: dict | None = None  # ragseg.provenance: the DB's (its manifest's)
 
     @property
     def total(self) -> int:
@@ -122,7 +124,7 @@ def load_db(db_uri: str, check_files: bool = True) -> FeatureDb:
 
     embedder = {**identity.header_identity(h), "clip": identity.header_clip(h)}
     db = FeatureDb(db_uri, int(h["dim"]), str(h.get("embed_model", "")), str(h.get("embed_mode", "")),
-                   str(h.get("models_hash", "")), shards, embedder)
+                   str(h.get("models_hash", "")), shards, embedder, h.get("provenance"))
     if check_files and shards:
         present = set(rio.list_dir(rio.join(db_uri, "features")))
         for s in shards:
@@ -707,7 +709,9 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         labels_tab = pa.concat_tables([t.cast(tables[0].schema) for t in tables]).sort_by("id")
         if not np.array_equal(labels_tab.column("id").to_numpy(), np.arange(total)):
             raise RuntimeError("internal error: label ids are not 0..N-1")
-        pq.write_table(labels_tab, os.path.join(staging, st.LABELS), compression="zstd")
+        prov = provenance.job_provenance(cfg, "refresh" if refresh else "build-index", index={"uri": store_uri},
+                                         db={"uri": db.uri, "provenance": db.provenance})
+        pq.write_table(provenance.attach(labels_tab, prov), os.path.join(staging, st.LABELS), compression="zstd")
         labels_by_id = _LabelsById(labels_tab.column("label"))
         vocab = len(set(labels_by_id.names.tolist()) - {""})
         del labels_tab, tables
@@ -752,7 +756,7 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
             "recall": recall, "mode": "refresh" if refresh else "build", "retrain_reason": retrain_reason,
             "drift": drift, "added_shards": [s.name for s in (new_shards if incremental else db.shards)],
             "bytes": sizes, "rerank": rerank_meta, "nprobe_tuning": tuning,
-            "previous_version": live,
+            "previous_version": live, "provenance": prov,
         }
         quality_gate(recall, cfg, params.factory, live)
         _checkpoint("before_finalize")

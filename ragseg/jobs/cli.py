@@ -172,27 +172,63 @@ def search_cmd(
 
 
 @app.command("info")
-def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB or label output URI.")]) -> None:
-    """An index store: the live version's counts, parameters, nprobe / re-rank settings, bytes per vector
-    and the quality measured at build (1-recall@1, 1-recall@10, 10-recall@10, kNN-vote agreement). A
-    feature DB or a label output: its header, committed totals and pieces (read from the ledger, in bulk)."""
+def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB, label output or a Parquet file ragseg wrote.")]
+             ) -> None:
+    """An index store: the live version's counts, parameters, nprobe / re-rank settings, bytes per vector,
+    the quality measured at build, its embedder and provenance. A feature DB or a label output: what is
+    committed (pieces, images, mask segments, errors), the ledger's files, the embedder and provenance
+    (ragseg version, config YAML, models and checksums, index, vocabulary, proposals, ensemble). A
+    Parquet file: its rows, columns and provenance."""
     from ragseg.index.store import index_info
     from ragseg.io import exists, join
 
+    if index.lower().endswith(".parquet"):
+        _print_json(_parquet_info(index))
+        return
     if exists(join(index, "manifest.json")):
         from ragseg import ledger
 
         head = ledger.read_header(index, ledger.peek_kind(index))
         led = ledger.load(index, head["kind"])
-        _print_json({"uri": index, "kind": head["kind"], "format": head["format"], "totals": led.totals(),
-                     "segments": len(head["segments"]), "uncompacted_commits": len(led.uncompacted),
+        _print_json({"uri": index, "kind": head["kind"], "format": head["format"],
+                     # what readers see: committed pieces and their images, mask segments and error rows
+                     "committed": led.totals(),
+                     # the commit ledger's own files (manifest segments of commit records, not masks)
+                     "ledger": {"manifest_segment_files": len(head["segments"]),
+                                "uncompacted_commit_records": len(led.uncompacted)},
                      "runs": len(head.get("runs", [])),
-                     **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "config_hash", "index_version")
-                        if k in head}})
+                     **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "embedder", "config_hash",
+                                             "index_version", "provenance") if k in head}})
         return
     if not exists(index):
-        raise UserError(f"index store not found: {index}")
+        raise UserError(f"not found: {index} (info takes an index store, a feature DB, a label output or a "
+                        ".parquet file)")
+    from ragseg.console import LOGS
+    from ragseg.failures import _entries
+    from ragseg.index.store import current_version
+
+    names = _entries(index)
+    if LOGS in names and current_version(index) is None:
+        _print_json({"uri": index, "status": "not started: no job has committed anything here (a rerun starts "
+                     "it afresh)", "logs": join(index, LOGS)})
+        return
     _print_json(index_info(index))
+
+
+def _parquet_info(uri: str) -> dict:
+    import pyarrow.parquet as pq
+
+    from ragseg import provenance
+    from ragseg.io import exists, fs_and_path
+
+    if not exists(uri):
+        raise UserError(f"not found: {uri}")
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        schema = meta.schema.to_arrow_schema()
+    return {"uri": uri, "rows": meta.num_rows, "columns": {f.name: str(f.type) for f in schema},
+            "provenance": provenance.read_parquet(uri)}
 
 
 @app.command("migrate")

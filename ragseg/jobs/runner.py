@@ -59,10 +59,8 @@ def _failure(e: BaseException, job: str, out: str | None, guard, con: console.Jo
     user = user_error_from_ray(e) or (e if isinstance(e, UserError) else None) or failures.classify(e, out)
     if user is not None:
         con.write_log("".join(traceback.format_exception(e)))
-        if guard is not None:
-            guard.after_failure("user")
-            if out and not failures._exists(out):
-                con.discard_log()
+        if guard is not None and guard.after_failure("user"):
+            con.discard_log()
         return user
     con.write_log("".join(traceback.format_exception(e)))
     if guard is not None:

@@ -37,7 +37,8 @@ from ragseg.pipelines.common import (
 )
 from ragseg.pipelines.listing import clear_listings
 from ragseg.preflight import preflight
-from ragseg.schema import embeddings_to_arrow, feature_schema
+from ragseg.provenance import attach
+from ragseg.schema import embeddings_to_arrow, feature_schema, masks_to_arrow
 from ragseg.stages.batch import as_list
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def segments_table(batch: dict[str, np.ndarray], rows: np.ndarray, label_source:
         "score": pa.array(cols["score"], pa.float32()),
         "box": pa.array([np.asarray(b, np.float32) for b in cols["box"]], pa.list_(pa.float32(), 4)),
         "area": pa.array(cols["area"], pa.int64()),
-        "mask_rle": pa.array(cols["mask_rle"], pa.string()),
+        "mask_rle": masks_to_arrow(cols["mask_rle"]),
         "embedding": embeddings_to_arrow(np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)),
         "embed_model": pa.array([model_id] * n_rows, pa.string()).dictionary_encode(),
         "embed_mode": pa.array([mode] * n_rows, pa.string()).dictionary_encode(),
@@ -99,8 +100,10 @@ class WriteDbPiece:
     feature Parquet and errors table, then its commit record (ragseg.ledger), and returns only that
     record (one row) to the driver."""
 
-    def __init__(self, out: str, label_source: str, model_id: str, mode: str, dim: int):
+    def __init__(self, out: str, label_source: str, model_id: str, mode: str, dim: int,
+                 provenance: bytes | None = None):
         self.out, self.label_source, self.model_id, self.mode, self.dim = out, label_source, model_id, mode, dim
+        self.provenance = provenance  # ragseg.provenance: JSON bytes for every file's schema metadata
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(v) for v in batch["image_id"]]
@@ -112,10 +115,10 @@ class WriteDbPiece:
         name = ledger.piece_name(ids)
         paths = dblib.piece_paths(name)
         table = segments_table(batch, ok, self.label_source, self.model_id, self.mode, self.dim)
-        io.write_parquet_atomic(io.join(self.out, paths["features"]), table)
+        io.write_parquet_atomic(io.join(self.out, paths["features"]), attach(table, self.provenance))
         if bad:
             rows = [{"uri": batch["uri"][i], "image_id": ids[i], "error": errors[i]} for i in bad]
-            io.write_parquet_atomic(io.join(self.out, paths["errors"]), failed_rows_table(rows))
+            io.write_parquet_atomic(io.join(self.out, paths["errors"]), attach(failed_rows_table(rows), self.provenance))
         empty = int(sum(1 for i in ok if len(batch["seg_masks_rle"][i]) == 0))
         rec = ledger.new_record(name, ids, images=len(ids), segments=table.num_rows, errors=len(bad),
                                 empty_images=empty, data_path=paths["features"],
@@ -158,10 +161,11 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
     """build-db into ``cfg.build_db.out``; ``execute`` replaces the model graph (tests, benchmarks)."""
     if execute is None:
         preflight(cfg, "build-db")  # model sections checked on the driver, before Ray starts
-    from ragseg import identity
+    from ragseg import identity, provenance
 
     out = cfg.build_db.out
     embedder = identity.record(cfg)
+    prov = provenance.job_provenance(cfg, "build-db")
     model_id, mode, dim = embedder["model"], embedder["mode"], embedder["dim"]
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db"):
         clear_listings(out)
@@ -169,7 +173,7 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
         led, header, comp = ledger.open_for_writing(
             out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json"),
-                                     embedder=embedder),
+                                     embedder=embedder, provenance=prov),
             lambda h: identity.check(identity.header_identity(h), embedder, f"DB {out}",
                                      fix="use a new --out DB (or the models.clip it was built with)"))
 
@@ -181,13 +185,13 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
         run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
                     "config_hash": cfg.hash(), "listed": rows.num_rows, "pending": pending.num_rows,
                     "source_errors": len(source_errors)}
-        stats.errors += write_source_errors(out, source_errors)
+        stats.errors += write_source_errors(out, source_errors, provenance.to_bytes(prov))
         del rows
 
         n_pending = pending.num_rows
         if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg), out)
-            writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim)
+            writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim, provenance.to_bytes(prov))
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
             drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress,

@@ -245,17 +245,18 @@ def _plain_record(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_source_errors(out: str, errors: list[dict]) -> int:
+def write_source_errors(out: str, errors: list[dict], provenance: bytes | None = None) -> int:
     """Listing errors (bad CSV lines, malformed annotation entries) belong to no piece: they go to
     ``<out>/errors/source-<content hash>.parquet``, so a rerun rewrites the same file, never a twin."""
     if not errors:
         return 0
     from ragseg import io
     from ragseg.errors import errors_table
+    from ragseg.provenance import attach
 
     table = errors_table(errors)
     key = hashlib.sha256(str(table.to_pylist()).encode()).hexdigest()[:12]
-    io.write_parquet_atomic(io.join(out, "errors", f"source-{key}.parquet"), table)
+    io.write_parquet_atomic(io.join(out, "errors", f"source-{key}.parquet"), attach(table, provenance))
     return len(errors)
 
 

@@ -36,6 +36,8 @@ from ragseg.pipelines.common import (
 )
 from ragseg.pipelines.listing import clear_listings
 from ragseg.preflight import preflight
+from ragseg.provenance import attach
+from ragseg.schema import MASK_TYPE, masks_to_arrow
 
 # columns the piece writer reads (pixels are dropped before it)
 RESULT_COLUMNS = ["image_id", "uri", "error", "coco_id", "file_name", "png_name", "height", "width", "segments_info"]
@@ -51,7 +53,7 @@ SEGMENTS_SCHEMA = pa.schema([
     pa.field("s_iv", pa.float32()),
     pa.field("box", pa.list_(pa.float32(), 4)),
     pa.field("area", pa.int64()),
-    pa.field("mask_rle", pa.string()),
+    pa.field("mask_rle", MASK_TYPE),  # pycocotools.mask.decode(row["mask_rle"]) (ragseg.schema.MASK_TYPE)
 ])
 
 
@@ -166,9 +168,10 @@ class WriteLabelPiece:
     table, then its commit record (ragseg.ledger), and returns only the record to the driver. The
     panoptic PNGs were written per image by :class:`WritePanoptic` before."""
 
-    def __init__(self, out: str, vocab):
+    def __init__(self, out: str, vocab, provenance: bytes | None = None):
         self.out = out
         self.id2name = {int(i): str(n) for i, n in zip(vocab.ids, vocab.names)}
+        self.provenance = provenance  # ragseg.provenance: JSON bytes for every file's schema metadata
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -201,14 +204,15 @@ class WriteLabelPiece:
                 seg_rows["box"].append([x, y, x + w, y + h])
                 seg_rows["area"].append(int(s["area"]))
                 seg_rows["mask_rle"].append(str(s["mask_rle"]))
-        table = pa.table({f.name: pa.array(seg_rows.get(f.name, []), f.type) for f in SEGMENTS_SCHEMA},
+        table = pa.table({f.name: masks_to_arrow(seg_rows.get(f.name, [])) if f.name == "mask_rle"
+                          else pa.array(seg_rows.get(f.name, []), f.type) for f in SEGMENTS_SCHEMA},
                          schema=SEGMENTS_SCHEMA)
-        io.write_parquet_atomic(io.join(self.out, paths["segments"]), table)
+        io.write_parquet_atomic(io.join(self.out, paths["segments"]), attach(table, self.provenance))
         io.write_text_atomic(io.join(self.out, paths["parts"]), "".join(line + "\n" for line in lines))
         bad = [i for i in range(n) if errors[i]]
         if bad:
             rows = [{"uri": batch["uri"][i], "image_id": ids[i], "error": errors[i]} for i in bad]
-            io.write_parquet_atomic(io.join(self.out, paths["errors"]), failed_rows_table(rows))
+            io.write_parquet_atomic(io.join(self.out, paths["errors"]), attach(failed_rows_table(rows), self.provenance))
         rec = ledger.new_record(name, sorted(ids), images=n, segments=table.num_rows, errors=len(bad),
                                 empty_images=empty, data_path=paths["segments"],
                                 errors_path=paths["errors"] if bad else None, parts_path=paths["parts"],
@@ -268,8 +272,14 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
     if lc.fallback_index and execute is None:
         _check_index(cfg, lc.fallback_index)
 
+    from ragseg import provenance
+
     out = lc.out
     job_hash = label_hash(cfg)
+    prov = provenance.job_provenance(
+        cfg, "label", vocabulary=vocab.categories(),
+        index={"uri": lc.index, "version": meta.get("version")} if lc.index else None,
+        fallback_index={"uri": lc.fallback_index} if lc.fallback_index else None)
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "label"):
         io.remove_tmp_litter(out)
         clear_listings(out)
@@ -283,7 +293,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
         led, header, comp = ledger.open_for_writing(
             out, labels_out.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: ledger.new_header(labels_out.KIND, config_hash=job_hash, index_version=meta.get("version"),
-                                      vocab=vocab.categories()), check)
+                                      vocab=vocab.categories(), provenance=prov), check)
 
         source_errors: list[dict] = []
         rows = list_table(lc.images, errors=source_errors)
@@ -291,18 +301,20 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
         pending = pending_rows(rows, led)
         del rows
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
-        stats.errors += write_source_errors(out, source_errors)
+        stats.errors += write_source_errors(out, source_errors, provenance.to_bytes(prov))
 
         n_pending = pending.num_rows
         if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab), out)
-            records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
+            records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab, provenance.to_bytes(prov)),
+                              lc.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
             drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress,
                           pieces=-(-n_pending // lc.images_per_shard), interval=cfg.ray.progress_interval_s)
 
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
-                                                  lc.panoptic_json_max_images, changed=stats.shards_written > 0)
+                                                  lc.panoptic_json_max_images, changed=stats.shards_written > 0,
+                                                  info={"provenance": header.get("provenance") or prov})
         header["runs"].append({"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj})
         ledger.write_header(out, header)
     summary = {"out": out, "images_listed": n_listed, "panoptic_json": pj, **stats.summary()}

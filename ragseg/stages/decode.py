@@ -38,11 +38,12 @@ def decode_image(data: bytes) -> np.ndarray:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass silently")
     if not data:
-        raise ValueError("empty file (0 bytes)")
+        raise UnidentifiedImageError("empty file (0 bytes)")
     try:
         im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image PIL can read ({len(data)} bytes, starting {bytes(data[:8])!r})") from None
+    except UnidentifiedImageError:  # PIL's message names a BytesIO object: say what the bytes are
+        raise UnidentifiedImageError(f"not an image format PIL reads ({len(data)} bytes, starting "
+                                     f"{bytes(data[:8])!r})") from None
     im.load()
     im = ImageOps.exif_transpose(im)
     arr = np.asarray(im.convert("RGB"), dtype=np.uint8)

@@ -58,7 +58,7 @@ class RayConfig(Strict):
     # ragseg's progress display and end summary on stderr: a bar on a terminal, else a plain line
     # every progress_interval_s seconds
     progress: bool = True
-    progress_interval_s: float = Field(default=30.0, gt=0)
+    progress_interval_s: float = Field(default=60.0, gt=0)
 
 
 class SourceConfig(Strict):

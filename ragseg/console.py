@@ -105,16 +105,21 @@ class JobConsole:
 
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         name = f"{stamp}-{self.job}-{os.getpid()}.log"
-        if self.out and io.protocol(self.out) == "file":
+        local = bool(self.out) and io.protocol(self.out) == "file"
+        if local:
             d = os.path.join(os.path.abspath(self.out.removeprefix("file://")), LOGS)
-            os.makedirs(d, exist_ok=True)
-            self.log_path = self.final_uri = os.path.join(d, name)
-        else:
+            try:
+                os.makedirs(d, exist_ok=True)
+                self.log_path = self.final_uri = os.path.join(d, name)
+            except OSError:  # an unwritable output: the job itself will say so, in one line
+                local = False
+        if not local:
             d = os.path.join(tempfile.gettempdir(), "ragseg-logs")
             os.makedirs(d, exist_ok=True)
             self.log_path = os.path.join(d, name)
-            self.final_uri = io.join(self.out, LOGS, name) if self.out else self.log_path
-            self.keep_log = bool(self.out)
+            remote = bool(self.out) and io.protocol(self.out) != "file"
+            self.final_uri = io.join(self.out, LOGS, name) if remote else self.log_path
+            self.keep_log = remote
         self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.write(self._log_fd, f"ragseg {self.job}: {' '.join(sys.argv)}\n".encode())
 
@@ -210,11 +215,14 @@ class JobConsole:
                 else:
                     self._stop.wait(0.2)
 
-    def write_log(self, text: str) -> None:
-        """Append to the job's log (a traceback, a note)."""
-        if self._log_fd is not None:
-            _flush_c_stdio()
-            os.write(self._log_fd, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+    def write_log(self, text: str) -> bool:
+        """Append to the job's log (a traceback, a note); False when there is no log (inactive)."""
+        if self._log_fd is None:
+            return False
+        _flush_c_stdio()
+        os.write(self._log_fd, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+        self.keep_log = True
+        return True
 
 
 def _flush_c_stdio() -> None:
@@ -241,7 +249,7 @@ class JobProgress:
     line every ``interval`` seconds otherwise; nothing when ``enabled`` is false."""
 
     def __init__(self, description: str, images: int, pieces: int | None, enabled: bool = True,
-                 interval: float = 30.0):
+                 interval: float = 60.0):
         self.description, self.images, self.pieces = description, int(images), pieces
         self.enabled = enabled and images > 0
         self.interval = float(interval)

@@ -166,7 +166,8 @@ def _exists(uri: str) -> bool:
         return False
 
 
-def _entries(uri: str | None) -> list[str]:
+def _entries(uri: str | None, prefix: str = "") -> list[str]:
+    """Names directly under a folder (those starting with ``prefix``); [] when it cannot be listed."""
     from ragseg import io
 
     if not uri:
@@ -174,6 +175,7 @@ def _entries(uri: str | None) -> list[str]:
     try:
         fs, path = io.fs_and_path(uri)
         fs.invalidate_cache(path)
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        return [n for n in names if n.startswith(prefix)]
     except Exception:  # noqa: BLE001
         return []

@@ -207,10 +207,10 @@ def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB,
     from ragseg.failures import _entries
     from ragseg.index.store import current_version
 
-    names = _entries(index)
-    if LOGS in names and current_version(index) is None:
-        _print_json({"uri": index, "status": "not started: no job has committed anything here (a rerun starts "
-                     "it afresh)", "logs": join(index, LOGS)})
+    if current_version(index) is None and not _entries(index, "v0"):
+        logs = join(index, LOGS) if LOGS in _entries(index) else None
+        _print_json({"uri": index, "status": "not started: no job has committed or published anything here "
+                     "(a rerun starts it afresh)", "logs": logs})
         return
     _print_json(index_info(index))
 

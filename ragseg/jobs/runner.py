@@ -62,10 +62,24 @@ def _failure(e: BaseException, job: str, out: str | None, guard, con: console.Jo
         if guard is not None and guard.after_failure("user"):
             con.discard_log()
         return user
-    con.write_log("".join(traceback.format_exception(e)))
+    trace_text = "".join(traceback.format_exception(e))
+    where = con.final_uri if con.write_log(trace_text) else _temp_log(job, trace_text)
     if guard is not None:
         guard.after_failure("internal")
-    where = con.final_uri or console.log_uri()
-    trace = f"full trace in {where}" if where else "run with -v for the full trace"
+    trace = f"full trace in {where}" if where else "no log could be written"
     msg = " ".join(str(e).split())[:300]
     return failures.InternalError(f"internal error in {job}: {type(e).__name__}: {msg} ({trace})")
+
+
+def _temp_log(job: str, text: str) -> str | None:
+    """A trace written to a temporary file (when the job had no log of its own)."""
+    import tempfile
+    import time
+
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"ragseg-{job}-{time.strftime('%Y%m%dT%H%M%S')}-", suffix=".log")
+        with open(fd, "w") as f:
+            f.write(" ".join(sys.argv) + "\n" + text)
+        return path
+    except OSError:
+        return None

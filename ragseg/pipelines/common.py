@@ -198,7 +198,7 @@ def inline_executor(results: Callable[[list[dict]], dict[str, np.ndarray]]) -> E
 
 
 def drain_records(records: Iterator[dict], compactor, stats: RunStats, expected_images: int, description: str,
-                  progress: bool, pieces: int | None = None, interval: float = 30.0) -> None:
+                  progress: bool, pieces: int | None = None, interval: float = 60.0) -> None:
     """The driver loop: receive each piece's commit record (the only rows that reach the driver),
     hand it to the compactor and count it. O(1) per piece, nothing per segment. ``progress``: one
     line saying what is to do, then :class:`ragseg.console.JobProgress` (a bar on a terminal, a line

@@ -58,5 +58,5 @@ def test_label_fcclip_refuses_index_of_another_size(world, tiny_cfg_path, tmp_pa
     from ragseg.pipelines.label import run_label
 
     cfg = load_config(tiny_cfg_path, _args(world, str(tmp_path / "o"), "models.clip.pool_image_size=256"))
-    with pytest.raises(UserError, match="pool_image_size=512"):
+    with pytest.raises(UserError, match="pool_image_size 512 there vs 256 here"):
         run_label(cfg)

@@ -263,6 +263,8 @@ def compare(have: dict, want: dict) -> tuple[list[str], list[str]]:
                 diff.append(k)
         elif have[k] != want[k]:
             diff.append(k)
+    if "mode" in diff:  # each mode has its own knob: another mode says it all
+        diff = [k for k in diff if k not in ("pool_image_size", "context_pad")]
     return diff, unknown
 
 

@@ -154,15 +154,20 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
     back to the driver. The listing file is removed when the job ends."""
 
     def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
-        import ray
-
         from ragseg.pipelines import listing
         from ragseg.runtime import init_ray
 
+        # Ray and the listing first, eagerly: a cluster that cannot be reached or a full disk is the
+        # job's only line, before it says what it is going to do
         init_ray(cfg.ray)
         uri, offsets, schema = listing.write_listing(out, pending, per_piece)
-        n_rows = pending.num_rows
-        del pending  # the driver keeps only the pieces' offsets while the job runs
+        return iterate(cfg, writer, per_piece, uri, offsets, schema, pending.num_rows)
+
+    def iterate(cfg: JobConfig, writer, per_piece: int, uri: str, offsets, schema, n_rows: int):
+        import ray
+
+        from ragseg.pipelines import listing
+
         try:
             pieces = len(offsets) - 1
             cpus = int(ray.cluster_resources().get("CPU", 1))

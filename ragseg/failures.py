@@ -7,7 +7,8 @@
 - :class:`OutputGuard` notes what an output folder held before a job; when the job fails before its
   first commit it removes what the job created (a user error: the whole folder it made) or marks the
   folder as not started (an interrupt or an internal error: everything but ``_logs/`` goes, so ``info``
-  and a rerun see a new folder). A folder with committed pieces is never touched.
+  and a rerun see a new folder). A folder with committed pieces, or with a lease (another job is
+  writing there: the job's own lease is released before the guard runs), is never touched.
 - :class:`InternalError`: an unexpected exception, reduced to one summary line that names the log
   holding its full traceback.
 """
@@ -136,8 +137,12 @@ class OutputGuard:
     def after_failure(self, kind: str) -> bool:
         """``kind``: "user" (remove what the job created, its log too), "interrupt" / "internal" (keep
         ``_logs/``). True when the job's log went with what was removed."""
+        from ragseg import ledger
+
         if not self.out or not _exists(self.out):
             return False
+        if _exists(self._io.join(self.out, ledger.LEASE)):
+            return False  # another job's lease (ours is released by now): its files are not ours to remove
         n = self.committed(self.out)
         if n is None or n > 0:
             return False

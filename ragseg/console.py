@@ -168,9 +168,10 @@ class JobConsole:
         if self._handler is not None:
             logging.getLogger("ragseg").removeHandler(self._handler)
         _ACTIVE = None
-        with contextlib.suppress(Exception):
-            self.user_out.flush()
-            self.user_err.flush()
+        for stream in (self.user_out, self.user_err):
+            with contextlib.suppress(Exception):
+                stream.close()
+        self.user_out, self.user_err = sys.stdout, sys.stderr
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None

@@ -95,7 +95,7 @@ def make_db(db: str, model, n: int, shards: int, seed: int, queries: np.ndarray,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ragseg.schema import embeddings_to_arrow, feature_schema
+    from ragseg.schema import MASK_TYPE, embeddings_to_arrow, feature_schema
 
     dim = queries.shape[1]
     os.makedirs(os.path.join(db, "features"), exist_ok=True)
@@ -127,7 +127,7 @@ def make_db(db: str, model, n: int, shards: int, seed: int, queries: np.ndarray,
                 "score": pa.array(np.ones(m, np.float32)),
                 "box": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(4 * m, np.float32)), 4),
                 "area": pa.array(np.full(m, 100, np.int64)),
-                "mask_rle": pa.array([""] * m, pa.string()),
+                "mask_rle": pa.nulls(m, MASK_TYPE),
                 "embedding": embeddings_to_arrow(xs),
                 "embed_model": pa.array(["bench"] * m, pa.string()),
                 "embed_mode": pa.array(["pool"] * m, pa.string()),

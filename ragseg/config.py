@@ -78,7 +78,10 @@ class RayConfig(Strict):
     # read tasks of the listing running at once (they take no CPU slot; each is a worker process)
     read_concurrency: int = Field(default=4, ge=1)
     max_errored_blocks: int = 0
+    # ragseg's progress display and end summary on stderr: a bar on a terminal, else a plain line
+    # every progress_interval_s seconds
     progress: bool = True
+    progress_interval_s: float = Field(default=60.0, gt=0)
     # per-stage overrides of the three settings above (keys: the model stages' names, see
     # MODEL_STAGES), e.g. {segment: {gpus: 0.5}, detect: {gpus: 0.25, actors: 2}}: light stages take a
     # fraction of a GPU so that one GPU hosts several of them (README: layouts per GPU count)
@@ -557,12 +560,60 @@ def _get_path(data: Any, dotted: str) -> Any:
     return data
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
-    lines = []
+def _model_at(path: list[Any]) -> type[BaseModel] | None:
+    """The config model class at a dotted path of :class:`JobConfig` (None past a non-model field)."""
+    import typing
+
+    model: type[BaseModel] | None = JobConfig
+    for part in path:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = None
+        for t in (ann, *typing.get_args(ann)):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+    return model
+
+
+def did_you_mean(path: list[Any]) -> str:
+    """`` (did you mean a.b.c?)`` for an unknown key whose name is close to a known one, else ""."""
+    import difflib
+
+    model = _model_at(path[:-1])
+    if model is None or not isinstance(path[-1], str):
+        return ""
+    close = difflib.get_close_matches(path[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join(str(p) for p in [*path[:-1], close[0]])}?)" if close else ""
+
+
+def _blame(loc: list[Any], overrides: list[str], origins: list[str]) -> str | None:
+    """How the user wrote the override that set ``loc`` (the last one whose key path is ``loc``, inside
+    it or around it), None when the config file did."""
+    dotted = [str(p) for p in loc]
+    for text, origin in reversed(list(zip(overrides, origins))):
+        key = text.split("=", 1)[0].strip().split(".")
+        n = min(len(key), len(dotted))
+        if key[:n] == dotted[:n]:
+            return origin
+    return None
+
+
+def _format_validation(err: ValidationError, where: str, overrides: list[str] | None = None,
+                       origins: list[str] | None = None) -> str:
+    """One line for every problem, each blamed on the ``--set`` (or option) that caused it, else on
+    the config file; unknown keys get a "did you mean" when a known key is close."""
+    overrides = overrides or []
+    origins = origins or [f"--set {t}" for t in overrides]
+    by_source: dict[str, list[str]] = {}
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{path}: {e['msg']}")
-    return f"invalid config {where}: " + "; ".join(lines)
+        hint = did_you_mean(list(e["loc"])) if e["type"] == "extra_forbidden" else ""
+        msg = f"unknown key{hint}" if e["type"] == "extra_forbidden" else e["msg"]
+        source = _blame(list(e["loc"]), overrides, origins) or f"config {where}"
+        by_source.setdefault(source, []).append(f"{path}: {msg}")
+    return "; ".join(f"invalid {src}: " + "; ".join(lines) for src, lines in by_source.items())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -640,12 +691,20 @@ def read_yaml_config(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Load a YAML config (any fsspec URI, or None for defaults) and apply ``a.b=c`` overrides."""
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                origins: list[str] | None = None) -> JobConfig:
+    """Load a YAML config (any fsspec URI, or None for defaults) and apply ``a.b=c`` overrides;
+    ``origins`` says how the user wrote each override (default ``--set a.b=c``), for error lines."""
     where = path or "<defaults>"
+    overrides = list(overrides or [])
+    origins = list(origins) if origins is not None else [f"--set {t}" for t in overrides]
     data: dict[str, Any] = read_yaml_config(path) if path else {}
-    data = apply_overrides(data, overrides or [])
+    for text, origin in zip(overrides, origins):
+        try:
+            data = apply_overrides(data, [text])
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {str(e).split(': ', 1)[-1]}") from None
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, where)) from None
+        raise ConfigError(_format_validation(e, where, overrides, origins)) from None

@@ -34,9 +34,11 @@ def open_db(db: str) -> ledger.Ledger | None:
     return ledger.load(db, KIND)
 
 
-def new_header(embed_model: str, embed_mode: str, dim: int, models_hash: str, models: dict) -> dict:
+def new_header(embed_model: str, embed_mode: str, dim: int, models_hash: str, models: dict,
+               **fields) -> dict:
+    """A new DB header; ``fields`` adds e.g. ``embedder`` (ragseg.identity.record) and ``provenance``."""
     return ledger.new_header(KIND, embed_model=embed_model, embed_mode=embed_mode, dim=int(dim),
-                             models_hash=models_hash, models=models)
+                             models_hash=models_hash, models=models, **fields)
 
 
 def note_mask_model(h: dict, mask_model: str, db: str) -> str | None:

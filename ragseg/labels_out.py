@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from ragseg import io, ledger
+from ragseg.masks import decode_mask  # noqa: F401 - documented here: a segments/ row's mask
 
 KIND = "labels"
 PANOPTIC_JSON = "panoptic.json"
@@ -108,16 +109,18 @@ def prediction(out: str) -> dict[str, Any]:
     return {"annotations": anns, "categories": led.header.get("vocab", [])}
 
 
-def write_panoptic_json(out: str, categories: list[dict]) -> str:
+def write_panoptic_json(out: str, categories: list[dict], info: dict[str, Any] | None = None) -> str:
     """Stream every committed part into ``out/panoptic.json`` (COCO panoptic: ``images``,
     ``annotations``, ``categories``). Images go to the output file as they are read and annotations
     to a spill file that is appended after them, so memory holds one bulk read of parts. The file is
-    written locally and moved/uploaded into place whole."""
+    written locally and moved/uploaded into place whole. ``info`` is merged into the COCO ``info``
+    (ragseg's label runs put their ``provenance`` there)."""
     tmpdir = tempfile.mkdtemp(prefix="ragseg-panoptic-")
     try:
         main_p, spill_p = os.path.join(tmpdir, "panoptic.json"), os.path.join(tmpdir, "annotations.json")
         with open(main_p, "w") as f, open(spill_p, "w") as spill:
-            f.write('{"info": {"description": "ragseg pseudo-labels"}, "images": [')
+            head = {"description": "ragseg pseudo-labels", **(info or {})}
+            f.write('{"info": ' + json.dumps(head, sort_keys=True, default=str) + ', "images": [')
             first = True
             for a in iter_images(out):
                 img = {"id": a["id"], "file_name": a["file_name"], "uri": a["uri"],
@@ -139,7 +142,7 @@ def write_panoptic_json(out: str, categories: list[dict]) -> str:
 
 
 def maybe_write_panoptic_json(out: str, header: dict[str, Any], categories: list[dict], mode: str,
-                              max_images: int, changed: bool) -> dict[str, Any]:
+                              max_images: int, changed: bool, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``panoptic.json`` per ``label.panoptic_json`` (always | never | auto: when the output
     holds at most ``max_images`` images), unless it is already current (nothing new committed since
     it was written). Returns what was done, for the run summary."""
@@ -151,6 +154,6 @@ def maybe_write_panoptic_json(out: str, header: dict[str, Any], categories: list
     done = header.get("panoptic_json") or {}
     if not changed and done.get("pieces") == pieces and io.exists(io.join(out, PANOPTIC_JSON)):
         return {"written": False, "reason": "up to date"}
-    uri = write_panoptic_json(out, categories)
+    uri = write_panoptic_json(out, categories, info)
     header["panoptic_json"] = {"pieces": pieces, "images": images}
     return {"written": True, "uri": uri, "images": images}

@@ -30,14 +30,30 @@ def encode_rle_stats(mask: np.ndarray) -> tuple[str, int, list[float]]:
     return text, int(mask_utils.area(rle)), [x, y, x + w, y + h]
 
 
-def _as_rle(rle: str | dict) -> dict:
-    d = json.loads(rle) if isinstance(rle, str) else dict(rle)
+def as_rle(rle: str | bytes | dict) -> dict:
+    """A COCO RLE in any form ragseg writes or reads (JSON string, dict with str / bytes / list
+    counts) -> the dict pycocotools takes: ``{"size": [h, w], "counts": bytes}``."""
+    d = json.loads(rle) if isinstance(rle, (str, bytes)) else dict(rle)
     counts = d["counts"]
     if isinstance(counts, list):  # uncompressed RLE
         d = mask_utils.frPyObjects(d, d["size"][0], d["size"][1])
     elif isinstance(counts, str):
-        d = {"size": d["size"], "counts": counts.encode("ascii")}
+        d = {"size": list(d["size"]), "counts": counts.encode("ascii")}
+    else:
+        d = {"size": list(d["size"]), "counts": bytes(counts)}
     return d
+
+
+_as_rle = as_rle
+
+
+def decode_mask(row) -> np.ndarray:
+    """HxW bool mask of a ``mask_rle`` value from any ragseg Parquet file (features/, segments/), or of a
+    row dict holding one. Files of ragseg >= 0.3 store a struct pycocotools decodes as is
+    (``pycocotools.mask.decode(row["mask_rle"])``); older files a JSON string, read here too."""
+    if isinstance(row, dict) and "mask_rle" in row:
+        row = row["mask_rle"]
+    return mask_utils.decode(as_rle(row)).astype(bool)
 
 
 def decode_rle(rle: str | dict) -> np.ndarray:

@@ -18,11 +18,13 @@ from typing import Literal
 from ragseg.config import ClipConfig, GroundingDinoConfig, JobConfig
 from ragseg.errors import UserError
 
-Job = Literal["build-db", "label"]
+Job = Literal["build-db", "label", "search"]
 
 
 def models_needed(cfg: JobConfig, job: Job) -> set[str]:
     """The model sections ``job`` loads with this config."""
+    if job == "search":
+        return {"clip"}
     if job == "build-db":
         return {"clip"} | ({"gdino", "sam"} if cfg.build_db.masks == "detector" else set())
     if job == "label":
@@ -112,7 +114,61 @@ def problems(cfg: JobConfig, job: Job) -> list[str]:
             st = weights.locate(ck, m.weights)
             if st.problem:
                 out.append(st.problem)
+            elif st.source == "origin":
+                host = origin_host(ck)
+                if host and not reachable(host):
+                    out.append(f"{ck.what} {ck.ref} is not cached here and its origin {host} cannot be reached "
+                               f"(offline?): put it in the cache (`ragseg weights check` shows where), "
+                               f"use a weights mirror (models.weights.mirror), or a local path")
     return out
+
+
+ORIGIN_PROBE_S = 3.0  # one TCP connect to a checkpoint's origin before a download is attempted
+
+
+def origin_host(ck) -> str | None:
+    """The host a checkpoint would be downloaded from (Hugging Face, or an http(s) URL's); None for
+    bucket URIs (their endpoints and credentials are the store's business)."""
+    from urllib.parse import urlparse
+
+    from ragseg.models import weights
+
+    hf = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    if ck.kind == "hf":
+        return hf
+    if ck.kind == "open_clip":
+        tag = weights.open_clip_tag_cfg(ck.model or "", ck.ref)
+        return hf if tag.get("hf_hub") else urlparse(tag.get("url", "")).hostname
+    if ck.ref.startswith(("http://", "https://")):
+        return urlparse(ck.ref).hostname
+    return None
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def reachable(host: str, timeout: float = ORIGIN_PROBE_S) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within ``timeout`` s (name lookup included: it
+    runs in a thread, so a resolver that never answers costs ``timeout`` too). Cached per process."""
+    if host in _REACHABLE:
+        return _REACHABLE[host]
+    import socket
+    import threading
+
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    _REACHABLE[host] = bool(ok and ok[0])
+    return _REACHABLE[host]
 
 
 def preflight(cfg: JobConfig, job: Job) -> None:

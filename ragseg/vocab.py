@@ -1,15 +1,22 @@
 """The user's vocabulary: class names, thing/stuff flags, category ids, and label matching.
 
-Formats :func:`load_vocab` reads (chosen by the file extension, else by the first character):
+Forms :func:`load_vocab` takes (:data:`FORMATS` is the one-line summary ``--help`` and errors print):
 
-- CSV: ``name,isthing[,id][,synonyms]``. A first row whose first cell is ``name`` is a header and
+- inline names: ``"ball,crate,sky:stuff"`` (not an existing file; commas separate classes);
+- a text file (``.txt``), one name per line, e.g. ``ball`` / ``sky:stuff`` / ``road|route``;
+- a JSON list of names (``["ball", "sky:stuff"]``), of objects ``{"name"[, "isthing"][, "id"]
+  [, "synonyms"][, "supercategory"]}``, or a mix; a COCO panoptic categories file (that list, or a
+  dict with ``"categories"``); inline JSON (``'["ball", "sky"]'``) works too;
+- CSV: ``name[,isthing[,id[,synonyms]]]``. A first row whose first cell is ``name`` is a header and
   then names the columns (``name``, ``isthing``, ``id``, ``synonyms``, ``supercategory``; others are
   ignored); without a header the columns are positional. ``isthing`` accepts 1/0, true/false,
-  yes/no, thing/stuff. ``synonyms`` are separated by ``|``. Blank lines and lines starting with
-  ``#`` are skipped.
-- JSON: a list of ``{"name", "isthing"[, "id"][, "synonyms"][, "supercategory"]}`` or a COCO
-  panoptic categories file (the same list, or a dict with ``"categories"``); ``synonyms`` is a list
-  or a ``|``-separated string.
+  yes/no, thing/stuff, or nothing. ``synonyms`` are separated by ``|``. Blank lines and lines
+  starting with ``#`` are skipped.
+
+Everywhere a name may end in ``:thing`` or ``:stuff`` and carry ``|``-separated synonyms
+(``road|route:stuff``). Thing/stuff, when not given, is the flag of the packaged class with that name
+or synonym (ADE20k's 150 panoptic classes first, then FC-CLIP's 133 COCO panoptic classes: ``sky`` is
+stuff, ``person`` and ``table`` are things; through synonyms, plural-insensitive), else "thing".
 
 Ids are the file's ids when every entry has one, else 1..n in file order (mixing is an error).
 
@@ -24,7 +31,6 @@ classes matches neither.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -236,6 +242,66 @@ class Vocab:
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
+FORMATS = ('inline names "ball,crate,sky:stuff"; a .txt file with one name per line; a JSON list of names '
+           '["ball", "sky:stuff"] or of {"name": "sky", "isthing": false} objects; a CSV file '
+           'name[,isthing[,id[,synonyms]]]; or a COCO panoptic categories JSON. A name may end in :thing or '
+           ':stuff (default: the packaged ADE20k / COCO flag of that name, else thing) and carry |-separated '
+           'synonyms (road|route)')
+_FLAG = re.compile(r"^(.*?)\s*:\s*(thing|stuff)\s*$", re.IGNORECASE)
+
+
+def split_flag(text: str) -> tuple[str, bool | None]:
+    """``"sky:stuff"`` -> ("sky", False); ``"ball"`` -> ("ball", None) (no flag given)."""
+    m = _FLAG.match(str(text))
+    if m is None:
+        return str(text).strip(), None
+    return m.group(1).strip(), m.group(2).lower() == "thing"
+
+
+_PACKAGED: list[Vocab] | None = None
+
+
+def _packaged() -> list[Vocab]:
+    """The packaged class lists that give a name's default thing/stuff flag: ADE20k's 150 panoptic
+    classes, then FC-CLIP's COCO panoptic classes, with their synonyms (ragseg/data). ADE20k first:
+    where they disagree (table, door, window, light, shelf...) COCO's merged stuff classes are the
+    odd ones."""
+    global _PACKAGED
+    if _PACKAGED is None:
+        from importlib import resources
+
+        out = []
+        data = resources.files("ragseg.data")
+        coco = json.loads(data.joinpath("fcclip_coco_panoptic_classes.json").read_text(encoding="utf-8"))
+        ade = json.loads(data.joinpath("ade20k_150_categories.json").read_text(encoding="utf-8"))
+        for cats in (ade, coco["categories"]):
+            names = [c["name"] for c in cats]
+            syn: dict[str, list[str]] = {}
+            taken = {normalize_label(n) for n in names}
+            for c in cats:  # a synonym two classes share (or that names another class) decides nothing
+                for a in c.get("synonyms") or []:
+                    key = normalize_label(a)
+                    if key and key not in taken:
+                        syn.setdefault(c["name"], []).append(a)
+                        taken.add(key)
+            out.append(Vocab(names, [bool(c["isthing"]) for c in cats], list(range(1, len(cats) + 1)), syn,
+                             source="<packaged>"))
+        _PACKAGED = out
+    return _PACKAGED
+
+
+def default_isthing(name: str) -> bool:
+    """Thing/stuff of a class given without a flag: the packaged class it names (ADE20k, then COCO
+    panoptic; through synonyms and plurals), else thing."""
+    candidates = [name] + [p for p in str(name).split(",") if p.strip()]  # ADE20k's "road, route"
+    for v in _packaged():
+        for n in candidates:
+            i = v.index_of(n)
+            if i is not None:
+                return bool(v.isthing[i])
+    return True
+
+
 def _split_syn(value: Any) -> list[str]:
     if value is None:
         return []
@@ -258,6 +324,20 @@ def _parse_id(value: Any) -> int:
     return int(f)
 
 
+def _name_entry(text: str, at: str, isthing: Any = None, **extra: Any) -> dict:
+    """One entry from a name written as ``name[|synonym...][:thing|:stuff]``; an explicit ``isthing``
+    (a CSV cell, a JSON field) wins over the suffix; neither: :func:`default_isthing`."""
+    name, flag = split_flag(text)
+    parts = [p.strip() for p in name.split("|")]
+    if not parts[0]:
+        raise ValueError(f"empty name in {text!r}")
+    if isthing is not None and not (isinstance(isthing, str) and not isthing.strip()):
+        flag = parse_isthing(isthing)
+    return {"name": parts[0], "isthing": default_isthing(parts[0]) if flag is None else flag,
+            "id": extra.get("id"), "synonyms": [p for p in parts[1:] if p] + list(extra.get("synonyms") or []),
+            "supercategory": extra.get("supercategory") or "", "where": at}
+
+
 def _entries_to_vocab(entries: list[dict], where: str, extra_synonyms) -> Vocab:
     names, things, ids, sups = [], [], [], []
     synonyms: dict[str, list[str]] = {}
@@ -278,79 +358,98 @@ def _entries_to_vocab(entries: list[dict], where: str, extra_synonyms) -> Vocab:
                  sups if any(sups) else None, where)
 
 
-def _read_csv(text: str, where: str) -> list[dict]:
-    rows = [r for r in csv.reader(io.StringIO(text))]
+_CSV_SHAPE = "name[,isthing[,id[,synonyms]]]"
+
+
+def _is_flag(cell: str) -> bool:
+    return not cell or cell.lower() in _TRUE | _FALSE
+
+
+def _read_csv(text: str, where: str, lines: bool = False) -> list[dict]:
+    """CSV rows ``name[,isthing[,id[,synonyms]]]``. ``lines`` (a .txt file): a line that is not
+    CSV-shaped (its second cell is no thing/stuff word, e.g. ADE20k's ``road, route``) is one name."""
     entries = []
     cols = ["name", "isthing", "id", "synonyms"]
     header = False
-    for lineno, row in enumerate(rows, start=1):
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        row = next(csv.reader([raw]), [])
         cells = [c.strip() for c in row]
         if not cells or not any(cells) or cells[0].startswith("#"):
             continue
-        if not entries and not header and cells[0].lower() == "name":
+        at = f"line {lineno}"
+        if not entries and not header and cells[0].lower() == "name" and len(cells) > 1:
             cols = [c.lower() for c in cells]
             header = True
-            if "isthing" not in cols:
-                raise UserError(f"vocabulary {where}: header (line {lineno}) has no 'isthing' column")
             continue
-        at = f"line {lineno}"
-        if len(cells) > len(cols) and not header:
-            raise UserError(f"vocabulary {where}: {at}: {len(cells)} columns, expected at most 4 "
-                            "(name,isthing[,id][,synonyms]); quote fields that contain commas")
-        if len(cells) < 2:
-            raise UserError(f"vocabulary {where}: {at}: expected name,isthing[,id][,synonyms], got {row!r}")
-        rec = dict(zip(cols, cells))
         try:
-            name = rec.get("name", "")
-            if not name:
-                raise ValueError("empty name")
-            entries.append({
-                "name": name,
-                "isthing": parse_isthing(rec.get("isthing", "")),
-                "id": _parse_id(rec["id"]) if rec.get("id", "") != "" else None,
-                "synonyms": _split_syn(rec.get("synonyms", "")),
-                "supercategory": rec.get("supercategory", ""),
-                "where": at,
-            })
+            if lines and not header and (len(cells) == 1 or not _is_flag(cells[1])):
+                entries.append(_name_entry(raw.strip(), at))
+                continue
+            if len(cells) > len(cols) and not header:
+                raise UserError(f"vocabulary {where}: {at}: {len(cells)} columns, expected at most 4 "
+                                f"({_CSV_SHAPE}); quote fields that contain commas")
+            if not header and len(cells) > 1 and not _is_flag(cells[1]):
+                raise ValueError(f"{cells[1]!r} is not a thing/stuff flag; expected {_CSV_SHAPE} (quote a name "
+                                 "that contains commas, or use a .txt file with one name per line)")
+            rec = dict(zip(cols, cells))
+            entries.append(_name_entry(
+                rec.get("name", ""), at, rec.get("isthing"),
+                id=_parse_id(rec["id"]) if rec.get("id", "") != "" else None,
+                synonyms=_split_syn(rec.get("synonyms", "")), supercategory=rec.get("supercategory", "")))
         except ValueError as e:
             raise UserError(f"vocabulary {where}: {at}: {e}") from None
     return entries
+
+
+_JSON_SHAPE = 'a name ("ball", "sky:stuff") or an object {"name": "sky", "isthing": false}'
 
 
 def _read_json(data: Any, where: str) -> list[dict]:
     if isinstance(data, dict):
         if "categories" not in data:
-            raise UserError(f"vocabulary {where}: a JSON object must have a 'categories' list")
+            raise UserError(f"vocabulary {where}: a JSON object must have a 'categories' list "
+                            '(COCO panoptic), e.g. {"categories": [{"id": 1, "name": "sky", "isthing": 0}]}')
         data = data["categories"]
     if not isinstance(data, list):
-        raise UserError(f"vocabulary {where}: expected a JSON list of categories")
+        raise UserError(f"vocabulary {where}: expected a JSON list of names or categories, "
+                        f'e.g. ["ball", "sky:stuff"], got {type(data).__name__}')
     entries = []
     for k, item in enumerate(data):
         at = f"entry {k}"
-        if not isinstance(item, dict):
-            raise UserError(f"vocabulary {where}: {at}: expected an object, got {type(item).__name__}")
         try:
+            if isinstance(item, str):
+                entries.append(_name_entry(item, at))
+                continue
+            if not isinstance(item, dict):
+                raise ValueError(f"expected {_JSON_SHAPE}, got {type(item).__name__} {item!r}")
             name = str(item.get("name") or "").strip()
             if not name:
-                raise ValueError("missing or empty 'name'")
-            if "isthing" not in item:
-                raise ValueError(f"{name!r} has no 'isthing'")
-            entries.append({
-                "name": name,
-                "isthing": parse_isthing(item["isthing"]),
-                "id": _parse_id(item["id"]) if item.get("id") is not None else None,
-                "synonyms": _split_syn(item.get("synonyms")),
-                "supercategory": str(item.get("supercategory") or ""),
-                "where": at,
-            })
+                raise ValueError(f"missing or empty 'name'; expected {_JSON_SHAPE}")
+            entries.append(_name_entry(
+                name, at, item.get("isthing"),
+                id=_parse_id(item["id"]) if item.get("id") is not None else None,
+                synonyms=_split_syn(item.get("synonyms")), supercategory=str(item.get("supercategory") or "")))
         except ValueError as e:
             raise UserError(f"vocabulary {where}: {at}: {e}") from None
     return entries
 
 
+def _read_inline(text: str, where: str) -> list[dict]:
+    entries = []
+    for k, part in enumerate(text.split(",")):
+        if not part.strip():
+            continue
+        try:
+            entries.append(_name_entry(part.strip(), f"name {k + 1} ({part.strip()!r})"))
+        except ValueError as e:
+            raise UserError(f"vocabulary {where}: {e}; expected {FORMATS}") from None
+    return entries
+
+
 def parse_vocab(text: str, where: str = "<text>", synonyms: dict[str, list[str]] | None = None,
                 fmt: str | None = None) -> Vocab:
-    """Parse vocabulary text (``fmt`` "csv" | "json" | None: guess from the first character)."""
+    """Parse vocabulary text; ``fmt`` "csv" | "lines" (a .txt file) | "json" | "inline" | None (JSON
+    when it starts with ``[`` or ``{``, else CSV)."""
     if fmt is None:
         fmt = "json" if text.lstrip()[:1] in ("[", "{") else "csv"
     if fmt == "json":
@@ -359,24 +458,49 @@ def parse_vocab(text: str, where: str = "<text>", synonyms: dict[str, list[str]]
         except json.JSONDecodeError as e:
             raise UserError(f"vocabulary {where} is not valid JSON: {e}") from None
         entries = _read_json(data, where)
+    elif fmt == "inline":
+        entries = _read_inline(text, where)
     else:
-        entries = _read_csv(text, where)
+        entries = _read_csv(text, where, lines=fmt == "lines")
     if not entries:
-        raise UserError(f"vocabulary {where} is empty")
+        raise UserError(f"vocabulary {where} is empty; expected {FORMATS}")
     return _entries_to_vocab(entries, where, synonyms)
 
 
+def is_inline(spec: str) -> bool:
+    """True when ``spec`` is a vocabulary written on the command line, not a file: inline JSON, or a
+    name list that is not an existing file and does not look like a path (no ``/``, no ``://``, no
+    .csv/.json/.txt ending)."""
+    s = spec.strip()
+    if s[:1] in ("[", "{"):
+        return True
+    if "://" in s or "/" in s or "\\" in s or s.lower().endswith((".csv", ".json", ".txt")):
+        return False
+    import os
+
+    return not os.path.exists(os.path.expanduser(s))
+
+
 def load_vocab(uri: str, synonyms: dict[str, list[str]] | None = None) -> Vocab:
-    """Load a vocabulary from a CSV or JSON file at any fsspec URI; ``synonyms`` (canonical name ->
-    aliases, e.g. ``LabelConfig.synonyms``) are added to the file's own."""
+    """Load a vocabulary: inline names (``"ball,crate,sky:stuff"``), inline JSON, or a file at any
+    fsspec URI (.txt one name per line, .json, .csv; see :data:`FORMATS`); ``synonyms`` (canonical
+    name -> aliases, e.g. ``LabelConfig.synonyms``) are added to the vocabulary's own."""
     from ragseg.io import read_text
 
+    if is_inline(uri):
+        s = uri.strip()
+        return parse_vocab(s, "given inline", synonyms, "json" if s[:1] in ("[", "{") else "inline")
     try:
         text = read_text(uri)
     except FileNotFoundError:
-        raise UserError(f"vocabulary file not found: {uri}") from None
+        raise UserError(f"vocabulary file not found: {uri} (--vocab takes a file or inline names; {FORMATS})") from None
+    except IsADirectoryError:
+        raise UserError(f"vocabulary {uri} is a folder, not a file ({FORMATS})") from None
     except UnicodeDecodeError:
         raise UserError(f"vocabulary {uri} is not UTF-8 text") from None
     low = uri.lower().split("?", 1)[0]
-    fmt = "json" if low.endswith(".json") else "csv" if low.endswith((".csv", ".txt")) else None
+    fmt = "json" if low.endswith(".json") else "csv" if low.endswith(".csv") else \
+        "lines" if low.endswith(".txt") else None
+    if fmt is None and text.lstrip()[:1] not in ("[", "{"):
+        fmt = "lines"  # no extension: CSV rows or one name per line, told apart per line
     return parse_vocab(text, uri, synonyms, fmt)

@@ -101,7 +101,7 @@ def test_rerun_is_noop_and_other_model_refused(gt_db, tiny_cfg_path, synthetic_r
     s = run_build_db(_cfg(tiny_cfg_path, synthetic_root, db, "build_db.masks=gt", "build_db.min_segment_area=0"))
     assert s["shards_written"] == 0 and s["images"] == 0
     assert _rows(db)[0]["pieces"] == before
-    with pytest.raises(UserError, match="mode=crop"):
+    with pytest.raises(UserError, match="mode pool there vs crop here"):
         run_build_db(_cfg(tiny_cfg_path, synthetic_root, db, "models.clip.mode=crop"))
 
 

@@ -306,29 +306,28 @@ def test_geometric_ensemble_hand_computed(tmp_path):
 # index identity
 # ----------------------------------------------------------------------------------------------
 def test_index_identity_refusals(tiny_cfg_path, tmp_path):
-    from ragseg import db as dblib
-    from ragseg import ledger
-    from ragseg.pipelines.build_db import embed_identity
+    """label.proposals=fcclip refuses (one line) an index whose keys another embedder or another input rule
+    made: the identity recorded by build-db (ragseg.identity), FC-CLIP's test sizes included."""
+    from ragseg import identity
     from ragseg.stages.fcclip import check_index_identity
 
+    built = load_config(tiny_cfg_path, ["models.clip.mode=fcclip"])
+    ok = {"embedder": identity.record(built)}
+    assert ok["embedder"]["fcclip_input"] == [256, 427, 32]
     cfg = load_config(tiny_cfg_path, ["label.proposals=fcclip", "models.clip.mode=crop"])
-    model_id, _, dim = embed_identity(cfg)
-    ok = {"embed_model": model_id, "embed_mode": "fcclip", "dim": dim}
     check_index_identity(cfg, ok, "idx")  # fcclip queries always pool FC-CLIP's way: clip.mode is irrelevant
-    for bad in ({**ok, "embed_mode": "pool"}, {**ok, "embed_mode": "crop"},
-                {**ok, "embed_model": "open_clip:ViT-B-32/openai"}, {**ok, "dim": dim * 2}):
+    for other in (["models.clip.mode=pool"], ["models.clip.mode=crop"], ["models.clip.seed=7"],
+                  ["models.clip.mode=fcclip", "models.fcclip.min_size_test=320"]):
+        bad = {"embedder": identity.record(load_config(tiny_cfg_path, other))}
         with pytest.raises(UserError, match="label.proposals=fcclip") as e:
             check_index_identity(cfg, bad, "idx")
         assert "\n" not in str(e.value)
-    db = tmp_path / "db"
-    ledger.write_header(str(db), dblib.new_header(model_id, "fcclip", dim, "h",
-                                                   {"fcclip": {"min_size_test": 320, "max_size_test": 427,
-                                                               "size_divisibility": 32}}))
-    with pytest.raises(UserError, match="min_size_test 320 != 256") as e:
-        check_index_identity(cfg, {**ok, "db_uri": str(db)}, "idx")
-    assert "\n" not in str(e.value)
-    same = load_config(tiny_cfg_path, ["label.proposals=fcclip", "models.fcclip.min_size_test=320"])
-    check_index_identity(same, {**ok, "db_uri": str(db)}, "idx")
+    with pytest.raises(UserError, match=r"fcclip_input \[256, 427, 32\] there vs \[320, 427, 32\] here"):
+        check_index_identity(load_config(tiny_cfg_path, ["models.fcclip.min_size_test=320"]), ok, "idx")
+    # an index without the fcclip input rule (an older record) is refused with "rebuild"
+    old = {"embed_model": ok["embedder"]["model"], "embed_mode": "fcclip", "dim": ok["embedder"]["dim"]}
+    with pytest.raises(UserError, match="rebuild"):
+        check_index_identity(cfg, old, "idx")
 
 
 # ----------------------------------------------------------------------------------------------

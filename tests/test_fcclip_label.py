@@ -60,7 +60,7 @@ def test_label_fcclip_refuses_index_of_another_size(world, tiny_cfg_path, tmp_pa
     from ragseg.pipelines.label import run_label
 
     cfg = load_config(tiny_cfg_path, _args(world, str(tmp_path / "o"), "models.fcclip.min_size_test=320"))
-    with pytest.raises(UserError, match="min_size_test 256 != 320"):
+    with pytest.raises(UserError, match=r"fcclip_input \[256, 427, 32\] there vs \[320, 427, 32\] here"):
         run_label(cfg)
 
 

@@ -12,7 +12,7 @@ import pytest
 from ragseg.config import IndexConfig, JobConfig
 from ragseg.errors import UserError
 from ragseg.index.params import PQ_MIN_TRAIN, choose_params, fixed_bytes, params_fixed_bytes
-from ragseg.schema import embeddings_to_arrow, feature_schema
+from ragseg.schema import MASK_TYPE, embeddings_to_arrow, feature_schema
 
 DIM = 64
 CLASSES = 20
@@ -50,7 +50,7 @@ def write_shard(db: str, name: str, x: np.ndarray, y: np.ndarray, image_prefix: 
         "score": pa.array(np.ones(n, np.float32)),
         "box": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(4 * n, np.float32)), 4),
         "area": pa.array(np.full(n, 10, np.int64)),
-        "mask_rle": pa.array(["{}"] * n, pa.string()),
+        "mask_rle": pa.nulls(n, MASK_TYPE),
         "embedding": embeddings_to_arrow(x),
         "embed_model": pa.array(["test:model"] * n, pa.string()).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
         "embed_mode": pa.array(["pool"] * n, pa.string()).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),

@@ -126,7 +126,7 @@ def test_two_jobs_on_one_db_second_refuses(tmp_path, tiny_cfg_path):
 
 def _v1_db(root: str, dim: int = 8) -> list[pa.Table]:
     """A DB as ragseg 0.1 wrote it (manifest format 1 + inputs/<shard>.json + features)."""
-    from ragseg.schema import embeddings_to_arrow, feature_schema
+    from ragseg.schema import MASK_TYPE, embeddings_to_arrow, feature_schema
 
     rng = np.random.default_rng(0)
     shards, tables = [], []
@@ -141,7 +141,7 @@ def _v1_db(root: str, dim: int = 8) -> list[pa.Table]:
             "label": pa.array(["a", "b", "a", "c"]).dictionary_encode(),
             "label_source": pa.array(["gt"] * n).dictionary_encode(), "score": pa.array([1.0] * n, pa.float32()),
             "box": pa.array([[0, 0, 1, 1]] * n, pa.list_(pa.float32(), 4)), "area": pa.array([1] * n, pa.int64()),
-            "mask_rle": pa.array(["{}"] * n), "embedding": embeddings_to_arrow(emb.astype(np.float16)),
+            "mask_rle": pa.nulls(n, MASK_TYPE), "embedding": embeddings_to_arrow(emb.astype(np.float16)),
             "embed_model": pa.array(["m"] * n).dictionary_encode(), "embed_mode": pa.array(["pool"] * n).dictionary_encode(),
         }).cast(feature_schema(dim))
         io.write_parquet_atomic(io.join(root, f"features/{name}.parquet"), t)

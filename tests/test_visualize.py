@@ -83,6 +83,10 @@ def test_visualize_local(tmp_path):
         assert f'src="thumbs/{n}.jpg"' in page
     assert html.escape(EVIL) in page and EVIL not in page  # class names escaped
     assert "person" in page and "gone" in page  # class list and the failed image
+    r, g, b = segment_color(next(c["id"] for c in json.loads(rio.read_text(rio.join(pred, "panoptic.json")))["categories"]
+                                 if c["name"] == "person"), 0)
+    assert "<h2>Legend</h2>" in page and f"background:#{r:02x}{g:02x}{b:02x}" in page  # the class colours
+    assert "<h2>Provenance</h2>" in page  # (this hand-made output records none: said so)
 
 
 def test_overlay_pixels():

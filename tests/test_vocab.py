@@ -1,4 +1,4 @@
-"""Vocabulary loading (CSV, JSON list, COCO panoptic categories) and label matching."""
+"""Vocabulary loading (inline names, text, CSV, JSON list, COCO panoptic categories) and label matching."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_exact_name_beats_plural_match():
     ("", "empty"),
     ("name,isthing,id\ncar,1,3\ndog,1,3\n", "duplicate category ids"),
     ("name,isthing,id\ncar,1,3\ndog,1,\n", "no id"),
-    ("name,id\ncar,3\n", "isthing"),
+    ("car,1\nroad, route\n", "not a thing/stuff flag"),
 ])
 def test_bad_csv_rows(tmp_path, text, needle):
     uri = _write(tmp_path, "bad.csv", text)
@@ -117,10 +117,9 @@ def test_plural_duplicates_are_allowed_but_case_duplicates_not():
 
 
 @pytest.mark.parametrize("data,needle", [
-    ([{"name": "cat"}], "isthing"),
     ([{"isthing": 1}], "entry 0"),
     ([{"name": "cat", "isthing": "sometimes"}], "entry 0"),
-    ([{"name": "cat", "isthing": 1}, "dog"], "entry 1"),
+    ([{"name": "cat", "isthing": 1}, 5], "entry 1: expected a name"),
     ({"things": []}, "categories"),
     ([], "empty"),
 ])
@@ -141,3 +140,51 @@ def test_missing_file_and_bad_synonyms(tmp_path):
         load_vocab(uri, synonyms={"car": ["dog"]})
     with pytest.raises(UserError, match="already"):
         load_vocab(uri, synonyms={"car": ["pet"], "dog": ["pet"]})
+
+
+# ----------------------------------------------------------------------------------------------
+# the newcomer's forms: inline names, one name per line, a JSON list of names; default flags
+# ----------------------------------------------------------------------------------------------
+def test_inline_names_with_default_and_explicit_flags():
+    v = load_vocab("ball,crate,sky")
+    assert v.names == ["ball", "crate", "sky"] and v.ids == [1, 2, 3]
+    assert v.isthing.tolist() == [True, True, False]  # sky: the packaged ADE20k / COCO flag
+    v = load_vocab(" table , grass:thing, lamp:stuff ,road|route")
+    assert v.names == ["table", "grass", "lamp", "road"]
+    assert v.isthing.tolist() == [True, True, False, False]
+    assert v.index_of("route") == 3 and v.index_of("tables") == 0
+    assert load_vocab('["ball", "sky:stuff"]').isthing.tolist() == [True, False]  # inline JSON
+    assert load_vocab("sky").names == ["sky"]  # one inline name
+
+
+def test_default_isthing_from_packaged_lists():
+    from ragseg.vocab import default_isthing
+
+    assert [default_isthing(n) for n in ("person", "people", "sky", "wall", "tables", "zebra crossing sign")] == \
+        [True, True, False, False, True, True]
+
+
+def test_text_file_one_name_per_line(tmp_path):
+    uri = _write(tmp_path, "v.txt", "# my classes\nball\n\nsky:stuff\nroad, route\ncrate,thing\nperson|pedestrian\n")
+    v = load_vocab(uri)
+    assert v.names == ["ball", "sky", "road, route", "crate", "person"]
+    assert v.isthing.tolist() == [True, False, False, True, True]
+    assert v.index_of("route") == 2 and v.index_of("pedestrians") == 4
+    # a CSV file may leave isthing out too
+    assert load_vocab(_write(tmp_path, "v.csv", "ball\nsky,,\n")).isthing.tolist() == [True, False]
+
+
+def test_json_list_of_names_and_objects_without_isthing(tmp_path):
+    uri = _write(tmp_path, "v.json", json.dumps(["ball", "sky:stuff", {"name": "grass"}, {"name": "rock", "isthing": 1}]))
+    v = load_vocab(uri)
+    assert v.names == ["ball", "sky", "grass", "rock"] and v.isthing.tolist() == [True, False, False, True]
+
+
+def test_vocab_errors_name_the_expected_shape(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_vocab(str(tmp_path / "classes.csv"))
+    assert "not found" in str(e.value) and "ball,crate,sky" in str(e.value)
+    with pytest.raises(UserError, match="expected a name"):
+        load_vocab(_write(tmp_path, "v.json", "[1, 2]"))
+    with pytest.raises(UserError, match="inline names"):
+        load_vocab(" , ")

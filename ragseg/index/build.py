@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ragseg import io as rio
+from ragseg import provenance
 from ragseg.config import JobConfig
 from ragseg.errors import UserError
 from ragseg.index import quality as iq
@@ -99,6 +100,8 @@ class FeatureDb:
     embed_mode: str
     config_hash: str
     shards: tuple[DbShard, ...]
+    embedder: dict | None = None  # ragseg.identity: the keys' embedder identity + models.clip section
+    provenance: dict | None = None  # ragseg.provenance: the DB's (its manifest's)
 
     @property
     def total(self) -> int:
@@ -117,8 +120,11 @@ def load_db(db_uri: str, check_files: bool = True) -> FeatureDb:
     h = led.header
     t = led.records.select(["name", "data_path", "segments"]).to_pydict()
     shards = tuple(DbShard(n, rio.join(db_uri, p), int(r)) for n, p, r in zip(t["name"], t["data_path"], t["segments"]))
+    from ragseg import identity
+
+    embedder = {**identity.header_identity(h), "clip": identity.header_clip(h)}
     db = FeatureDb(db_uri, int(h["dim"]), str(h.get("embed_model", "")), str(h.get("embed_mode", "")),
-                   str(h.get("models_hash", "")), shards)
+                   str(h.get("models_hash", "")), shards, embedder, h.get("provenance"))
     if check_files and shards:
         present = set(rio.list_dir(rio.join(db_uri, "features")))
         for s in shards:
@@ -550,6 +556,13 @@ def _check_compatible(db: FeatureDb, meta: dict) -> None:
         if meta.get(key) != have:
             raise UserError(f"DB {db.uri} has {key}={have!r} but the live index has {meta.get(key)!r}; "
                             "run build-index to rebuild")
+    if db.embedder and isinstance(meta.get("embedder"), dict):
+        from ragseg import identity
+
+        diff, _ = identity.compare(identity.index_identity(meta), identity.header_identity({"embedder": db.embedder}))
+        if diff:
+            raise UserError(f"DB {db.uri} and the live index differ in the embedder's {', '.join(diff)}; "
+                            "run build-index to rebuild")
     by_name = {s.name: s for s in db.shards}
     for s in meta["shards"]:
         cur = by_name.get(s["name"])
@@ -696,7 +709,9 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
         labels_tab = pa.concat_tables([t.cast(tables[0].schema) for t in tables]).sort_by("id")
         if not np.array_equal(labels_tab.column("id").to_numpy(), np.arange(total)):
             raise RuntimeError("internal error: label ids are not 0..N-1")
-        pq.write_table(labels_tab, os.path.join(staging, st.LABELS), compression="zstd")
+        prov = provenance.job_provenance(cfg, "refresh" if refresh else "build-index", index={"uri": store_uri},
+                                         db={"uri": db.uri, "provenance": db.provenance})
+        pq.write_table(provenance.attach(labels_tab, prov), os.path.join(staging, st.LABELS), compression="zstd")
         labels_by_id = _LabelsById(labels_tab.column("label"))
         vocab = len(set(labels_by_id.names.tolist()) - {""})
         del labels_tab, tables
@@ -736,12 +751,12 @@ def _run(db_uri: str, cfg: JobConfig, refresh: bool, force_retrain: bool) -> dic
             "bits": params.bits, "fast_scan": params.fast_scan,
             "train_size": params.train_size, "params": params.to_dict(), "nprobe": nprobe,
             "trained_count": trained_count, "train_coarse_error": train_err, "gpu_train": bool(gpu_train),
-            "embed_model": db.embed_model, "embed_mode": db.embed_mode, "db_uri": db.uri,
+            "embed_model": db.embed_model, "embed_mode": db.embed_mode, "embedder": db.embedder, "db_uri": db.uri,
             "db_config_hash": db.config_hash, "shards": shards_meta, "labels_count": vocab,
             "recall": recall, "mode": "refresh" if refresh else "build", "retrain_reason": retrain_reason,
             "drift": drift, "added_shards": [s.name for s in (new_shards if incremental else db.shards)],
             "bytes": sizes, "rerank": rerank_meta, "nprobe_tuning": tuning,
-            "previous_version": live,
+            "previous_version": live, "provenance": prov,
         }
         quality_gate(recall, cfg, params.factory, live)
         _checkpoint("before_finalize")

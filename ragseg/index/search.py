@@ -78,20 +78,37 @@ def check_embedder(meta: dict, model_id: str, mode: str) -> None:
             "models.clip.mode) to match the index")
 
 
+def query_config(index_uri: str, meta: dict, cfg: JobConfig | None) -> JobConfig:
+    """The config a query of this index embeds with: ``cfg`` (or the defaults) with the identity fields
+    of ``models.clip`` it leaves out taken from the index (ragseg.identity), checked against the index
+    and, for the CLIP weights, against this machine's cache (one line when they cannot be loaded)."""
+    from ragseg import identity
+    from ragseg.preflight import preflight
+
+    cfg = identity.adopt_clip(cfg or JobConfig(), identity.index_clip(meta),
+                              identity.index_identity(meta).get("fcclip_input"))
+    identity.check(identity.index_identity(meta), identity.embed_identity(cfg), f"index {index_uri}")
+    preflight(cfg, "search")
+    return cfg
+
+
 def search_region(index_uri: str, image_uri: str, box: str | None = None, mask: str | None = None,
                   k: int = 10, nprobe: int | None = None, cfg: JobConfig | None = None,
                   embed=None) -> list[dict]:
     """Embed the region (box and/or mask PNG) of ``image_uri`` with ``Embed(cfg)`` (or ``embed``) and
-    return its ``k`` nearest DB segments as dicts ``rank, sim, label, image_id, segment_id``."""
-    from ragseg.index.store import Index
+    return its ``k`` nearest DB segments as dicts ``rank, sim, label, image_id, segment_id``. The
+    embedder comes from the index (:func:`query_config`): no config is needed."""
+    from ragseg.index.store import Index, read_meta
     from ragseg.masks import encode_rle
 
+    if embed is None:
+        cfg = query_config(index_uri, read_meta(index_uri), cfg)
     cfg = cfg or JobConfig()
-    index = Index.open(index_uri, nprobe=nprobe, use_gpu=cfg.index.use_gpu)
     image = _read_image(image_uri)
     hw = image.shape[:2]
     mask_img = _read_image(mask, mode=None) if mask else None
     region = region_mask(hw, box, mask_img)
+    index = Index.open(index_uri, nprobe=nprobe, use_gpu=cfg.index.use_gpu)
     emb = embed or _make_embed(cfg)
     check_embedder(index.meta, emb.model_id, emb.mode)
     batch = {

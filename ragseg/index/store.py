@@ -512,4 +512,8 @@ def index_info(uri: str) -> dict:
                                                                "rerank_store_per_vector") if key in b}
     out["shards"] = len(meta.get("shards", []))
     out["labels"] = meta.get("labels_count")
+    from ragseg import identity
+
+    out["embedder"] = identity.index_identity(meta)
+    out["provenance"] = meta.get("provenance")
     return out

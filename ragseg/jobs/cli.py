@@ -23,16 +23,39 @@ RetryOpt = Annotated[bool, typer.Option(
 MatchingOpt = Annotated[str | None, typer.Option(
     "--errors-matching", metavar="REGEX",
     help="With --retry-errors: only errors whose '<stage>: <Type>: <message>' matches REGEX (searched, RE2).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also show Ray's, faiss's and the models' own "
+                                          "output (always in OUT/_logs/).")]
 
 
 def _cfg(config: str | None, sets: list[str] | None, options: dict[str, object] | None = None) -> JobConfig:
-    """The config file, then the command's own options (those given), then ``--set`` overrides."""
-    extra = [f"{key}={val}" for key, val in (options or {}).items() if val is not None]
-    return load_config(config, extra + list(sets or []))
+    """The config file, then the command's own options (those given), then ``--set`` overrides
+    (errors name the option or ``--set`` that caused them)."""
+    given = [(key, val) for key, val in (options or {}).items() if val is not None]
+    extra = [f"{key}={val}" for key, val in given]
+    origins = [f"--{key.split('.')[1 if key.startswith('label.images.') else -1].replace('_', '-')} {val}"
+               for key, val in given] + [f"--set {s}" for s in sets or []]
+    return load_config(config, extra + list(sets or []), origins)
 
 
 def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    from ragseg.console import out_stream
+
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str), file=out_stream())
+
+
+def _job(job: str, out: str | None, fn, verbose: bool, **kw):
+    from ragseg.jobs.runner import run_job
+
+    return run_job(job, out, fn, verbose=verbose, **kw)
+
+
+def _index_versions(uri: str) -> int | None:
+    from ragseg.index.store import list_versions
+
+    try:
+        return len(list_versions(uri))
+    except Exception:  # noqa: BLE001 - unknown: leave the folder alone
+        return None
 
 
 @app.command("make-synthetic")
@@ -88,12 +111,15 @@ def build_db_cmd(
     address: AddressOpt = None,
     retry_errors: RetryOpt = False,
     errors_matching: MatchingOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Source -> (gt masks | detect -> segment) -> embed -> Parquet feature shards + manifest."""
+    """Source -> (gt masks | detect -> segment) -> embed -> Parquet feature shards + manifest.
+    Ctrl-C stops it (rerun the same command to resume); Ray's own output goes to OUT/_logs/."""
     from ragseg.pipelines.build_db import run_build_db
 
-    _print_json(run_build_db(_cfg(config, set_, {"build_db.out": out, "ray.address": address}),
-                             retry_errors=retry_errors, errors_matching=errors_matching))
+    cfg = _cfg(config, set_, {"build_db.out": out, "ray.address": address})
+    _print_json(_job("build-db", cfg.build_db.out,
+                     lambda: run_build_db(cfg, retry_errors=retry_errors, errors_matching=errors_matching), verbose))
 
 
 @app.command("build-index")
@@ -106,13 +132,15 @@ def build_index_cmd(
     factory: Annotated[str | None, typer.Option(help="Explicit faiss factory string.")] = None,
     nprobe: Annotated[int | None, typer.Option(help="Default nprobe stored with the index.")] = None,
     address: AddressOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train IVF-PQ on a sample, add shards in parallel, merge on disk, publish a new version."""
     from ragseg.index.build import build_index
 
     options = {"index.out": out, "index.budget_bytes_per_vector": budget_bytes_per_vector,
                "index.factory": factory, "index.nprobe": nprobe, "ray.address": address}
-    _print_json(build_index(db, _cfg(config, set_, options)))
+    cfg = _cfg(config, set_, options)
+    _print_json(_job("build-index", out, lambda: build_index(db, cfg), verbose, committed=_index_versions))
 
 
 @app.command("refresh")
@@ -123,12 +151,14 @@ def refresh_cmd(
     set_: SetOpt = None,
     force_retrain: Annotated[bool, typer.Option(help="Retrain the quantizer.")] = False,
     address: AddressOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Add the DB's new shards to a new index version (retrain on drift or when forced)."""
     from ragseg.index.build import refresh_index
 
     cfg = _cfg(config, set_, {"index.out": index, "ray.address": address})
-    _print_json(refresh_index(db, cfg, force_retrain=force_retrain))
+    _print_json(_job("refresh", index, lambda: refresh_index(db, cfg, force_retrain=force_retrain), verbose,
+                     committed=_index_versions))
 
 
 @app.command("search")
@@ -139,39 +169,81 @@ def search_cmd(
     mask: Annotated[str | None, typer.Option(help="Mask PNG (non-zero = inside).")] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Neighbours.")] = 10,
     nprobe: Annotated[int | None, typer.Option(help="Lists probed.")] = None,
-    config: ConfigOpt = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help=(
+        "YAML config (optional: the embedder comes from the index; a config's models.clip fields must "
+        "agree with it; device, weights cache/mirror and index.use_gpu are taken from here)."))] = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Embed a region of an image and print its nearest labelled database segments."""
+    """Embed a region of an image with the index's own embedder and print its nearest labelled database
+    segments. No config needed: the index records the CLIP model, weights and pooling that made it."""
     from ragseg.index.search import search_region
 
-    _print_json(search_region(index, image, box=box, mask=mask, k=k, nprobe=nprobe, cfg=_cfg(config, set_)))
+    cfg = _cfg(config, set_)
+    _print_json(_job("search", None, lambda: search_region(index, image, box=box, mask=mask, k=k, nprobe=nprobe,
+                                                           cfg=cfg), verbose))
 
 
 @app.command("info")
-def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB or label output URI.")]) -> None:
-    """An index store: the live version's counts, parameters, nprobe / re-rank settings, bytes per vector
-    and the quality measured at build (1-recall@1, 1-recall@10, 10-recall@10, kNN-vote agreement). A
-    feature DB or a label output: its header, committed totals (each image once, with its latest outcome),
-    its errors counted by stage and reason, and pieces (read from the ledger, in bulk)."""
+def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB, label output or a Parquet file ragseg wrote.")]
+             ) -> None:
+    """An index store: the live version's counts, parameters, nprobe / re-rank settings, bytes per vector,
+    the quality measured at build, its embedder and provenance. A feature DB or a label output: what is
+    committed (pieces, images, mask segments, errors; each image once, with its latest outcome), its
+    errors counted by stage and reason, the ledger's files, the embedder and provenance (ragseg version,
+    config YAML, models and checksums, index, vocabulary, proposals, ensemble). A Parquet file: its rows,
+    columns and provenance."""
     from ragseg.index.store import index_info
     from ragseg.io import exists, join
 
+    if index.lower().endswith(".parquet"):
+        _print_json(_parquet_info(index))
+        return
     if exists(join(index, "manifest.json")):
         from ragseg import ledger
 
         head = ledger.read_header(index, ledger.peek_kind(index))
         led = ledger.load(index, head["kind"])
-        _print_json({"uri": index, "kind": head["kind"], "format": head["format"], "totals": led.totals(),
+        _print_json({"uri": index, "kind": head["kind"], "format": head["format"],
+                     # what readers see: committed pieces and their images, mask segments and error rows
+                     "committed": led.totals(),
                      "errors_by_stage": ledger.error_counts(led),
-                     "segments": len(head["segments"]), "uncompacted_commits": len(led.uncompacted),
+                     # the commit ledger's own files (manifest segments of commit records, not masks)
+                     "ledger": {"manifest_segment_files": len(head["segments"]),
+                                "uncompacted_commit_records": len(led.uncompacted)},
                      "runs": len(head.get("runs", [])),
-                     **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "config_hash", "index_version")
-                        if k in head}})
+                     **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "embedder", "config_hash",
+                                             "index_version", "provenance") if k in head}})
         return
     if not exists(index):
-        raise UserError(f"index store not found: {index}")
+        raise UserError(f"not found: {index} (info takes an index store, a feature DB, a label output or a "
+                        ".parquet file)")
+    from ragseg.console import LOGS
+    from ragseg.failures import _entries
+    from ragseg.index.store import current_version
+
+    if current_version(index) is None and not _entries(index, "v0"):
+        logs = join(index, LOGS) if LOGS in _entries(index) else None
+        _print_json({"uri": index, "status": "not started: no job has committed or published anything here "
+                     "(a rerun starts it afresh)", "logs": logs})
+        return
     _print_json(index_info(index))
+
+
+def _parquet_info(uri: str) -> dict:
+    import pyarrow.parquet as pq
+
+    from ragseg import provenance
+    from ragseg.io import exists, fs_and_path
+
+    if not exists(uri):
+        raise UserError(f"not found: {uri}")
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        schema = meta.schema.to_arrow_schema()
+    return {"uri": uri, "rows": meta.num_rows, "columns": {f.name: str(f.type) for f in schema},
+            "provenance": provenance.read_parquet(uri)}
 
 
 @app.command("migrate")
@@ -196,7 +268,11 @@ def label_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     images: Annotated[str | None, typer.Option(help="Image folder/glob URI (folder source).")] = None,
-    vocab: Annotated[str | None, typer.Option(help="Vocabulary file (CSV, JSON or COCO categories).")] = None,
+    vocab: Annotated[str | None, typer.Option(help=(
+        'Vocabulary: inline names "ball,crate,sky:stuff"; a .txt file with one name per line; a JSON list '
+        '["ball", "sky:stuff"] or of {"name": "sky", "isthing": false}; a CSV name[,isthing[,id[,synonyms]]]; '
+        "or a COCO panoptic categories JSON. name:thing / name:stuff sets the flag (default: the packaged "
+        "ADE20k / COCO flag of that name, else thing); name|synonym|... adds synonyms."))] = None,
     index: Annotated[str | None, typer.Option(help="Index store URI.")] = None,
     fallback_index: Annotated[str | None, typer.Option(help="Secondary (generic) index.")] = None,
     out: Annotated[str | None, typer.Option(help="Output URI.")] = None,
@@ -204,15 +280,20 @@ def label_cmd(
     address: AddressOpt = None,
     retry_errors: RetryOpt = False,
     errors_matching: MatchingOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Panoptic pseudo-labels for a corpus: proposals -> masked CLIP -> retrieval + CLIP -> merge."""
+    """Panoptic pseudo-labels for a corpus: proposals -> masked CLIP -> retrieval + CLIP -> merge. The
+    CLIP embedder's identity fields the config leaves out come from the index; ones it sets must agree.
+    Ctrl-C stops it (rerun the same command to resume); Ray's own output goes to OUT/_logs/."""
     from ragseg.pipelines.label import run_label
 
     options: dict[str, object] = {"label.vocab": vocab, "label.index": index, "label.fallback_index": fallback_index,
                                   "label.out": out, "label.proposals": proposals, "ray.address": address}
     if images:
         options.update({"label.images.kind": "folder", "label.images.uri": images})
-    _print_json(run_label(_cfg(config, set_, options), retry_errors=retry_errors, errors_matching=errors_matching))
+    cfg = _cfg(config, set_, options)
+    _print_json(_job("label", cfg.label.out,
+                     lambda: run_label(cfg, retry_errors=retry_errors, errors_matching=errors_matching), verbose))
 
 
 @app.command("convert-weights")
@@ -245,11 +326,12 @@ def visualize_cmd(
 
 
 @app.command("demo")
-def demo_cmd(config: ConfigOpt = "configs/demo.yaml", set_: SetOpt = None) -> None:
+def demo_cmd(config: ConfigOpt = "configs/demo.yaml", set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Whole pipeline on a generated set with tiny models: synthetic -> DB -> index -> label -> PQ."""
     from ragseg.pipelines.demo import run_demo
 
-    run_demo(_cfg(config, set_))
+    cfg = _cfg(config, set_)
+    _job("demo", cfg.demo.workdir, lambda: run_demo(cfg), verbose, committed=lambda _: None)
 
 
 from ragseg.jobs.experiment import register as _register_experiment  # noqa: E402
@@ -363,28 +445,67 @@ def _ray_running() -> bool:
 
 
 def _exit_user_error(e: UserError, ray_was_running: bool) -> None:
-    if _ray_running() and not ray_was_running:
-        # the job's own Ray: its workers' log lines stop here, so the error stays the last line (a
-        # Ray that the caller started, e.g. main() called in a test session, is the caller's)
-        sys.modules["ray"].shutdown()
-    typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+    from ragseg.console import say
+    from ragseg.jobs.runner import shutdown_own_ray
+
+    # the job's own Ray: its workers' log lines stop here, so the error stays the last line (a Ray
+    # that the caller started, e.g. main() called in a test session, is the caller's)
+    shutdown_own_ray(ray_was_running)
+    say(f"error: {' '.join(str(e).split())}")
     sys.exit(2)
 
 
+def _exit_internal(e: BaseException, ray_was_running: bool) -> None:
+    """An unexpected error outside a job (whose runner already logged it): the trace to a log file,
+    one line naming it, exit code 1."""
+    import tempfile
+    import time
+    import traceback
+
+    from ragseg.console import say
+    from ragseg.jobs.runner import shutdown_own_ray
+
+    shutdown_own_ray(ray_was_running)
+    where = "(no log written)"
+    try:
+        fd, where = tempfile.mkstemp(prefix=f"ragseg-{time.strftime('%Y%m%dT%H%M%S')}-", suffix=".log")
+        with open(fd, "w") as f:
+            f.write(" ".join(sys.argv) + "\n" + "".join(traceback.format_exception(e)))
+    except OSError:
+        pass
+    say(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (full trace in {where})")
+    sys.exit(1)
+
+
 def main() -> None:
+    from ragseg.failures import InternalError, classify
+    from ragseg.interrupt import EXIT_CODE, JobInterrupted, resume_line
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ray_was_running = _ray_running()
     try:
         app(standalone_mode=False)
+    except JobInterrupted as e:
+        from ragseg.console import say
+
+        say(str(e) if str(e).startswith("interrupted:") else resume_line(e.pieces))
+        sys.exit(EXIT_CODE)
+    except InternalError as e:  # a job's unexpected error: its trace is in the job's log already
+        from ragseg.console import say
+
+        say(f"error: {e}")
+        sys.exit(1)
     except UserError as e:  # a Ray error that is also a UserError carries a traceback: its cause's line
         from ragseg.errors import user_error_from_ray
 
         _exit_user_error(user_error_from_ray(e) or e, ray_was_running)
     except FileNotFoundError as e:
-        typer.echo(f"error: file not found: {e.filename or e}", err=True)
+        from ragseg.console import say
+
+        say(f"error: file not found: {e.filename or e}")
         sys.exit(2)
     except typer.Abort:
-        sys.exit(130)
+        sys.exit(EXIT_CODE)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", None) if isinstance(e, typer.Exit) else e.code
         sys.exit(code or 0)
@@ -395,13 +516,14 @@ def main() -> None:
         else:
             typer.echo(f"error: {e}", err=True)
         sys.exit(getattr(e, "exit_code", 2) or 2)
-    except Exception as e:  # a UserError raised in a Ray worker: one line naming the stage, exit code 2
+    except Exception as e:  # a UserError raised in a Ray worker, a full disk...: one line, exit code 2
         from ragseg.errors import user_error_from_ray
 
-        found = user_error_from_ray(e)
+        found = user_error_from_ray(e) or classify(e, None)
         if found is None:
-            raise
+            _exit_internal(e, ray_was_running)
         _exit_user_error(found, ray_was_running)
+
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,8 @@ from ragseg.pipelines.common import (
 from ragseg.pipelines.listing import clear_listings
 from ragseg.pipelines.retry import retry_rows
 from ragseg.preflight import preflight
-from ragseg.schema import embeddings_to_arrow, feature_schema
+from ragseg.provenance import attach
+from ragseg.schema import embeddings_to_arrow, feature_schema, masks_to_arrow
 from ragseg.stages.batch import as_list
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,12 @@ RESULT_COLUMNS = ["image_id", "uri", "error", "seg_masks_rle", "seg_labels", "se
 
 def embed_identity(cfg: JobConfig) -> tuple[str, str, int]:
     """(model id, mode, dim) of the configured CLIP embedder, without loading weights. Must agree
-    with ``Embed.model_id`` / ``Embed.dim`` (a test checks it)."""
-    import open_clip
+    with ``Embed.model_id`` / ``Embed.dim`` (a test checks it). The full identity that jobs compare
+    is :func:`ragseg.identity.embed_identity`."""
+    from ragseg.identity import embed_identity as full
 
-    c = cfg.models.clip
-    arch = c.model_cfg or open_clip.get_model_config(c.model)
-    if arch is None:
-        raise UserError(f"unknown open_clip model {c.model!r} (set models.clip.model or models.clip.model_cfg)")
-    return f"open_clip:{c.model}/{c.pretrained or 'random'}", c.mode, int(arch["embed_dim"])
+    ident = full(cfg, checksum=False)
+    return ident["model"], ident["mode"], ident["dim"]
 
 
 def segments_table(batch: dict[str, np.ndarray], rows: np.ndarray, label_source: str, model_id: str, mode: str,
@@ -88,7 +87,7 @@ def segments_table(batch: dict[str, np.ndarray], rows: np.ndarray, label_source:
         "score": pa.array(cols["score"], pa.float32()),
         "box": pa.array([np.asarray(b, np.float32) for b in cols["box"]], pa.list_(pa.float32(), 4)),
         "area": pa.array(cols["area"], pa.int64()),
-        "mask_rle": pa.array(cols["mask_rle"], pa.string()),
+        "mask_rle": masks_to_arrow(cols["mask_rle"]),
         "embedding": embeddings_to_arrow(np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)),
         "embed_model": pa.array([model_id] * n_rows, pa.string()).dictionary_encode(),
         "embed_mode": pa.array([mode] * n_rows, pa.string()).dictionary_encode(),
@@ -103,9 +102,10 @@ class WriteDbPiece:
     record (one row) to the driver."""
 
     def __init__(self, out: str, label_source: str, model_id: str, mode: str, dim: int, epoch: int = 0,
-                 retry: bool = False):
+                 retry: bool = False, provenance: bytes | None = None):
         self.out, self.label_source, self.model_id, self.mode, self.dim = out, label_source, model_id, mode, dim
         self.epoch, self.retry = epoch, retry  # the job's lease epoch; a --retry-errors run
+        self.provenance = provenance  # ragseg.provenance: JSON bytes for every file's schema metadata
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(v) for v in batch["image_id"]]
@@ -117,10 +117,10 @@ class WriteDbPiece:
         name = ledger.piece_name(ids, f"retry-{self.epoch}" if self.retry else "")
         paths = dblib.piece_paths(name)
         table = segments_table(batch, ok, self.label_source, self.model_id, self.mode, self.dim)
-        io.write_parquet_atomic(io.join(self.out, paths["features"]), table)
+        io.write_parquet_atomic(io.join(self.out, paths["features"]), attach(table, self.provenance))
         if bad:
             rows = [{"uri": batch["uri"][i], "image_id": ids[i], "error": errors[i]} for i in bad]
-            io.write_parquet_atomic(io.join(self.out, paths["errors"]), failed_rows_table(rows))
+            io.write_parquet_atomic(io.join(self.out, paths["errors"]), attach(failed_rows_table(rows), self.provenance))
         empty = int(sum(1 for i in ok if len(batch["seg_masks_rle"][i]) == 0))
         rec = ledger.new_record(name, ids, images=len(ids), segments=table.num_rows, errors=len(bad),
                                 empty_images=empty, data_path=paths["features"],
@@ -190,15 +190,21 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
         raise UserError("--errors-matching selects which errors --retry-errors retries: give both")
     if execute is None:
         preflight(cfg, "build-db")  # model sections checked on the driver, before Ray starts
+    from ragseg import identity, provenance
+
     out = cfg.build_db.out
-    model_id, mode, dim = embed_identity(cfg)
+    embedder = identity.record(cfg)
+    prov = provenance.job_provenance(cfg, "build-db")
+    model_id, mode, dim = embedder["model"], embedder["mode"], embedder["dim"]
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "build-db") as lease:
         clear_listings(out)
         c = cfg.commit
         led, header, comp = ledger.open_for_writing(
             out, dblib.KIND, c.compact_every, c.compact_seconds, c.max_segments,
-            lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json")),
-            lambda h: dblib.check_compatible(h, model_id, mode, dim, out), lease=lease)
+            lambda: dblib.new_header(model_id, mode, dim, cfg.hash("models.clip"), cfg.models.model_dump(mode="json"),
+                                     embedder=embedder, provenance=prov),
+            lambda h: identity.check(identity.header_identity(h), embedder, f"DB {out}",
+                                     fix="use a new --out DB (or the models.clip it was built with)"), lease=lease)
         masks_by = mask_model(cfg)
         mixed = dblib.note_mask_model(header, masks_by, out)
         if mixed:
@@ -214,16 +220,18 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
                     "source_errors": len(source_errors)}
         if retry_errors:
             run_info["retry_errors"] = {"errors_matching": errors_matching}
-        stats.errors += write_source_errors(out, source_errors)
+        stats.errors += write_source_errors(out, source_errors, provenance.to_bytes(prov))
         del rows
 
         n_pending = pending.num_rows
         if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg), out)
-            writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim, lease.epoch, retry_errors)
+            writer = functools.partial(WriteDbPiece, out, label_source, model_id, mode, dim, lease.epoch, retry_errors,
+                                       provenance.to_bytes(prov))
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
-            drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress)
+            drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress,
+                          pieces=-(-n_pending // cfg.build_db.images_per_shard), interval=cfg.ray.progress_interval_s)
 
         header["runs"].append({**run_info, "summary": stats.summary()})
         comp.write_header()

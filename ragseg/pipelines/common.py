@@ -163,15 +163,20 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
     back to the driver. The listing file is removed when the job ends."""
 
     def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
-        import ray
-
         from ragseg.pipelines import listing
         from ragseg.runtime import init_ray
 
+        # Ray and the listing first, eagerly: a cluster that cannot be reached or a full disk is the
+        # job's only line, before it says what it is going to do
         init_ray(cfg.ray)
         uri, offsets, schema = listing.write_listing(out, pending, per_piece)
-        n_rows = pending.num_rows
-        del pending  # the driver keeps only the pieces' offsets while the job runs
+        return iterate(cfg, writer, per_piece, uri, offsets, schema, pending.num_rows)
+
+    def iterate(cfg: JobConfig, writer, per_piece: int, uri: str, offsets, schema, n_rows: int):
+        import ray
+
+        from ragseg.pipelines import listing
+
         try:
             pieces = len(offsets) - 1
             cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -209,10 +214,19 @@ def inline_executor(results: Callable[[list[dict]], dict[str, np.ndarray]]) -> E
 
 
 def drain_records(records: Iterator[dict], compactor, stats: RunStats, expected_images: int, description: str,
-                  progress: bool) -> None:
+                  progress: bool, pieces: int | None = None, interval: float = 60.0) -> None:
     """The driver loop: receive each piece's commit record (the only rows that reach the driver),
-    hand it to the compactor and count it. O(1) per piece, nothing per segment."""
-    bar = Progress(expected_images, description, progress)
+    hand it to the compactor and count it. O(1) per piece, nothing per segment. ``progress``: one
+    line saying what is to do, then :class:`ragseg.console.JobProgress` (a bar on a terminal, a line
+    every ``interval`` s otherwise). A Ctrl-C (ragseg.interrupt) lands here: the records received so
+    far are compacted and the iteration is closed, which stops the Ray pipeline."""
+    from ragseg import console
+
+    if progress and expected_images:
+        log = console.log_uri()
+        console.say(f"{description}: {expected_images} images to do in {pieces or '?'} pieces"
+                    + (f" (Ray's output: {log})" if log else ""))
+    bar = console.JobProgress(description, expected_images, pieces, progress, interval)
     seen = 0
     try:
         for rec in records:
@@ -223,6 +237,9 @@ def drain_records(records: Iterator[dict], compactor, stats: RunStats, expected_
             bar.advance(rec["images"])
     finally:
         bar.close()
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()  # a generator: its cleanup (Ray Data's executor, the listing file) runs now
         compactor.flush()
     if seen != expected_images:
         raise RuntimeError(f"the pipeline committed {seen} images but {expected_images} were pending; "
@@ -244,17 +261,18 @@ def _plain_record(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_source_errors(out: str, errors: list[dict]) -> int:
+def write_source_errors(out: str, errors: list[dict], provenance: bytes | None = None) -> int:
     """Listing errors (bad CSV lines, malformed annotation entries) belong to no piece: they go to
     ``<out>/errors/source-<content hash>.parquet``, so a rerun rewrites the same file, never a twin."""
     if not errors:
         return 0
     from ragseg import io
     from ragseg.errors import errors_table
+    from ragseg.provenance import attach
 
     table = errors_table(errors)
     key = hashlib.sha256(str(table.to_pylist()).encode()).hexdigest()[:12]
-    io.write_parquet_atomic(io.join(out, "errors", f"source-{key}.parquet"), table)
+    io.write_parquet_atomic(io.join(out, "errors", f"source-{key}.parquet"), attach(table, provenance))
     return len(errors)
 
 
@@ -301,54 +319,12 @@ class RunStats:
         }
 
 
-class Progress:
-    """A rich progress bar over images (total known up front), showing images/s; a no-op when off."""
-
-    def __init__(self, total: int, description: str, enabled: bool):
-        self.enabled = enabled and total > 0
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            self._p = RichProgress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                transient=False,
-            )
-            self._p.start()
-            self._task = self._p.add_task(description, total=total, rate="-")
-            self._t0 = time.perf_counter()
-            self._done = 0
-
-    def advance(self, n: int) -> None:
-        if self.enabled:
-            self._done += n
-            rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
-            self._p.update(self._task, advance=n, rate=f"{rate:.2f}")
-
-    def close(self) -> None:
-        if self.enabled:
-            self._p.stop()
-
-
 def print_summary(title: str, summary: dict[str, Any], enabled: bool = True) -> None:
+    """The end summary on the terminal (ragseg.console.summary_lines): output, counts, errors and
+    where their rows are, throughput. The per-stage figures are in the JSON the command prints."""
     if not enabled:
         return
-    from rich.console import Console
-    from rich.table import Table
+    from ragseg import console
 
-    t = Table(title=title)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in summary.items():
-        if k != "stages":
-            t.add_row(k, str(v))
-    for name, s in summary.get("stages", {}).items():
-        t.add_row(f"stage {name}", f"{s['busy_seconds']} s busy, {s['images_per_busy_second']} img/s")
-    Console(stderr=True).print(t)
+    for line in console.summary_lines(title, summary):
+        console.say(line)

@@ -26,6 +26,7 @@ def run_demo(cfg: JobConfig) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
+    from ragseg.console import err_stream
     from ragseg.eval.pq import evaluate
     from ragseg.index.build import build_index
     from ragseg.pipelines.build_db import run_build_db
@@ -33,7 +34,7 @@ def run_demo(cfg: JobConfig) -> dict[str, Any]:
     from ragseg.pipelines.visualize import visualize
     from ragseg.sources.synthetic import make_synthetic
 
-    console = Console(stderr=True)
+    console = Console(file=err_stream())  # the terminal, also while the job's log holds fd 2
     t0 = time.perf_counter()
     work = cfg.demo.workdir
     data = io.join(work, "data")

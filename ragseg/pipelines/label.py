@@ -38,6 +38,8 @@ from ragseg.pipelines.common import (
 from ragseg.pipelines.listing import clear_listings
 from ragseg.pipelines.retry import retry_rows
 from ragseg.preflight import preflight
+from ragseg.provenance import attach
+from ragseg.schema import MASK_TYPE, masks_to_arrow
 
 # columns the piece writer reads (pixels are dropped before it)
 RESULT_COLUMNS = ["image_id", "uri", "error", "coco_id", "file_name", "png_name", "height", "width", "segments_info"]
@@ -53,7 +55,7 @@ SEGMENTS_SCHEMA = pa.schema([
     pa.field("s_iv", pa.float32()),
     pa.field("box", pa.list_(pa.float32(), 4)),
     pa.field("area", pa.int64()),
-    pa.field("mask_rle", pa.string()),
+    pa.field("mask_rle", MASK_TYPE),  # pycocotools.mask.decode(row["mask_rle"]) (ragseg.schema.MASK_TYPE)
 ])
 
 
@@ -95,28 +97,30 @@ def _png_bytes(img) -> bytes:
 
 
 def _check_index(cfg: JobConfig, index_uri: str) -> dict:
-    from ragseg.index.store import Index
-    from ragseg.pipelines.build_db import embed_identity
+    """The index's meta (read without opening its FAISS files), after checking that its keys come from
+    the embedder this run queries with (ragseg.identity: model, weights, mode, pooling size, dim),
+    for every proposal method."""
+    from ragseg import identity
+    from ragseg.index.store import read_meta
 
-    meta = Index.open(index_uri).meta
+    meta = read_meta(index_uri)
     if cfg.label.proposals == "fcclip":
         from ragseg.stages.fcclip import check_index_identity
 
         check_index_identity(cfg, meta, index_uri)
         return meta
-    if cfg.models.clip.mode == "fcclip" and meta.get("embed_mode") == "fcclip":
-        from ragseg.stages.fcclip import check_index_identity
-
-        check_index_identity(cfg, meta, index_uri)
-    model_id, mode, dim = embed_identity(cfg)
-    have = (meta.get("embed_model"), meta.get("embed_mode"), int(meta.get("dim", -1)))
-    if have != (model_id, mode, dim):
-        raise UserError(
-            f"index {index_uri} holds embeddings of {have[0]} mode={have[1]} dim={have[2]}, but the label "
-            f"config embeds queries with {model_id} mode={mode} dim={dim}: queries and keys must come "
-            f"from the same CLIP model and mode (set models.clip to match the index)"
-        )
+    identity.check(identity.index_identity(meta), identity.embed_identity(cfg), f"index {index_uri}")
     return meta
+
+
+def adopt_index_embedder(cfg: JobConfig, index_uri: str) -> JobConfig:
+    """The embedder identity fields of ``models.clip`` that the config leaves out, taken from the index
+    (ragseg.identity.adopt_clip): a label config need not repeat how the DB was embedded."""
+    from ragseg import identity
+    from ragseg.index.store import read_meta
+
+    meta = read_meta(index_uri)
+    return identity.adopt_clip(cfg, identity.index_clip(meta), identity.index_identity(meta).get("fcclip_input"))
 
 
 def build_graph(cfg: JobConfig, ds, vocab):
@@ -173,10 +177,11 @@ class WriteLabelPiece:
     table, then its commit record (ragseg.ledger), and returns only the record to the driver. The
     panoptic PNGs were written per image by :class:`WritePanoptic` before."""
 
-    def __init__(self, out: str, vocab, epoch: int = 0, retry: bool = False):
+    def __init__(self, out: str, vocab, epoch: int = 0, retry: bool = False, provenance: bytes | None = None):
         self.out = out
         self.id2name = {int(i): str(n) for i, n in zip(vocab.ids, vocab.names)}
         self.epoch, self.retry = epoch, retry  # the job's lease epoch; a --retry-errors run
+        self.provenance = provenance  # ragseg.provenance: JSON bytes for every file's schema metadata
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -209,14 +214,15 @@ class WriteLabelPiece:
                 seg_rows["box"].append([x, y, x + w, y + h])
                 seg_rows["area"].append(int(s["area"]))
                 seg_rows["mask_rle"].append(str(s["mask_rle"]))
-        table = pa.table({f.name: pa.array(seg_rows.get(f.name, []), f.type) for f in SEGMENTS_SCHEMA},
+        table = pa.table({f.name: masks_to_arrow(seg_rows.get(f.name, [])) if f.name == "mask_rle"
+                          else pa.array(seg_rows.get(f.name, []), f.type) for f in SEGMENTS_SCHEMA},
                          schema=SEGMENTS_SCHEMA)
-        io.write_parquet_atomic(io.join(self.out, paths["segments"]), table)
+        io.write_parquet_atomic(io.join(self.out, paths["segments"]), attach(table, self.provenance))
         io.write_text_atomic(io.join(self.out, paths["parts"]), "".join(line + "\n" for line in lines))
         bad = [i for i in range(n) if errors[i]]
         if bad:
             rows = [{"uri": batch["uri"][i], "image_id": ids[i], "error": errors[i]} for i in bad]
-            io.write_parquet_atomic(io.join(self.out, paths["errors"]), failed_rows_table(rows))
+            io.write_parquet_atomic(io.join(self.out, paths["errors"]), attach(failed_rows_table(rows), self.provenance))
         rec = ledger.new_record(name, sorted(ids), images=n, segments=table.num_rows, errors=len(bad),
                                 empty_images=empty, data_path=paths["segments"],
                                 errors_path=paths["errors"] if bad else None, parts_path=paths["parts"],
@@ -264,6 +270,8 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
     outcome is an error row (matching ``errors_matching``, when given), :mod:`ragseg.pipelines.retry`."""
     if errors_matching and not retry_errors:
         raise UserError("--errors-matching selects which errors --retry-errors retries: give both")
+    if execute is None and cfg.label.index:
+        cfg = adopt_index_embedder(cfg, cfg.label.index)
     if execute is None:
         preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
     from ragseg.sources import list_table
@@ -280,8 +288,14 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
     if lc.fallback_index and execute is None:
         _check_index(cfg, lc.fallback_index)
 
+    from ragseg import provenance
+
     out = lc.out
     job_hash = label_hash(cfg)
+    prov = provenance.job_provenance(
+        cfg, "label", vocabulary=vocab.categories(),
+        index={"uri": lc.index, "version": meta.get("version")} if lc.index else None,
+        fallback_index={"uri": lc.fallback_index} if lc.fallback_index else None)
     with ledger.Lease(out, cfg.commit.lease_ttl_s, "label") as lease:
         io.remove_tmp_litter(out)
         clear_listings(out)
@@ -295,7 +309,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
         led, header, comp = ledger.open_for_writing(
             out, labels_out.KIND, c.compact_every, c.compact_seconds, c.max_segments,
             lambda: ledger.new_header(labels_out.KIND, config_hash=job_hash, index_version=meta.get("version"),
-                                      vocab=vocab.categories()), check, lease=lease)
+                                      vocab=vocab.categories(), provenance=prov), check, lease=lease)
 
         source_errors: list[dict] = []
         rows = list_table(lc.images, errors=source_errors)
@@ -303,19 +317,22 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
         pending = retry_rows(rows, led, errors_matching) if retry_errors else pending_rows(rows, led)
         del rows
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
-        stats.errors += write_source_errors(out, source_errors)
+        stats.errors += write_source_errors(out, source_errors, provenance.to_bytes(prov))
 
         n_pending = pending.num_rows
         if n_pending:
             execute = execute or ray_executor(functools.partial(build_graph, cfg, vocab=vocab), out)
-            records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab, lease.epoch, retry_errors),
+            records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab, lease.epoch, retry_errors,
+                                                              provenance.to_bytes(prov)),
                               lc.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
-            drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress)
+            drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress,
+                          pieces=-(-n_pending // lc.images_per_shard), interval=cfg.ray.progress_interval_s)
 
         comp.check()  # panoptic.json belongs to whoever holds the folder now
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
-                                                  lc.panoptic_json_max_images, changed=stats.shards_written > 0)
+                                                  lc.panoptic_json_max_images, changed=stats.shards_written > 0,
+                                                  info={"provenance": header.get("provenance") or prov})
         run_info = {"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj}
         if retry_errors:
             run_info["retry_errors"] = {"errors_matching": errors_matching}

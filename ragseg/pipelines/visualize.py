@@ -231,6 +231,7 @@ def visualize(images_uri: str, pred_uri: str, out_uri: str, limit: int | None = 
 
         led = labels_out.open_labels(pred_uri)
         cats = led.header.get("vocab", [])
+        prov = led.header.get("provenance")
         total = int(led.header.get("totals", {}).get("images", 0)) - int(led.header.get("totals", {}).get("errors", 0))
         entries = list(itertools.islice(labels_out.iter_images(pred_uri), limit if limit and limit > 0 else None))
         images_meta = {str(a["id"]): {"id": a["id"], "uri": a["uri"], "file_name": a["file_name"]} for a in entries}
@@ -241,6 +242,7 @@ def visualize(images_uri: str, pred_uri: str, out_uri: str, limit: int | None = 
             raise UserError(f"{pj} not found: is {pred_uri} the --out of a finished `ragseg label` run?")
         data = rio.read_json(pj)
         cats = data.get("categories", [])
+        prov = (data.get("info") or {}).get("provenance")
         images_meta = {str(im["id"]): im for im in data.get("images", []) if "id" in im}
         anns = list(data.get("annotations", []))
         total = len(anns)
@@ -292,7 +294,10 @@ def visualize(images_uri: str, pred_uri: str, out_uri: str, limit: int | None = 
         entries = [one(a) for a in anns]
 
     index_uri = rio.join(out_uri, "index.html")
-    rio.write_text_atomic(index_uri, _index_html(entries, pred_uri, total))
+    shown = {n for e in entries for n, _, _ in e["classes"]}
+    legend = [(int(c["id"]), str(c.get("name", c["id"])), bool(c.get("isthing", 1))) for c in cats
+              if str(c.get("name", c["id"])) in shown]
+    rio.write_text_atomic(index_uri, _index_html(entries, pred_uri, total, legend, prov))
     failed = [{"image_id": e["image_id"], "error": e["error"]} for e in entries if e["error"]]
     return {
         "images": len(entries) - len(failed),
@@ -309,16 +314,63 @@ def _fmt_score(x: float) -> str:
     return "" if math.isnan(x) else f" {x:.2f}"
 
 
-def _index_html(entries: list[dict], pred_uri: str, total: int) -> str:
+def _swatch(category_id: int) -> str:
+    r, g, b = segment_color(category_id, 0)
+    return f'<span class=sw style="background:#{r:02x}{g:02x}{b:02x}"></span>'
+
+
+def _legend_html(legend: list[tuple[int, str, bool]]) -> str:
+    """Each class shown: its colour (the hue; instances of a thing class vary in shade), name, thing/stuff."""
+    esc = html.escape
+    if not legend:
+        return ""
+    items = "".join(f"<li>{_swatch(cid)}{esc(name)} <span class=s>{'thing' if thing else 'stuff'}</span></li>"
+                    for cid, name, thing in sorted(legend, key=lambda t: t[1]))
+    return (f"<h2>Legend</h2><p class=s>colour = class (instances of a thing class vary in shade)</p>"
+            f"<ul class=legend>{items}</ul>")
+
+
+def _provenance_html(prov: dict | None) -> str:
+    """What made these labels (ragseg.provenance): version, job time, proposals, index, ensemble, models
+    with their checksums, vocabulary size, and the whole config."""
+    esc = html.escape
+    if not prov:
+        return "<h2>Provenance</h2><p class=s>not recorded (labels made by an older ragseg)</p>"
+    rows = [("ragseg", prov.get("ragseg_version")), ("job", f"{prov.get('job')} at {prov.get('created')}"),
+            ("proposals", prov.get("proposals"))]
+    idx = prov.get("index") or {}
+    if idx:
+        rows.append(("index", f"{idx.get('uri')} (version {idx.get('version')})"))
+    if prov.get("fallback_index"):
+        rows.append(("fallback index", (prov["fallback_index"] or {}).get("uri")))
+    ens = prov.get("ensemble") or {}
+    if ens:
+        rows.append(("ensemble", ", ".join(f"{k} {ens[k]}" for k in ("scores", "form", "alpha", "beta", "gamma", "k")
+                                           if k in ens)))
+    for m in prov.get("models") or []:
+        sha = f" sha256 {str(m['sha256'])[:12]}" if m.get("sha256") else ""
+        rows.append((f"model {m.get('section')}", f"{m.get('id')} weights {m.get('weights')}{sha}"))
+    if prov.get("vocabulary"):
+        rows.append(("vocabulary", f"{len(prov['vocabulary'])} classes"))
+    body = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows if v is not None)
+    cfg = prov.get("config_yaml")
+    cfg_block = f"<details><summary>config</summary><pre>{esc(cfg)}</pre></details>" if cfg else ""
+    return f"<h2>Provenance</h2><table class=prov>{body}</table>{cfg_block}"
+
+
+def _index_html(entries: list[dict], pred_uri: str, total: int, legend: list[tuple[int, str, bool]] | None = None,
+                prov: dict | None = None) -> str:
     esc = html.escape
     ok = [e for e in entries if not e["error"]]
     bad = [e for e in entries if e["error"]]
+    color_of = {name: cid for cid, name, _ in legend or []}
     cards = []
     for e in ok:
         href = "overlays/" + quote(e["name"] + ".png")
         src = "thumbs/" + quote(e["name"] + ".jpg")
         items = "".join(
-            f"<li>{esc(n)}{' x' + str(c) if c > 1 else ''}<span class=s>{esc(_fmt_score(s))}</span></li>"
+            f"<li>{_swatch(color_of[n]) if n in color_of else ''}{esc(n)}{' x' + str(c) if c > 1 else ''}"
+            f"<span class=s>{esc(_fmt_score(s))}</span></li>"
             for n, c, s in e["classes"]) or "<li><i>no segments</i></li>"
         cards.append(
             f'<div class=card><a href="{esc(href)}"><img src="{esc(src)}" loading=lazy '
@@ -336,12 +388,17 @@ body {{ font-family: sans-serif; margin: 16px; }}
 .card ul {{ margin: 4px 0; padding-left: 18px; font-size: 13px; }}
 .s {{ color: #777; }}
 .errors {{ color: #a00; }}
+.sw {{ display: inline-block; width: 11px; height: 11px; margin-right: 5px; border: 1px solid #555; }}
+.legend {{ columns: 4; list-style: none; padding: 0; }}
+.prov th {{ text-align: left; padding-right: 12px; vertical-align: top; }}
 </style></head><body>
 <h1>ragseg labels</h1>
 <p>{esc(pred_uri)}: {len(ok)} shown, {len(bad)} failed, {total} in the output.</p>
+{_legend_html(legend or [])}
 <div class=grid>
 {chr(10).join(cards)}
 </div>
 {err_block}
+{_provenance_html(prov)}
 </body></html>
 """

@@ -234,8 +234,41 @@ def list_table(cfg: SourceConfig, errors: list[dict] | None = None):
     if cfg.kind == "folder":
         from ragseg.sources.folder import list_table as f
 
-        return f(cfg, errors)
-    return pa.Table.from_pylist(list_rows(cfg, errors), schema=row_schema())
+        table = f(cfg, errors)
+    else:
+        table = pa.Table.from_pylist(list_rows(cfg, errors), schema=row_schema())
+    if table.num_rows == 0:
+        raise UserError(no_images_message(cfg, errors))
+    return table
+
+
+def no_images_message(cfg: SourceConfig, errors: list[dict] | None = None) -> str:
+    """One line for a source that lists no image (nothing for a job to do is a mistake to report)."""
+    what = (f"image folder {cfg.uri} has no {'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} file"
+            + (f" matching {cfg.pattern!r}" if cfg.pattern not in ("**/*", "**", "*") else "")
+            if cfg.kind == "folder" else f"source {cfg.kind} at {cfg.uri} (split {cfg.split!r}) lists no image")
+    sel = [f"limit {cfg.limit}"] * bool(cfg.limit) + [f"shard {cfg.shard}"] * bool(cfg.shard)
+    bad = f"; {len(errors)} entries were rejected (first: {errors[0]['error']})" if errors else ""
+    return f"no images to process: {what}" + (f" after {' and '.join(sel)}" if sel else "") + bad
+
+
+def missing_split(cfg: SourceConfig, wanted: str, folder: str, pattern: str) -> None:
+    """Raise one line when the split's file or folder ``wanted`` is missing, listing the splits the
+    layout has: ``pattern`` is a regex whose group 1 is a split name among the names in ``folder``."""
+    import re
+
+    from ragseg.io import fs_and_path
+
+    if cfg.annotations or cfg.images_dir or first_existing([wanted]) is not None:
+        return
+    try:
+        fs, path = fs_and_path(folder)
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)] if fs.exists(path) else []
+    except Exception:  # noqa: BLE001 - listing is a courtesy; the missing file is still reported
+        names = []
+    found = sorted({m.group(1) for n in names if (m := re.fullmatch(pattern, n))})
+    have = f"splits there: {', '.join(found)}" if found else f"{folder} holds no split of this layout"
+    raise UserError(f"source.split {cfg.split!r}: {wanted} not found ({have})")
 
 
 def read_source(cfg: SourceConfig, errors: list[dict] | None = None,

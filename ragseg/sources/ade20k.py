@@ -52,6 +52,7 @@ from ragseg.sources import (
     first_existing,
     list_names,
     make_row,
+    missing_split,
     select,
     stem,
 )
@@ -264,6 +265,7 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
     _, long = _splits(cfg.split)
     root = dataset_root(cfg.uri)
     images_dir = cfg.images_dir or join(root, "images", long)
+    missing_split(cfg, images_dir, join(root, "images"), r"(.+)")
     ann_dir = cfg.masks_dir or join(root, "annotations", long)
     classes = read_class_list(_class_list_uri(cfg, root), load_isthing(cfg.categories), errors)
     segs_json = json.dumps(classes)  # one shared string for every row
@@ -286,6 +288,7 @@ def list_panoptic_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> l
     short, long = _splits(cfg.split)
     root = dataset_root(cfg.uri)
     ann = cfg.annotations or join(root, f"ade20k_panoptic_{short}.json")
+    missing_split(cfg, ann, root, r"ade20k_panoptic_(.+)\.json")
     png_dir = cfg.masks_dir or join(root, f"ade20k_panoptic_{short}")
     images_dir = cfg.images_dir or join(root, "images", long)
     return select(read_panoptic(ann, png_dir, images_dir, "ade20k_panoptic", errors, label_of=ade_panoptic_label),

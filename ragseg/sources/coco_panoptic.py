@@ -26,6 +26,7 @@ from ragseg.sources import (
     add_error,
     list_names,
     make_row,
+    missing_split,
     read_json_required,
     select,
     stem,
@@ -139,6 +140,7 @@ def read_panoptic(json_uri: str, png_dir: str, images_dir: str, source: str,
 def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]:
     base = join(cfg.uri, "coco") if cfg.kind == "synthetic" else join(cfg.uri)
     ann = cfg.annotations or join(base, "annotations", f"panoptic_{cfg.split}.json")
+    missing_split(cfg, ann, join(base, "annotations"), r"panoptic_(.+)\.json")
     png_dir = cfg.masks_dir or join(base, "annotations", f"panoptic_{cfg.split}")
     images_dir = cfg.images_dir or join(base, cfg.split)
     return select(read_panoptic(ann, png_dir, images_dir, cfg.kind, errors), cfg)

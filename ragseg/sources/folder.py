@@ -122,6 +122,8 @@ def list_table(cfg: SourceConfig, errors: list[dict] | None = None):
     from ragseg.sources import row_schema
 
     fs, base_path, rel_arr = _listing(cfg)
+    if len(rel_arr) == 0:
+        return row_schema().empty_table()
     # by id, then by path: of two files with one id the first path wins
     t = pa.table({"id": strip_extension(rel_arr), "rel": rel_arr}).sort_by([("id", "ascending"), ("rel", "ascending")])
     ids, rel_arr = t.column("id").combine_chunks(), t.column("rel").combine_chunks()

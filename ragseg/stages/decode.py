@@ -11,7 +11,7 @@ import io
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ragseg.config import JobConfig, SourceConfig
 from ragseg.errors import error_text
@@ -37,7 +37,13 @@ def decode_image(data: bytes) -> np.ndarray:
     a truncated file raises (PIL's LOAD_TRUNCATED_IMAGES is left False)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass silently")
-    im = Image.open(io.BytesIO(data))
+    if not data:
+        raise UnidentifiedImageError("empty file (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's message names a BytesIO object: say what the bytes are
+        raise UnidentifiedImageError(f"not an image format PIL reads ({len(data)} bytes, starting "
+                                     f"{bytes(data[:8])!r})") from None
     im.load()
     im = ImageOps.exif_transpose(im)
     arr = np.asarray(im.convert("RGB"), dtype=np.uint8)

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "fcclip"
 OUT_COLUMNS = ("panoptic_png", "segments_info")
-GEOMETRY_FIELDS = ("min_size_test", "max_size_test", "size_divisibility")
 
 
 def settings(cfg: JobConfig) -> PostprocessSettings:
@@ -62,33 +61,14 @@ def uses_retrieval(cfg: JobConfig) -> bool:
 
 def check_index_identity(cfg: JobConfig, meta: dict, index_uri: str) -> None:
     """FC-CLIP queries are ``models.clip.mode=fcclip`` features of ``models.clip`` at FC-CLIP's test input:
-    refuse (one line) an index whose keys came from another trunk, mode, dimension or input rule."""
-    from ragseg import ledger
-    from ragseg.pipelines.build_db import embed_identity
+    refuse (one line) an index whose keys came from another trunk, weights, mode, dimension or input
+    rule (``models.fcclip`` min/max_size_test, size_divisibility): :func:`ragseg.identity.check`."""
+    from ragseg import identity
 
-    model_id, _, dim = embed_identity(cfg)
-    have = (meta.get("embed_model"), meta.get("embed_mode"), int(meta.get("dim", -1)))
-    if have != (model_id, "fcclip", dim):
-        raise UserError(
-            f"index {index_uri} holds {have[0]} mode={have[1]} dim={have[2]} embeddings, but label.proposals="
-            f"fcclip queries are {model_id} mode=fcclip dim={dim} (FC-CLIP's mask pooling on its trunk): "
-            f"build the database with models.clip = the FC-CLIP trunk and models.clip.mode=fcclip")
-    man = None
-    if meta.get("db_uri"):
-        try:
-            man = ledger.read_header(str(meta["db_uri"]), "db")
-        except Exception as e:  # noqa: BLE001 - the DB may live elsewhere; the index meta is what counts
-            log.warning("fcclip: cannot read the index's DB manifest %s (%s); input size not checked",
-                        meta["db_uri"], e)
-    if man is not None:
-        db_fc = (man.get("models") or {}).get("fcclip", {})
-        fc = cfg.models.fcclip
-        diff = [f"{k} {db_fc.get(k)} != {getattr(fc, k)}" for k in GEOMETRY_FIELDS
-                if k in db_fc and db_fc[k] != getattr(fc, k)]
-        if diff:
-            raise UserError(
-                f"index {index_uri} was built from keys pooled at another FC-CLIP test input "
-                f"(models.fcclip {', '.join(diff)}): queries and keys must use the same input rule")
+    identity.check(identity.index_identity(meta), identity.embed_identity(cfg, mode="fcclip"), f"index {index_uri}",
+                   context=" (label.proposals=fcclip queries are FC-CLIP's mask-pooled features, mode=fcclip)",
+                   fix="build the database with models.clip = the FC-CLIP trunk, models.clip.mode=fcclip and the "
+                       "same models.fcclip test sizes")
 
 
 def text_classifier(cfg: JobConfig, vocab, bundle, model):

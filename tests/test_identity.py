@@ -15,7 +15,8 @@ def test_identity_fields_and_one_line_differences(tiny_cfg_path):
     cfg = load_config(tiny_cfg_path)
     base = identity.embed_identity(cfg)
     assert base == {"model": "open_clip:tiny-convnext/random", "arch": base["arch"], "weights": "random(seed=0)",
-                    "weights_sha256": None, "mode": "pool", "pool_image_size": 512, "context_pad": None, "dim": 64}
+                    "weights_sha256": None, "mode": "pool", "pool_image_size": 512, "fcclip_input": None,
+                    "context_pad": None, "dim": 64}
     identity.check(base, base, "index I")
     for override, field in (("models.clip.pool_image_size=256", "pool_image_size 512 there vs 256 here"),
                             ("models.clip.seed=3", "weights random(seed=0) there vs random(seed=3) here"),
@@ -25,6 +26,13 @@ def test_identity_fields_and_one_line_differences(tiny_cfg_path):
         with pytest.raises(UserError) as e:
             identity.check(base, other, "index I")
         assert field in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("index I ")
+    # FC-CLIP's pooling: its test input rule is part of the identity
+    fc = identity.embed_identity(load_config(tiny_cfg_path, ["models.clip.mode=fcclip"]))
+    assert fc["fcclip_input"] == [256, 427, 32] and fc["pool_image_size"] is None
+    other = identity.embed_identity(load_config(tiny_cfg_path, ["models.clip.mode=fcclip",
+                                                                "models.fcclip.max_size_test=512"]))
+    with pytest.raises(UserError, match=r"fcclip_input \[256, 427, 32\] there vs \[256, 512, 32\] here"):
+        identity.check(fc, other, "index I")
 
 
 def test_weights_compare_by_checksum_when_both_know_it():

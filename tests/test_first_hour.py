@@ -258,7 +258,7 @@ def test_label_identity_check_for_every_proposal_method(world):
     from ragseg.errors import UserError
     from ragseg.pipelines.label import _check_index, adopt_index_embedder
 
-    for proposals in ("gt", "gdino-sam", "sam-grid", "fcclip"):
+    for proposals in ("gt", "gdino-sam", "sam-grid"):
         ok = load_config(world["cfg"], [f"label.proposals={proposals}"])
         _check_index(ok, world["index"])
         for bad, field in (("models.clip.pool_image_size=256", "pool_image_size"), ("models.clip.seed=1", "weights"),
@@ -267,6 +267,10 @@ def test_label_identity_check_for_every_proposal_method(world):
             with pytest.raises(UserError, match=field) as e:
                 _check_index(cfg, world["index"])
             assert "\n" not in str(e.value)
+    # FC-CLIP's queries are its own mask-pooled dense features (mode fcclip): a DB of pooled crops is refused
+    with pytest.raises(UserError, match="mode pool there vs fcclip here") as e:
+        _check_index(load_config(world["cfg"], ["label.proposals=fcclip"]), world["index"])
+    assert "\n" not in str(e.value)
     # a config that says nothing about CLIP embeds like the index
     bare = adopt_index_embedder(load_config(None, ["label.proposals=sam-grid"]), world["index"])
     assert bare.models.clip.model == "tiny-convnext" and bare.models.clip.pool_image_size == 512

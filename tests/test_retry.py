@@ -208,7 +208,7 @@ def test_retry_errors_cli(tmp_path, vocab, capsys):
     assert code == 0
     info = json.loads(stdout)
     assert info["errors_by_stage"] == {"decode": {"OSError": 2, "UnidentifiedImageError": 1}}
-    assert info["totals"]["errors"] == 3 and info["totals"]["images"] == N_IMAGES
+    assert info["committed"]["errors"] == 3 and info["committed"]["images"] == N_IMAGES
     code, _, err = run_cli_main(["build-db", "--set", "source.kind=folder", "--set", f"source.uri={images}",
                                  "--out", out, "--errors-matching", "decode"], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "--retry-errors" in err
@@ -221,7 +221,7 @@ def test_retry_errors_cli(tmp_path, vocab, capsys):
     code, stdout, _ = run_cli_main(["info", out], capsys)
     info = json.loads(stdout)
     assert info["errors_by_stage"] == {"decode": {"UnidentifiedImageError": 1}}
-    assert info["totals"]["errors"] == 1 and info["totals"]["images"] == N_IMAGES
+    assert info["committed"]["errors"] == 1 and info["committed"]["images"] == N_IMAGES
 
 
 def test_build_db_retry_errors_end_to_end(tmp_path, tiny_cfg_path, ray_local, capsys):

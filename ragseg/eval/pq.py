@@ -159,12 +159,19 @@ def pq_stats_image(
     if gt_ids.shape != pred_ids.shape:
         raise PanopticFormatError(
             f"image {image_id}: prediction is {pred_ids.shape[:2]} but ground truth is {gt_ids.shape[:2]}")
-    valid = _cat_ids(categories)
     gt_segms = {int(s["id"]): s for s in gt_segs}
     pred_segms = {int(s["id"]): s for s in pred_segs}
+    pred_area = _pred_areas(pred_ids, pred_segms, _cat_ids(categories), image_id)
+    gt_pred, gt_area = _intersections(gt_ids, pred_ids, gt_segms)
     stat = PQStat()
+    gt_matched, pred_matched = _count_matches(stat, gt_pred, gt_segms, pred_segms, gt_area, pred_area)
+    _count_unmatched(stat, gt_pred, gt_segms, pred_segms, pred_area, gt_matched, pred_matched)
+    return stat
 
-    # predicted areas + sanity checks (as the reference)
+
+def _pred_areas(pred_ids: np.ndarray, pred_segms: dict[int, Mapping], valid, image_id) -> dict[int, int]:
+    """Predicted segment areas (PNG pixel counts), with the reference's sanity checks: every PNG id is in
+    ``segments_info`` with a valid category, and every ``segments_info`` id is drawn."""
     pred_area: dict[int, int] = {}
     labels, counts = np.unique(pred_ids, return_counts=True)
     for lab, cnt in zip(labels.tolist(), counts.tolist()):
@@ -181,8 +188,13 @@ def pq_stats_image(
     if not_drawn:
         raise PanopticFormatError(
             f"image {image_id}: segment ids {not_drawn} are in segments_info but not in the prediction PNG")
+    return pred_area
 
-    # intersections of every (gt id, pred id) pair
+
+def _intersections(gt_ids: np.ndarray, pred_ids: np.ndarray, gt_segms: dict[int, Mapping]
+                   ) -> tuple[dict[tuple[int, int], int], dict[int, int]]:
+    """(pixels of every (gt id, pred id) pair, gt areas): the JSON's ``area`` where given (as the
+    reference), else the PNG's pixel count."""
     combo = gt_ids.astype(np.uint64) * np.uint64(OFFSET) + pred_ids.astype(np.uint64)
     labels, counts = np.unique(combo, return_counts=True)
     gt_pred: dict[tuple[int, int], int] = {}
@@ -191,11 +203,15 @@ def pq_stats_image(
         g, p = divmod(int(lab), OFFSET)
         gt_pred[(g, p)] = int(cnt)
         gt_area[g] += int(cnt)
-
     for g, gs in gt_segms.items():  # the reference's union uses the JSON's gt area
         if gs.get("area") is not None:
             gt_area[g] = int(gs["area"])
+    return gt_pred, gt_area
 
+
+def _count_matches(stat: PQStat, gt_pred: dict, gt_segms: dict, pred_segms: dict, gt_area: dict,
+                   pred_area: dict) -> tuple[set[int], set[int]]:
+    """True positives: same category, not crowd, IoU > 0.5 with the gt void taken out of the union."""
     gt_matched: set[int] = set()
     pred_matched: set[int] = set()
     for (g, p), inter in gt_pred.items():
@@ -214,8 +230,14 @@ def pq_stats_image(
             st.iou += iou
             gt_matched.add(g)
             pred_matched.add(p)
+    return gt_matched, pred_matched
 
-    crowd_by_cat: dict[int, int] = {}  # one crowd segment per category: the last listed (the reference)
+
+def _count_unmatched(stat: PQStat, gt_pred: dict, gt_segms: dict, pred_segms: dict, pred_area: dict,
+                     gt_matched: set[int], pred_matched: set[int]) -> None:
+    """False negatives (unmatched non-crowd gt) and false positives (unmatched pred not mostly on gt
+    void or on the crowd segment its category keeps: the last one listed, as the reference)."""
+    crowd_by_cat: dict[int, int] = {}
     for g, gs in gt_segms.items():
         if g in gt_matched:
             continue
@@ -223,7 +245,6 @@ def pq_stats_image(
             crowd_by_cat[int(gs["category_id"])] = g
             continue
         stat[int(gs["category_id"])].fn += 1
-
     for p, ps in pred_segms.items():
         if p in pred_matched:
             continue
@@ -234,7 +255,6 @@ def pq_stats_image(
         if ignored / pred_area[p] > 0.5:
             continue
         stat[cat].fp += 1
-    return stat
 
 
 def _fn_only(gt_segs: Iterable[Mapping]) -> PQStat:

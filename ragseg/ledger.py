@@ -23,6 +23,13 @@ kill -9 at any point leaves a consistent state:
   objects are still there;
 - after the header but before the deletes: segment and objects both hold the record; dedup by name.
 
+What grows with a folder's history is bounded too. The header keeps the last
+:data:`RUNS_IN_HEADER` runs' summaries; older ones move, :data:`RUNS_IN_HEADER` at a time, to
+immutable files ``_runs/runs-<n>.json`` (:func:`add_run`, :func:`iter_runs`). At a job's start,
+more than ``commit.max_segments`` segments are consolidated by merging the smallest ones only
+(:meth:`Compactor.consolidate`), so a start rewrites the small segments recent runs left, not the
+whole history.
+
 ``_lease.json`` makes the writer unique: a second job on the same folder refuses to start while the
 first one's lease is alive (renewed every ``lease_ttl_s / 3`` seconds; a lease whose owner process is
 gone from this host, or that expired, is taken over).
@@ -54,6 +61,9 @@ MANIFEST = "manifest.json"
 COMMITS = "_commits"
 SEGMENTS = "_manifest"
 LEASE = "_lease.json"
+RUNS = "_runs"
+# run summaries kept in the header; past twice this many, the oldest RUNS_IN_HEADER go to a _runs/ file
+RUNS_IN_HEADER = 20
 
 RECORD_SCHEMA = pa.schema([
     pa.field("name", pa.string()),
@@ -178,6 +188,38 @@ def write_header(root: str, header: dict[str, Any]) -> None:
     io.write_json_atomic(manifest_uri(root), header)
 
 
+def runs_uri(root: str, n: int) -> str:
+    return io.join(root, RUNS, f"runs-{n:06d}.json")
+
+
+def add_run(root: str, header: dict[str, Any], run: dict[str, Any]) -> None:
+    """Append a run's summary to ``header["runs"]`` (the caller writes the header). Once the header
+    holds ``2 * RUNS_IN_HEADER`` runs, the oldest ``RUNS_IN_HEADER`` are written to the next
+    ``_runs/runs-<n>.json`` first and dropped from the header, which counts them in
+    ``runs_archived``. A kill before the header is written leaves the header as it was; the next run
+    rewrites the same file with the same runs."""
+    runs = header.setdefault("runs", [])
+    runs.append(run)
+    if len(runs) < 2 * RUNS_IN_HEADER:
+        return
+    arch = header.get("runs_archived") or {"files": 0, "runs": 0}
+    old, header["runs"] = runs[:RUNS_IN_HEADER], runs[RUNS_IN_HEADER:]
+    io.write_json_atomic(runs_uri(root, int(arch["files"])), old)
+    header["runs_archived"] = {"files": int(arch["files"]) + 1, "runs": int(arch["runs"]) + len(old)}
+
+
+def run_count(header: dict[str, Any]) -> int:
+    """Runs recorded in the folder's history (archived + in the header)."""
+    return int((header.get("runs_archived") or {}).get("runs", 0)) + len(header.get("runs", []))
+
+
+def iter_runs(root: str, header: dict[str, Any]):
+    """Every run summary of the folder, oldest first: the ``_runs/`` files, then the header's."""
+    for n in range(int((header.get("runs_archived") or {}).get("files", 0))):
+        yield from io.read_json(runs_uri(root, n))
+    yield from header.get("runs", [])
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +231,7 @@ class Ledger:
     header: dict[str, Any]
     records: pa.Table  # RECORD_SCHEMA, one row per committed piece, sorted by name
     uncompacted: list[str] = field(default_factory=list)  # commit object URIs not yet in a segment
+    segment_rows: dict[str, int] = field(default_factory=dict)  # records per header segment, as read
 
     def covered_image_ids(self) -> pa.Array:
         """Every image id of every committed piece (an Arrow string array; no Python set)."""
@@ -230,7 +273,9 @@ def _read_segments(root: str, names: list[str]) -> list[pa.Table]:
 
     uris = [io.join(root, n) for n in names]
     out = []
-    for uri, data in _cat(uris).items():
+    got = _cat(uris)
+    for uri in uris:  # in the header's order
+        data = got[uri]
         if isinstance(data, Exception):
             raise UserError(f"manifest segment {uri} listed in {manifest_uri(root)} is unreadable "
                             f"({type(data).__name__}: {data})")
@@ -249,6 +294,7 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
                 raise UserError(f"{root} has commit records but no {MANIFEST}; was it written by ragseg?")
             return None
         tables = _read_segments(root, header["segments"])
+        seg_rows = {name: t.num_rows for name, t in zip(header["segments"], tables)}
         known = set()
         for t in tables:
             known.update(t.column("name").to_pylist())
@@ -269,7 +315,7 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
         table = pa.concat_tables(tables) if tables else records_table([])
         if table.num_rows:
             table = _dedup(table.sort_by("name"))
-        return Ledger(root, header, table, uncompacted=todo)
+        return Ledger(root, header, table, uncompacted=todo, segment_rows=seg_rows)
     raise UserError(f"{root}: commit records kept moving while reading them; is a compaction stuck?")
 
 
@@ -295,6 +341,7 @@ class Compactor:
         self.seconds = float(seconds)
         self.pending: list[dict[str, Any]] = []
         self.pending_uris: list[str] = []
+        self.segment_rows: dict[str, int] = {}  # records per segment, where known (Ledger.segment_rows)
         self._last = time.monotonic()
 
     def add(self, record: dict[str, Any]) -> None:
@@ -323,6 +370,7 @@ class Compactor:
         rel = f"{SEGMENTS}/seg-{n:06d}-{uuid.uuid4().hex[:8]}.parquet"
         io.write_parquet_atomic(io.join(self.root, rel), records_table(records))
         self.header["segments"].append(rel)
+        self.segment_rows[rel] = len(records)
         tot = self.header.setdefault("totals", _zero_totals())
         tot["pieces"] += len(records)
         for k in ("images", "segments", "errors", "empty_images"):
@@ -330,26 +378,41 @@ class Compactor:
         write_header(self.root, self.header)
         io.remove_many(uris)
 
-    def consolidate(self, max_segments: int) -> None:
-        """Rewrite all segments as one when there are more than ``max_segments`` (once per run, at
-        start, so that a long history of small time-based segments stays cheap to read)."""
+    def consolidate(self, max_segments: int) -> list[str]:
+        """Past ``max_segments`` segments, merge the smallest ``len - max_segments // 2 + 1`` of them
+        into one (once per run, at start): the many small segments of time-based flushes and short
+        runs are folded together, the large ones already merged stay untouched, so a record is
+        rewritten O(log N) times over a folder's history instead of at every start past the limit.
+        Sizes come from :attr:`segment_rows` (a segment of unknown size is read to learn it).
+        Returns the segments merged."""
         segs = list(self.header["segments"])
         if len(segs) <= max_segments:
-            return
-        table = pa.concat_tables(_read_segments(self.root, segs))
-        table = _dedup(table.sort_by("name"))
-        rel = f"{SEGMENTS}/seg-{len(segs):06d}-{uuid.uuid4().hex[:8]}-all.parquet"
+            return []
+        unknown = [s for s in segs if s not in self.segment_rows]
+        if unknown:
+            for name, t in zip(unknown, _read_segments(self.root, unknown)):
+                self.segment_rows[name] = t.num_rows
+        take = len(segs) - max(1, max_segments // 2) + 1
+        order = sorted(range(len(segs)), key=lambda i: (self.segment_rows[segs[i]], i))
+        chosen = [segs[i] for i in sorted(order[:take])]
+        table = _dedup(pa.concat_tables(_read_segments(self.root, chosen)).sort_by("name"))
+        rel = f"{SEGMENTS}/seg-{len(segs):06d}-{uuid.uuid4().hex[:8]}-merged.parquet"
         io.write_parquet_atomic(io.join(self.root, rel), table)
-        self.header["segments"] = [rel]
+        gone = set(chosen)
+        self.header["segments"] = [s for s in segs if s not in gone] + [rel]
+        self.segment_rows[rel] = table.num_rows
         write_header(self.root, self.header)
-        io.remove_many([io.join(self.root, s) for s in segs])
+        io.remove_many([io.join(self.root, s) for s in chosen])
+        for s in chosen:
+            self.segment_rows.pop(s, None)
+        return chosen
 
 
 def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segments: int, make_header,
                      check=None) -> tuple[Ledger | None, dict[str, Any], Compactor]:
     """A job's start, under its lease: read the folder's ledger (``check(header)`` refuses an
     incompatible one), or write a new header (``make_header()``); fold the commit records a killed run
-    left uncompacted and consolidate a long segment list. Returns (ledger or None, header, compactor)."""
+    left uncompacted and consolidate a long segment list (its smallest segments). Returns (ledger or None, header, compactor)."""
     led = load(root, kind)
     if led is not None:
         header = led.header
@@ -360,6 +423,7 @@ def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segme
         write_header(root, header)
     comp = Compactor(root, header, every, seconds)
     if led is not None:
+        comp.segment_rows.update(led.segment_rows)
         comp.adopt(led)
         comp.consolidate(max_segments)
     return led, header, comp

@@ -150,7 +150,7 @@ def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB 
         led = ledger.load(index, head["kind"])
         _print_json({"uri": index, "kind": head["kind"], "format": head["format"], "totals": led.totals(),
                      "segments": len(head["segments"]), "uncompacted_commits": len(led.uncompacted),
-                     "runs": len(head.get("runs", [])),
+                     "runs": ledger.run_count(head),
                      **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "config_hash", "index_version")
                         if k in head}})
         return

@@ -189,7 +189,7 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
             drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress)
 
-        header["runs"].append({**run_info, "summary": stats.summary()})
+        ledger.add_run(out, header, {**run_info, "summary": stats.summary()})
         ledger.write_header(out, header)
     summary = {"db": out, "embed_model": model_id, "embed_mode": mode, "dim": dim,
                "pieces_total": header["totals"]["pieces"], **stats.summary()}

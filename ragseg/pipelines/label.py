@@ -295,7 +295,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
 
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
                                                   lc.panoptic_json_max_images, changed=stats.shards_written > 0)
-        header["runs"].append({"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj})
+        ledger.add_run(out, header, {"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj})
         ledger.write_header(out, header)
     summary = {"out": out, "images_listed": n_listed, "panoptic_json": pj, **stats.summary()}
     print_summary("label", summary, cfg.ray.progress)

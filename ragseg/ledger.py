@@ -268,24 +268,50 @@ def list_commits(root: str) -> list[str]:
     return sorted(io.unstrip(fs, p) for p in names if p.endswith(".json") and not io.is_tmp(p))
 
 
-def _read_segments(root: str, names: list[str]) -> list[pa.Table]:
+# a column :func:`load` can derive instead of reading ``image_ids``: each piece's smallest image id
+FIRST_IMAGE_ID = "first_image_id"
+
+
+def _project(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """``table`` (RECORD_SCHEMA) reduced to ``columns`` (``name`` always kept; :data:`FIRST_IMAGE_ID`
+    derived from the sorted ``image_ids``); the whole table when ``columns`` is None."""
+    if columns is None:
+        return table
+    cols = {"name": table.column("name")}
+    for c in columns:
+        if c == FIRST_IMAGE_ID:
+            cols[c] = pc.list_element(table.column("image_ids"), 0)
+        elif c != "name":
+            cols[c] = table.column(c)
+    return pa.table(cols)
+
+
+def _read_segments(root: str, names: list[str], columns: list[str] | None = None) -> list[pa.Table]:
     import pyarrow.parquet as pq
 
     uris = [io.join(root, n) for n in names]
+    read = None
+    if columns is not None:
+        read = sorted({"name", *("image_ids" if c == FIRST_IMAGE_ID else c for c in columns)})
     out = []
     got = _cat(uris)
     for uri in uris:  # in the header's order
-        data = got[uri]
+        data = got.pop(uri)
         if isinstance(data, Exception):
             raise UserError(f"manifest segment {uri} listed in {manifest_uri(root)} is unreadable "
                             f"({type(data).__name__}: {data})")
-        out.append(pq.read_table(pa.BufferReader(data)).cast(RECORD_SCHEMA))
+        t = pq.read_table(pa.BufferReader(data), columns=read)
+        del data
+        schema = RECORD_SCHEMA if read is None else pa.schema([RECORD_SCHEMA.field(c) for c in t.schema.names])
+        out.append(_project(t.cast(schema), columns))
     return out
 
 
-def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
+def load(root: str, kind: str, *, retries: int = 5, columns: list[str] | None = None) -> Ledger | None:
     """Header + all committed records of ``root``; None when the folder has no header yet but also
-    no commit (a new folder). Safe while a job writes (see module docstring)."""
+    no commit (a new folder). Safe while a job writes (see module docstring). ``columns``: keep only
+    these record columns (and ``name``; :data:`FIRST_IMAGE_ID` may stand for ``image_ids``), so a
+    reader that needs no image ids (panoptic JSON assembly) does not hold them all."""
     for _ in range(retries):
         commits = list_commits(root)
         header = read_header(root, kind)
@@ -293,7 +319,7 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
             if commits:
                 raise UserError(f"{root} has commit records but no {MANIFEST}; was it written by ragseg?")
             return None
-        tables = _read_segments(root, header["segments"])
+        tables = _read_segments(root, header["segments"], columns)
         seg_rows = {name: t.num_rows for name, t in zip(header["segments"], tables)}
         known = set()
         for t in tables:
@@ -311,8 +337,8 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
             except ValueError as e:
                 raise UserError(f"commit record {uri} is not valid JSON ({e})") from None
         if recs:
-            tables.append(records_table(recs))
-        table = pa.concat_tables(tables) if tables else records_table([])
+            tables.append(_project(records_table(recs), columns))
+        table = pa.concat_tables(tables) if tables else _project(records_table([]), columns)
         if table.num_rows:
             table = _dedup(table.sort_by("name"))
         return Ledger(root, header, table, uncompacted=todo, segment_rows=seg_rows)
@@ -390,7 +416,7 @@ class Compactor:
             return []
         unknown = [s for s in segs if s not in self.segment_rows]
         if unknown:
-            for name, t in zip(unknown, _read_segments(self.root, unknown)):
+            for name, t in zip(unknown, _read_segments(self.root, unknown, ["name"])):
                 self.segment_rows[name] = t.num_rows
         take = len(segs) - max(1, max_segments // 2) + 1
         order = sorted(range(len(segs)), key=lambda i: (self.segment_rows[segs[i]], i))

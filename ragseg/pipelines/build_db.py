@@ -27,7 +27,7 @@ from ragseg.pipelines.common import (
     add_stage,
     drain_records,
     empty_record_batch,
-    pending_rows,
+    pending_source,
     print_summary,
     ray_executor,
     record_batch,
@@ -127,12 +127,11 @@ class WriteDbPiece:
         return record_batch(rec)
 
 
-def _source_rows(cfg: JobConfig, source_errors: list[dict]):
-    from ragseg.sources import list_table
-
+def _pending(cfg: JobConfig, out: str, led, source_errors: list[dict]):
+    """(pending rows or listing, images listed): :func:`ragseg.pipelines.common.pending_source`."""
     if cfg.source is None:
         raise UserError("build-db needs a `source:` section in the config (kind, uri, split)")
-    return list_table(cfg.source, errors=source_errors)
+    return pending_source(out, cfg.source, led, cfg.build_db.images_per_shard, source_errors)
 
 
 def build_graph(cfg: JobConfig, ds):
@@ -171,15 +170,14 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
             lambda h: dblib.check_compatible(h, model_id, mode, dim, out))
 
         source_errors: list[dict] = []
-        rows = _source_rows(cfg, source_errors)
-        pending = pending_rows(rows, led)
+        pending, n_listed = _pending(cfg, out, led, source_errors)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
+        del led  # the committed ids were only needed to filter the listing
         label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
         run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks,
-                    "config_hash": cfg.hash(), "listed": rows.num_rows, "pending": pending.num_rows,
+                    "config_hash": cfg.hash(), "listed": n_listed, "pending": pending.num_rows,
                     "source_errors": len(source_errors)}
         stats.errors += write_source_errors(out, source_errors)
-        del rows
 
         n_pending = pending.num_rows
         if n_pending:
@@ -188,6 +186,7 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None) -> dict[str, A
             records = execute(cfg, pending, writer, cfg.build_db.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
             drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress)
+        clear_listings(out)
 
         ledger.add_run(out, header, {**run_info, "summary": stats.summary()})
         ledger.write_header(out, header)

@@ -26,7 +26,7 @@ from ragseg.pipelines.common import (
     add_stage,
     drain_records,
     empty_record_batch,
-    pending_rows,
+    pending_source,
     print_summary,
     ray_executor,
     record_batch,
@@ -249,7 +249,6 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
     commit path, which then need no index)."""
     if execute is None:
         preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
-    from ragseg.sources import list_table
     from ragseg.vocab import load_vocab
 
     lc = cfg.label
@@ -279,11 +278,9 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
                                       vocab=vocab.categories()), check)
 
         source_errors: list[dict] = []
-        rows = list_table(lc.images, errors=source_errors)
-        n_listed = rows.num_rows
-        pending = pending_rows(rows, led)
-        del rows
+        pending, n_listed = pending_source(out, lc.images, led, lc.images_per_shard, source_errors)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
+        del led  # the committed ids were only needed to filter the listing
         stats.errors += write_source_errors(out, source_errors)
 
         n_pending = pending.num_rows
@@ -292,6 +289,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None) -> dict[str, Any]
             records = execute(cfg, pending, functools.partial(WriteLabelPiece, out, vocab), lc.images_per_shard)
             del pending  # the executor's now (the Ray one writes the rows out and drops them)
             drain_records(records, comp, stats, n_pending, "label", cfg.ray.progress)
+        clear_listings(out)
 
         pj = labels_out.maybe_write_panoptic_json(out, header, vocab.categories(), lc.panoptic_json,
                                                   lc.panoptic_json_max_images, changed=stats.shards_written > 0)

@@ -21,7 +21,10 @@ held-out queries 1-recall@1, 1-recall@10, 10-recall@10 and kNN-vote agreement (l
 temperature) per nprobe with and without re-ranking; for the main setting the search cost (and with
 ``--variants`` the same build with other index settings: OPQ, 8-bit PQ, residual codes): queries/s at the chosen settings with and without re-ranking for 1
 and 2 threads, next to the label job's images/s and segments/image from bench/results/stages.json.
-``--compare-plain`` adds the earlier sharded-vs-plain-faiss build-time comparison.
+``--compare-single`` (main setting) adds the sharded-vs-single build: the same index built in one
+process without Ray (same parameters, same training rows, read from the same Parquet DB), its build
+time and peak RSS next to the sharded build's (phase times, driver + Ray workers' RSS) and the
+held-out quality of both at the chosen nprobe; the ratio's limit is 1.2.
 """
 
 from __future__ import annotations
@@ -364,7 +367,11 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
             if not ray.is_initialized():  # a private local Ray (never another process's), start-up not timed
                 ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
             out = os.path.join(work, f"index-{variant}")
-            res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
+            phases = rss = None
+            if args.compare_single and main and variant == "default":
+                res, build_s, cfg, phases, rss = build_phases(os.path.join(work, "db"), out, args)
+            else:
+                res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
             idx = st.Index.open(out)
             meta = idx.meta
             lists = Lists(idx, queries)
@@ -382,42 +389,216 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
                 "scan_fraction_at_chosen": lists.scan_fraction(meta["nprobe"]),
                 "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, args.rerank_ks, lists),
             }
+            if phases is not None:
+                row["phases"], row["rss"] = phases, rss
             idx.nprobe = meta["nprobe"]
-            if main:
+            if main and args.search_cost == "on":
                 row["search_cost"] = search_cost(idx, queries, ens.k, args.batch, args.qps_seconds)
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if variant == "default":
+                cfg_default = cfg
             del idx
-        if args.compare_plain and main:
-            rows.append(plain_build(model, n, rows[0], args))
+        if args.compare_single and main:
+            rows.append(single_build(os.path.join(work, "db"), rows[0], cfg_default, queries, exact, labels, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
-def plain_build(model, n: int, sharded: dict, args) -> dict:
-    """The same factory trained and filled in one process (no Parquet, no Ray): build seconds only."""
+class _TreeRss:
+    """Peak RSS of this process and, apart, of the Ray worker processes (``ray::...``; summed, and the
+    largest one), sampled every ``every`` s while the block runs; also the same less each process's
+    shared pages (``rss - shared``: the object store's mapping and mmapped files count in every
+    process that touches them, so a sum of plain RSS counts them many times)."""
+
+    def __init__(self, every: float = 0.25):
+        import threading
+
+        self.every, self.driver, self.workers, self.worker_max = every, 0, 0, 0
+        self.driver_private = self.workers_private = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        m = psutil.Process().memory_info()
+        self.driver = max(self.driver, m.rss)
+        self.driver_private = max(self.driver_private, m.rss - getattr(m, "shared", 0))
+        tot = tot_private = 0
+        for p in psutil.process_iter(["name", "memory_info"]):
+            mi = p.info.get("memory_info")
+            if str(p.info.get("name") or "").startswith("ray::") and mi:
+                tot += mi.rss
+                tot_private += mi.rss - getattr(mi, "shared", 0)
+                self.worker_max = max(self.worker_max, mi.rss)
+        self.workers = max(self.workers, tot)
+        self.workers_private = max(self.workers_private, tot_private)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def report(self) -> dict:
+        mb = 2 ** 20
+        return {"driver_peak_rss_mb": round(self.driver / mb, 1), "workers_peak_rss_sum_mb": round(self.workers / mb, 1),
+                "worker_peak_rss_max_mb": round(self.worker_max / mb, 1),
+                "peak_rss_total_mb": round((self.driver + self.workers) / mb, 1),
+                "driver_peak_private_mb": round(self.driver_private / mb, 1),
+                "workers_peak_private_sum_mb": round(self.workers_private / mb, 1),
+                "peak_private_total_mb": round((self.driver_private + self.workers_private) / mb, 1)}
+
+
+def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, dict]:
+    """:func:`build` with the sharded build's phase times (ragseg.index.build calls ``_checkpoint``
+    between its steps) and the peak RSS of the driver and the Ray workers."""
+    from ragseg.index import build as ib
+
+    marks: dict[str, float] = {}
+    saved = ib._checkpoint
+
+    def mark(stage: str) -> None:
+        marks[stage] = time.time()
+        saved(stage)
+
+    ib._checkpoint = mark
+    try:
+        with _TreeRss() as rss:
+            t0 = time.time()
+            res, build_s, cfg = build(db, out, args)
+    finally:
+        ib._checkpoint = saved
+    rel = {k: round(v - t0, 1) for k, v in marks.items()}
+    phases = {"train_s": rel.get("trained"), "add_s": round(rel["shards"] - rel["trained"], 1),
+              "merge_s": round(rel["merged"] - rel["shards"], 1),
+              "train_add_merge_s": rel.get("merged"),
+              "quality_and_publish_s": round(build_s - rel["merged"], 1)}
+    return res, build_s, cfg, phases, rss.report()
+
+
+def single_child(db: str, icfg_json: str) -> dict:
+    """The single-process build (``--_single``): the same parameters, the same training rows (the
+    build's own draw) and ragseg's own ``_train``; then every shard read and added in this process,
+    one after the other, and the index written. No Ray, no per-shard index, no merge, no quality
+    pass. Peak RSS = this process's VmHWM (``ru_maxrss`` would carry the parent's peak over the exec)."""
     import faiss
 
-    t = time.time()
-    plain = faiss.index_factory(args.dim, sharded["factory"], faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(plain)
-    if hasattr(ivf, "do_polysemous_training"):
-        faiss.downcast_index(ivf).do_polysemous_training = False
-    take = np.sort(np.random.default_rng(args.seed).choice(n, size=min(n, 64 * sharded["nlist"]), replace=False))
-    xs = []
-    for start, x, _ in chunks(model, n, args.seed):
-        xs.append(x[take[(take >= start) & (take < start + len(x))] - start])
-    plain.train(np.concatenate(xs))
-    del xs
-    for start, x, _ in chunks(model, n, args.seed):
-        plain.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
-    plain_s = time.time() - t
-    row = {"bench": "index", "setting": sharded["setting"], "variant": "plain", "n": n,
-           "factory": sharded["factory"], "build_s": round(plain_s, 1),
-           "sharded_over_plain_build_time": round(sharded["build_s"] / plain_s, 3),
-           "note": "plain: train + add in one process on regenerated data; sharded: Parquet reads, Ray tasks, "
-                   "on-disk merge, re-rank store, quality and nprobe tuning, publish"}
+    from ragseg.config import IndexConfig
+    from ragseg.index import build as ib
+    from ragseg.index.params import choose_params
+
+    icfg = IndexConfig.model_validate(json.loads(icfg_json))
+    t0 = time.time()
+    fdb = ib.load_db(db)
+    layout = ib._layout(list(fdb.shards))
+    total = fdb.total
+    params = choose_params(total, fdb.dim, icfg)
+    train_ids = np.sort(np.random.default_rng(icfg.seed).choice(total, size=params.train_size, replace=False))
+    parts = []
+    for s, start in layout:
+        sel = train_ids[(train_ids >= start) & (train_ids < start + s.rows)] - start
+        if len(sel):
+            parts.append(ib._read_embeddings(s.uri, s.rows)[sel])
+    xtrain = np.concatenate(parts)
+    del parts
+    t_read = time.time()
+    with st_quiet():
+        index, _ = ib._train(params, fdb.dim, xtrain, False)
+    del xtrain
+    t_train = time.time()
+    for s, start in layout:
+        x = ib._read_embeddings(s.uri, s.rows)
+        index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+        del x
+    t_add = time.time()
+    path = os.path.join(os.path.dirname(db.rstrip("/")), "single.index")
+    faiss.write_index(index, path)
+    t_end = time.time()
+    return {"factory": params.factory, "nlist": params.nlist, "train_size": params.train_size,
+            "sample_read_s": round(t_read - t0, 1), "train_s": round(t_train - t0, 1),
+            "add_s": round(t_add - t_train, 1), "write_s": round(t_end - t_add, 1),
+            "build_s": round(t_end - t0, 1), "index_file": path,
+            "peak_rss_mb": round(_vm_hwm_kb() / 1024, 1)}
+
+
+def _vm_hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def st_quiet():
+    from ragseg.index import store as st
+
+    return st.quiet_stdout()
+
+
+def single_build(db: str, sharded: dict, cfg, queries, exact, labels, args) -> dict:
+    """The same index built in one process (:func:`single_child`, a fresh interpreter), its held-out
+    quality without re-ranking at the sharded build's nprobe (the sharded one's ``no_rerank`` figure
+    at that nprobe is the same measurement), and the sharded / single ratios of build time and peak
+    RSS."""
+    import subprocess
+
+    import faiss
+
+    from ragseg.config import JobConfig
+    from ragseg.index import quality as iq
+
+    icfg = cfg.index.model_dump(mode="json")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_single", db, json.dumps(icfg)],
+                          stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    if proc.returncode != 0:
+        raise SystemExit(f"single build failed ({proc.returncode})")
+    one = json.loads(proc.stdout.strip().splitlines()[-1])
+    index = faiss.read_index(one.pop("index_file"))
+    if sharded.get("bytes", {}).get("measured", {}).get("what") == "loaded_index":  # searched as a reader does
+        from ragseg.index.store import to_fast_scan
+
+        index = to_fast_scan(index)
+    nprobe = sharded["nprobe"]
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    ens = JobConfig().label.ensemble
+    kk = max(iq.RECALL_K, ens.k)
+    found = index.search(queries, kk)
+    m = iq.evaluate(found, exact, np.full(len(queries), -1), labels, ens.k, ens.retrieval_temperature,
+                    iq.label_vocab(np.unique(labels)))
+    single_q = {k: round(m[k], 4) for k in ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement")}
+    at = next((r for r in sharded["sweep"] if r["nprobe"] == nprobe), {})
+    sharded_q = at.get("no_rerank")
+    ph, rss = sharded["phases"], sharded["rss"]
+    row = {"bench": "index", "setting": sharded["setting"], "variant": "single", "n": sharded["n"],
+           "factory": one["factory"], "nlist": one["nlist"], **{k: v for k, v in one.items() if k not in ("factory", "nlist")},
+           "heldout_no_rerank_at_nprobe": {"nprobe": nprobe, "single": single_q, "sharded": sharded_q},
+           "same_recall": bool(sharded_q is not None and all(abs(single_q[k] - sharded_q[k]) <= 0.01 for k in single_q)),
+           "sharded": {"build_s": sharded["build_s"], **ph, **rss},
+           "ratio_build_time": round(ph["train_add_merge_s"] / one["build_s"], 3),
+           "ratio_build_time_with_quality": round(sharded["build_s"] / one["build_s"], 3),
+           "ratio_peak_rss_total": round(rss["peak_rss_total_mb"] / one["peak_rss_mb"], 3),
+           "ratio_peak_private_total": (round(rss["peak_private_total_mb"] / one["peak_rss_mb"], 3)
+                                        if "peak_private_total_mb" in rss else None),
+           "ratio_peak_rss_driver": round(rss["driver_peak_rss_mb"] / one["peak_rss_mb"], 3),
+           "limit_ratio_build_time": 1.2,
+           "note": "ratio_build_time = the sharded build's train + per-shard add tasks + on-disk merge (its phase "
+                   "times) over the single build's sample read + train + add + write, both from the same Parquet "
+                   "DB; the sharded build then also measures quality, tunes nprobe and publishes "
+                   "(ratio_build_time_with_quality). Peak RSS: the sharded build's driver plus its Ray workers "
+                   "(sum of their peaks, sampled) vs the single process's VmHWM. Shared 2-CPU machine: "
+                   "other jobs ran meanwhile (loadavg)",
+           "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    row["ok"] = bool(row["ratio_build_time"] <= row["limit_ratio_build_time"] and row["same_recall"])
     print(json.dumps(row), flush=True)
     return row
 
@@ -442,12 +623,18 @@ def main() -> None:
     ap.add_argument("--qps-seconds", type=float, default=2.0)
     ap.add_argument("--variants", default="", help="comma list of index config variants built next to the "
                     f"default on the main setting: {', '.join(VARIANTS)}")
-    ap.add_argument("--compare-plain", action="store_true")
+    ap.add_argument("--compare-single", action="store_true",
+                    help="main setting: also build the same index in one process and compare build time and RSS")
+    ap.add_argument("--search-cost", default="on", choices=["on", "off"], help="off: skip the queries/s runs")
+    ap.add_argument("--_single", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "index.json"))
     args = ap.parse_args()
+    if args._single:
+        print(json.dumps(single_child(*args._single)))
+        return
     args.nprobes = [int(p) for p in args.nprobes.split(",")]
     args.rerank_ks = [int(k) for k in args.rerank_ks.split(",")]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -468,8 +655,8 @@ def main() -> None:
         with open(args.out) as f:
             prev = json.load(f)
     results = {k: r for k, r in prev.get("results", {}).items() if "setting" in r}  # drop the old layout
-    for r in rows:
-        results[f"{r['setting']}/{r['n']}/{r['variant']}"] = r
+    for r in rows:  # the file gathers runs of several sizes: each row keeps the run it came from
+        results[f"{r['setting']}/{r['n']}/{r['variant']}"] = {**r, "run_env": env}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"env": env, "results": results}, f, indent=2, sort_keys=True)

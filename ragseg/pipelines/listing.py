@@ -98,7 +98,7 @@ class ListingWriter:
 
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, self.schema) as w:
-            w.write_table(t.cast(self.schema))
+            w.write_table(t if t.schema.equals(self.schema) else t.cast(self.schema))
         self.f.write(sink.getvalue())
         self.offsets.append(self.f.tell())
         self.rows += t.num_rows

@@ -33,7 +33,8 @@ _RETRY_STATUS = (429, 500, 502, 503, 504)
 def parse_page(body: bytes) -> tuple[list[str], str | None]:
     """(keys, next continuation token or None) of a ListObjectsV2 XML response made with
     ``EncodingType=url`` (keys URL-encoded; the token is XML text)."""
-    keys = [unquote_plus(k.decode("utf-8")) for k in _KEY.findall(body)]
+    keys = [unquote_plus(k.decode("utf-8")) if (b"%" in k or b"+" in k) else k.decode("utf-8")
+            for k in _KEY.findall(body)]
     token = None
     if _TRUNCATED.search(body):
         m = _TOKEN.search(body)

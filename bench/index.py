@@ -343,6 +343,23 @@ def exact_vote_accuracy(exact, labels, true_labels, vote_k: int, temperature: fl
     return float(np.mean(np.asarray(vocab.names, dtype=object)[s.argmax(axis=1)] == true_labels))
 
 
+def _cached_db(cache: str | None, key: dict):
+    """(db, exact, labels) of a DB generated earlier with the same arguments (``--db-cache``)."""
+    if not cache or not os.path.exists(os.path.join(cache, "key.json")):
+        return None
+    with open(os.path.join(cache, "key.json")) as f:
+        if json.load(f) != key:
+            return None
+    z = np.load(os.path.join(cache, "exact.npz"), allow_pickle=True)
+    return os.path.join(cache, "db"), (z["sims"], z["ids"]), z["labels"]
+
+
+def _save_db_cache(cache: str, key: dict, exact, labels) -> None:
+    np.savez(os.path.join(cache, "exact.npz"), sims=exact[0], ids=exact[1], labels=labels)
+    with open(os.path.join(cache, "key.json"), "w") as f:
+        json.dump(key, f)
+
+
 def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args) -> list[dict]:
     from ragseg.config import JobConfig
     from ragseg.index import quality as iq
@@ -354,8 +371,19 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
         model = make_model(classes, args.dim, args.latent, args.seed, spread, args.modes)
         queries, qy = chunk(model, args.queries, 999_999_937)
         t = time.time()
-        exact, labels = make_db(os.path.join(work, "db"), model, n, args.shards, args.seed, queries,
-                                max(iq.RECALL_K, ens.k))
+        db = os.path.join(work, "db")
+        key = {"setting": name, "classes": classes, "spread": spread, "n": n, "shards": args.shards, "seed": args.seed,
+               "dim": args.dim, "latent": args.latent, "modes": args.modes, "queries": args.queries}
+        cached = _cached_db(args.db_cache, key)
+        if cached is not None:
+            db, exact, labels = cached
+        else:
+            if args.db_cache:
+                db = os.path.join(args.db_cache, "db")
+                shutil.rmtree(args.db_cache, ignore_errors=True)
+            exact, labels = make_db(db, model, n, args.shards, args.seed, queries, max(iq.RECALL_K, ens.k))
+            if args.db_cache:
+                _save_db_cache(args.db_cache, key, exact, labels)
         gen_s = time.time() - t
         vocab = iq.label_vocab(np.unique(labels))
         true = np.array([f"class{c}" for c in qy], dtype=object)
@@ -369,9 +397,9 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
             out = os.path.join(work, f"index-{variant}")
             phases = rss = None
             if args.compare_single and main and variant == "default":
-                res, build_s, cfg, phases, rss = build_phases(os.path.join(work, "db"), out, args)
+                res, build_s, cfg, phases, rss = build_phases(db, out, args)
             else:
-                res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
+                res, build_s, cfg = build(db, out, args, **extra)
             idx = st.Index.open(out)
             meta = idx.meta
             lists = Lists(idx, queries)
@@ -400,15 +428,15 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
                 cfg_default = cfg
             del idx
         if args.compare_single and main:
-            rows.append(single_build(os.path.join(work, "db"), rows[0], cfg_default, queries, exact, labels, args))
+            rows.append(single_build(db, work, rows[0], cfg_default, queries, exact, labels, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
 class _TreeRss:
-    """Peak RSS of this process and, apart, of the Ray worker processes (``ray::...``; summed, and the
-    largest one), sampled every ``every`` s while the block runs; also the same less each process's
+    """Peak RSS of this process and, apart, of its Ray's worker processes (``ray::...`` below this
+    process; summed, and the largest one), and the CPU seconds of both, sampled every ``every`` s while the block runs; also the same less each process's
     shared pages (``rss - shared``: the object store's mapping and mmapped files count in every
     process that touches them, so a sum of plain RSS counts them many times)."""
 
@@ -417,6 +445,8 @@ class _TreeRss:
 
         self.every, self.driver, self.workers, self.worker_max = every, 0, 0, 0
         self.driver_private = self.workers_private = 0
+        self.cpu0: dict[int, float] = {}  # Ray workers' CPU seconds: first and last seen, per pid
+        self.cpu1: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -427,9 +457,17 @@ class _TreeRss:
         self.driver = max(self.driver, m.rss)
         self.driver_private = max(self.driver_private, m.rss - getattr(m, "shared", 0))
         tot = tot_private = 0
-        for p in psutil.process_iter(["name", "memory_info"]):
+        for p in psutil.Process().children(recursive=True):  # this driver's Ray only: not other jobs'
+            try:
+                p.info = {"name": p.name(), "memory_info": p.memory_info(), "cpu_times": p.cpu_times()}
+            except psutil.Error:
+                continue
             mi = p.info.get("memory_info")
             if str(p.info.get("name") or "").startswith("ray::") and mi:
+                ct = p.info.get("cpu_times")
+                if ct is not None:
+                    self.cpu0.setdefault(p.pid, ct.user + ct.system if self.cpu1 or not self._started else 0.0)
+                    self.cpu1[p.pid] = ct.user + ct.system
                 tot += mi.rss
                 tot_private += mi.rss - getattr(mi, "shared", 0)
                 self.worker_max = max(self.worker_max, mi.rss)
@@ -440,18 +478,33 @@ class _TreeRss:
         while not self._stop.wait(self.every):
             self._sample()
 
+    _started = False
+
     def __enter__(self):
-        self._sample()
+        import psutil
+
+        t = psutil.Process().cpu_times()
+        self._cpu_start = t.user + t.system
+        self._sample()  # the workers alive now: their CPU so far is not the build's
+        self._started = True
         self._t.start()
         return self
 
     def __exit__(self, *exc):
+        import psutil
+
         self._stop.set()
         self._t.join()
+        self._sample()
+        t = psutil.Process().cpu_times()
+        self.driver_cpu = t.user + t.system - self._cpu_start
+        self.workers_cpu = sum(self.cpu1[p] - self.cpu0.get(p, 0.0) for p in self.cpu1)
 
     def report(self) -> dict:
         mb = 2 ** 20
-        return {"driver_peak_rss_mb": round(self.driver / mb, 1), "workers_peak_rss_sum_mb": round(self.workers / mb, 1),
+        return {"driver_cpu_s": round(self.driver_cpu, 1), "workers_cpu_s": round(self.workers_cpu, 1),
+                "cpu_s": round(self.driver_cpu + self.workers_cpu, 1),
+                "driver_peak_rss_mb": round(self.driver / mb, 1), "workers_peak_rss_sum_mb": round(self.workers / mb, 1),
                 "worker_peak_rss_max_mb": round(self.worker_max / mb, 1),
                 "peak_rss_total_mb": round((self.driver + self.workers) / mb, 1),
                 "driver_peak_private_mb": round(self.driver_private / mb, 1),
@@ -472,21 +525,35 @@ def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, di
         saved(stage)
 
     ib._checkpoint = mark
+    spent = {"sample_gather_s": 0.0, "train_only_s": 0.0}
+    saved_gather, saved_train = ib._gather, ib._train
+
+    def timed(fn, key):
+        def w(*a, **k):
+            t = time.time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.time() - t
+        return w
+
+    ib._gather, ib._train = timed(saved_gather, "sample_gather_s"), timed(saved_train, "train_only_s")
     try:
         with _TreeRss() as rss:
             t0 = time.time()
             res, build_s, cfg = build(db, out, args)
     finally:
-        ib._checkpoint = saved
+        ib._checkpoint, ib._gather, ib._train = saved, saved_gather, saved_train
     rel = {k: round(v - t0, 1) for k, v in marks.items()}
     phases = {"train_s": rel.get("trained"), "add_s": round(rel["shards"] - rel["trained"], 1),
               "merge_s": round(rel["merged"] - rel["shards"], 1),
               "train_add_merge_s": rel.get("merged"),
-              "quality_and_publish_s": round(build_s - rel["merged"], 1)}
+              "quality_and_publish_s": round(build_s - rel["merged"], 1),
+              **{k: round(v, 1) for k, v in spent.items()}}
     return res, build_s, cfg, phases, rss.report()
 
 
-def single_child(db: str, icfg_json: str) -> dict:
+def single_child(db: str, icfg_json: str, work: str) -> dict:
     """The single-process build (``--_single``): the same parameters, the same training rows (the
     build's own draw) and ragseg's own ``_train``; then every shard read and added in this process,
     one after the other, and the index written. No Ray, no per-shard index, no merge, no quality
@@ -521,10 +588,13 @@ def single_child(db: str, icfg_json: str) -> dict:
         index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
         del x
     t_add = time.time()
-    path = os.path.join(os.path.dirname(db.rstrip("/")), "single.index")
+    path = os.path.join(work, "single.index")
     faiss.write_index(index, path)
     t_end = time.time()
-    return {"factory": params.factory, "nlist": params.nlist, "train_size": params.train_size,
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "factory": params.factory, "nlist": params.nlist, "train_size": params.train_size,
             "sample_read_s": round(t_read - t0, 1), "train_s": round(t_train - t0, 1),
             "add_s": round(t_add - t_train, 1), "write_s": round(t_end - t_add, 1),
             "build_s": round(t_end - t0, 1), "index_file": path,
@@ -545,7 +615,7 @@ def st_quiet():
     return st.quiet_stdout()
 
 
-def single_build(db: str, sharded: dict, cfg, queries, exact, labels, args) -> dict:
+def single_build(db: str, work: str, sharded: dict, cfg, queries, exact, labels, args) -> dict:
     """The same index built in one process (:func:`single_child`, a fresh interpreter), its held-out
     quality without re-ranking at the sharded build's nprobe (the sharded one's ``no_rerank`` figure
     at that nprobe is the same measurement), and the sharded / single ratios of build time and peak
@@ -558,7 +628,7 @@ def single_build(db: str, sharded: dict, cfg, queries, exact, labels, args) -> d
     from ragseg.index import quality as iq
 
     icfg = cfg.index.model_dump(mode="json")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_single", db, json.dumps(icfg)],
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_single", db, json.dumps(icfg), work],
                           stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     if proc.returncode != 0:
         raise SystemExit(f"single build failed ({proc.returncode})")
@@ -586,6 +656,7 @@ def single_build(db: str, sharded: dict, cfg, queries, exact, labels, args) -> d
            "sharded": {"build_s": sharded["build_s"], **ph, **rss},
            "ratio_build_time": round(ph["train_add_merge_s"] / one["build_s"], 3),
            "ratio_build_time_with_quality": round(sharded["build_s"] / one["build_s"], 3),
+           "ratio_cpu": round(rss["cpu_s"] / one["cpu_s"], 3) if rss.get("cpu_s") and one.get("cpu_s") else None,
            "ratio_peak_rss_total": round(rss["peak_rss_total_mb"] / one["peak_rss_mb"], 3),
            "ratio_peak_private_total": (round(rss["peak_private_total_mb"] / one["peak_rss_mb"], 3)
                                         if "peak_private_total_mb" in rss else None),
@@ -626,7 +697,10 @@ def main() -> None:
     ap.add_argument("--compare-single", action="store_true",
                     help="main setting: also build the same index in one process and compare build time and RSS")
     ap.add_argument("--search-cost", default="on", choices=["on", "off"], help="off: skip the queries/s runs")
-    ap.add_argument("--_single", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_single", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--db-cache", default=None,
+                    help="keep the generated DB (and its exact neighbours) in this folder and reuse it when the "
+                         "data arguments match (the 1M generation takes most of a run's time)")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)

@@ -231,6 +231,7 @@ def bench_history(a, policy: str, base: str) -> dict:
     rows: dict[str, int] = {}
     marks = sorted({1, 10, 100, a.history_runs // 2, a.history_runs})
     out, total_rewritten, starts_rewriting, piece = [], 0, 0, 0
+    cons_times, cons_bytes = [], []
     seg_dir = os.path.join(root, ledger.SEGMENTS)
     for run in range(1, a.history_runs + 1):
         comp = ledger.Compactor(root, header, 10**9, float("inf"))
@@ -245,6 +246,8 @@ def bench_history(a, policy: str, base: str) -> dict:
             after = set(os.listdir(seg_dir))
             rewritten = sum(os.path.getsize(os.path.join(seg_dir, f)) for f in after - set(before))
             total_rewritten += rewritten
+            cons_times.append(cons_s)
+            cons_bytes.append(rewritten)
         rows = comp.segment_rows
         recs = [_record([f"r{run:05d}/im{piece + k:07d}-{j:02d}" for j in range(a.piece_images)], {})
                 for k in range(per_run)]
@@ -274,7 +277,9 @@ def bench_history(a, policy: str, base: str) -> dict:
             "max_segments": a.max_segments, "checkpoints": out, "runs_recorded": n_runs,
             "ledger_load_s_at_end": round(load_s, 3), "records_at_end": led.records.num_rows,
             "bytes_rewritten_by_consolidations": total_rewritten, "starts_that_consolidated": starts_rewriting,
-            "max_consolidation_s": max((c["consolidation_at_this_start_s"] for c in out), default=0)}
+            "consolidation_s": {"total": round(sum(cons_times), 3), "max_one_start": round(max(cons_times, default=0), 3)},
+            "consolidation_bytes_max_one_start": max(cons_bytes, default=0),
+            "header_write_s_at_end": out[-1]["header_write_s"] if out else None}
 
 
 def history(a) -> dict:
@@ -290,6 +295,10 @@ def history(a) -> dict:
                 "bytes_rewritten_by_consolidations": {"new": new["bytes_rewritten_by_consolidations"],
                                                       "old": old["bytes_rewritten_by_consolidations"]},
                 "starts_that_consolidated": {"new": new["starts_that_consolidated"], "old": old["starts_that_consolidated"]},
+                "consolidation_bytes_max_one_start": {"new": new["consolidation_bytes_max_one_start"],
+                                                      "old": old["consolidation_bytes_max_one_start"]},
+                "consolidation_s_max_one_start": {"new": new["consolidation_s"]["max_one_start"],
+                                                  "old": old["consolidation_s"]["max_one_start"]},
                 "segment_bytes_at_end": last_new["segment_bytes_total"],
                 "new": new, "old": old, "loadavg_start": load0, "loadavg_end": scalelib.load()}
     finally:

@@ -606,11 +606,15 @@ def main() -> None:
         def key(r: dict) -> tuple:
             return r.get("benchmark"), r.get("store"), r.get("graph")
 
+        def current(r: dict) -> bool:  # an object of this version's benchmarks (not an earlier layout's)
+            b = r.get("benchmark")
+            return (b in ("scale_commit", "scale_panoptic_json", "scale_history")
+                    or (b in ("scale_driver_cpu", "scale_driver_rss") and "graph" in r)
+                    or (b == "scale_resume" and "paper" in r))
+
         mine = {key(r) for r in results}
         old = json.loads(Path(out).read_text()) if Path(out).exists() else []
-        kept = [r for r in old if key(r) not in mine and r.get("benchmark") in
-                {"scale_commit", "scale_driver_cpu", "scale_driver_rss", "scale_panoptic_json", "scale_resume",
-                 "scale_history"} and r.get("graph", "x") is not None]
+        kept = [r for r in old if key(r) not in mine and current(r)]
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(kept + results, indent=2) + "\n")
 

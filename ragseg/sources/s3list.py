@@ -5,9 +5,9 @@ storage class: 20-60 ms of CPU per 1000-key page, i.e. minutes of the driver's t
 10M-object bucket, spent on fields a listing of images never reads. Here each page is one GET of a
 presigned ListObjectsV2 URL (made by the filesystem's own client: its credentials, endpoint and
 region), with ``EncodingType=url`` so that S3 URL-encodes the keys, and the response is read with a
-regular expression for the keys and the continuation token only. Requests go through aiohttp on
-s3fs's event loop (one keep-alive session per listing); throttling and server errors are retried
-with backoff. When a presigned request cannot be made at all (the first page fails), the listing
+regular expression for the keys and the continuation token only; the next page's request is sent
+before this page's keys are handed on. Requests go through aiohttp on s3fs's event loop (one
+keep-alive session per listing); throttling and server errors are retried with backoff. When a presigned request cannot be made at all (the first page fails), the listing
 falls back to s3fs's paginator (botocore).
 """
 
@@ -23,25 +23,32 @@ log = logging.getLogger(__name__)
 
 PAGE_KEYS = 1000  # S3's largest page
 RETRIES = 6
-_KEY = re.compile(rb"<Key>([^<]*)</Key>")
+_KEY = re.compile(r"<Key>([^<]*)</Key>")
 _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 _TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>")
 _XML_ENTITIES = {"&quot;": '"', "&apos;": "'"}
 _RETRY_STATUS = (429, 500, 502, 503, 504)
 
 
+def next_token(body: bytes) -> str | None:
+    """The continuation token of a ListObjectsV2 XML response (XML text), None on its last page."""
+    if not _TRUNCATED.search(body):
+        return None
+    m = _TOKEN.search(body)
+    if m is None:
+        raise OSError("ListObjectsV2 response is truncated but has no NextContinuationToken")
+    return unescape(m.group(1).decode("utf-8"), _XML_ENTITIES)
+
+
+def page_keys(body: bytes) -> list[str]:
+    """The keys of a ListObjectsV2 XML response made with ``EncodingType=url`` (URL-encoded)."""
+    return [unquote_plus(k) if ("%" in k or "+" in k) else k for k in _KEY.findall(body.decode("utf-8"))]
+
+
 def parse_page(body: bytes) -> tuple[list[str], str | None]:
     """(keys, next continuation token or None) of a ListObjectsV2 XML response made with
     ``EncodingType=url`` (keys URL-encoded; the token is XML text)."""
-    keys = [unquote_plus(k.decode("utf-8")) if (b"%" in k or b"+" in k) else k.decode("utf-8")
-            for k in _KEY.findall(body)]
-    token = None
-    if _TRUNCATED.search(body):
-        m = _TOKEN.search(body)
-        if m is None:
-            raise OSError("ListObjectsV2 response is truncated but has no NextContinuationToken")
-        token = unescape(m.group(1).decode("utf-8"), _XML_ENTITIES)
-    return keys, token
+    return page_keys(body), next_token(body)
 
 
 def _paginator_pages(fs, bucket: str, prefix: str) -> Iterator[list[str]]:
@@ -89,22 +96,26 @@ def iter_key_pages(fs, bucket: str, prefix: str) -> Iterator[list[str]]:
                 err = f"{type(e).__name__}: {e}"
         raise OSError(f"ListObjectsV2 of s3://{bucket}/{prefix} failed: {err}")
 
-    token, first = None, True
+    try:
+        body = sync(fs.loop, fetch, None)
+    except Exception as e:  # noqa: BLE001 - the first page decides which way to list
+        log.info("presigned listing unavailable (%s); listing with botocore", e)
+        if state["session"] is not None:
+            sync(fs.loop, state["session"].close)
+        yield from _paginator_pages(fs, bucket, prefix)
+        return
+    nxt = None
     try:
         while True:
-            try:
-                body = sync(fs.loop, fetch, token)
-            except Exception as e:  # noqa: BLE001 - the first page decides which way to list
-                if not first:
-                    raise
-                log.info("presigned listing unavailable (%s); listing with botocore", e)
-                yield from _paginator_pages(fs, bucket, prefix)
+            token = next_token(body)
+            # the next page is on its way while this one is parsed and used
+            nxt = asyncio.run_coroutine_threadsafe(fetch(token), fs.loop) if token is not None else None
+            yield page_keys(body)
+            if nxt is None:
                 return
-            first = False
-            keys, token = parse_page(body)
-            yield keys
-            if token is None:
-                return
+            body, nxt = nxt.result(), None
     finally:
+        if nxt is not None:
+            nxt.cancel()
         if state["session"] is not None:
             sync(fs.loop, state["session"].close)

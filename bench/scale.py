@@ -281,7 +281,8 @@ def bench_commit(store: str, base: str, a, batches: _Batches) -> dict:
 # Children: one fresh driver process per figure
 # ----------------------------------------------------------------------------------------------
 def _run_child(args: list[str], a) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args, *_common(a)], stdout=subprocess.PIPE, text=True,
+    # the common options first: a child's own options (args) come last and win
+    proc = subprocess.run([sys.executable, __file__, *_common(a), *args], stdout=subprocess.PIPE, text=True,
                           env={**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {args}")
@@ -322,13 +323,32 @@ def bench_cpu(a) -> list[dict]:
                         "ms_per_piece": round(d / max(last["pieces"] - runs[0]["pieces"], 1) * 1e3, 3)}
         limit = LIMITS["driver_cpu_s_per_1m_segments"]
         ray = a.executor == "ray"
+        pace = None
+        if ray:
+            # the driver's CPU is mostly Ray Data's scheduling loop, which costs per second of the job,
+            # so the figure per 1M segments is the driver's share of a core over the segments/s
+            share = last["driver_cpu_share_of_one_core"]
+            pace = {"driver_cpu_share_of_one_core": share, "segments_per_s_measured": last["segments_per_s"],
+                    "per_1m_segments_if_all_per_second_at": {str(p): round(share * 1e6 / p, 2)
+                                                             for p in (5_000, 10_000, 20_000)},
+                    "segments_per_s_for_the_limit": round(share * 1e6 / limit)}
+            if a.cpu_slow_rate:
+                slow = _run_child(["--_child", "graph", "--_graph", graph, "--_n", str(min(a.cpu_images)),
+                                   "--segments-per-image", str(a.segments), "--panoptic-json", "never",
+                                   "--stand-in-rate", str(a.cpu_slow_rate)], a)
+                per_s = slow["driver_cpu_s_drain"] / max(slow["drain_wall_s"], 1e-9)
+                per_piece = (last["driver_cpu_s_drain"] - per_s * last["drain_wall_s"]) / max(last["pieces"], 1)
+                pace.update({"slow_run": slow, "driver_cpu_s_per_wall_s_slow": round(per_s, 4),
+                             "driver_cpu_ms_per_piece_beyond_per_second": round(per_piece * 1e3, 2),
+                             "model": "driver CPU = per_wall_s x wall + per_piece x pieces"})
+
         out.append({"benchmark": "scale_driver_cpu", "graph": graph, "executor": a.executor,
                     "stages": last.get("stages"), "segments_per_image": a.segments, "piece_images": a.piece_images,
                     "images_per_block": a.images_per_block, "image_hw": list(a.graph_hw), "mask_pool": a.mask_pool,
                     "stand_in_images_per_s": a.stand_in_rate or None, "model_actors": a.model_actors,
                     "cpus_per_actor": a.cpus_per_actor, "runs": runs,
                     "driver_cpu_s_per_1m_segments": last["driver_cpu_s_per_1m_segments"],
-                    "driver_cpu_ms_per_piece": last["driver_cpu_ms_per_piece"], "marginal": marginal,
+                    "driver_cpu_ms_per_piece": last["driver_cpu_ms_per_piece"], "marginal": marginal, "pace": pace,
                     "limit_s_per_1m_segments": limit,
                     # inline (--quick): the piece writers run in the driver: no driver figure
                     "ok": bool(last["driver_cpu_s_per_1m_segments"] <= limit) if ray else None,
@@ -510,6 +530,9 @@ def main() -> None:
     ap.add_argument("--mask-pool", type=int, default=64, help="masks per image size the stand-ins draw from")
     ap.add_argument("--stand-in-rate", type=float, default=0.0,
                     help="images/s of each stand-in actor (a GPU's pace); 0: as fast as the CPUs allow")
+    ap.add_argument("--cpu-slow-rate", type=float, default=0.0,
+                    help="driver CPU: also run the smallest size with the stand-ins paced at this many images/s "
+                         "(the driver's CPU per second of a slower job, to split per-second from per-piece costs)")
     ap.add_argument("--model-actors", default="1", help="ray.model_actors of the graph runs")
     ap.add_argument("--cpus-per-actor", type=float, default=0.25,
                     help="ray.cpus_per_actor of the graph runs (a model actor holds a GPU in production; "

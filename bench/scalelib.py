@@ -111,7 +111,7 @@ def measured(execute, sink: dict):
             del pending  # the executor's now, as in the jobs
             yield from gen
         split = th.by_thread(top=100)
-        own = split.pop(ThreadCpu.NAME, 0.0)
+        own = sum(split.pop(k) for k in [k for k in split if k.startswith("bench")])  # the samplers' own
         sink["drain_cpu_s"] = cpu() - c0 - own
         sink["drain_wall_s"] = time.perf_counter() - w0
         sink["drain_cpu_s_by_thread"] = dict(list(split.items())[:6])
@@ -125,7 +125,7 @@ class RssSampler:
 
         self.p, self.every, self.peak, self.peak_private = psutil.Process(), every, 0, 0
         self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t = threading.Thread(target=self._run, name="bench-rss-sampler", daemon=True)
 
     def _run(self):
         while not self._stop.is_set():

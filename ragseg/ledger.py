@@ -438,7 +438,8 @@ def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segme
                      check=None) -> tuple[Ledger | None, dict[str, Any], Compactor]:
     """A job's start, under its lease: read the folder's ledger (``check(header)`` refuses an
     incompatible one), or write a new header (``make_header()``); fold the commit records a killed run
-    left uncompacted and consolidate a long segment list (its smallest segments). Returns (ledger or None, header, compactor)."""
+    left uncompacted and consolidate a long segment list (its smallest segments). Returns (ledger or
+    None, header, compactor)."""
     led = load(root, kind)
     if led is not None:
         header = led.header

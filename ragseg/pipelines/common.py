@@ -187,9 +187,9 @@ Executor = Callable[[JobConfig, Any, Callable[[], Callable], int], Iterator[dict
 def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
     """The production executor: the pending rows go to ``<out>/_listing/`` (ragseg.pipelines.listing;
     a :class:`~ragseg.pipelines.listing.Listing` is there already), which Ray's read tasks read a
-    few pieces each; then the Ray Data graph ``graph(ds)`` (decode,
-    models, ...) and the piece writer as a CPU task stage; only its one-row commit records stream
-    back to the driver. The listing file is removed when the job ends."""
+    few pieces each; then the Ray Data graph ``graph(ds)`` (decode, models, ...) and the piece
+    writer as a CPU task stage; only its one-row commit records stream back to the driver. The
+    listing file is removed when the job ends."""
 
     def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
         import ray

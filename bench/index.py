@@ -554,14 +554,18 @@ def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, di
 
 
 def single_child(db: str, icfg_json: str, work: str) -> dict:
-    """The single-process build (``--_single``): the same parameters, the same training rows (the
-    build's own draw) and ragseg's own ``_train``; then every shard read and added in this process,
-    one after the other, and the index written. No Ray, no per-shard index, no merge, no quality
-    pass. Peak RSS = this process's VmHWM (``ru_maxrss`` would carry the parent's peak over the exec)."""
+    """The single-process build (``--_single``): what the sharded build makes, in one process without
+    Ray: the same parameters, the same training rows and quality queries (the build's own draws) and
+    ragseg's own ``_train``; then every shard read once, added, its exact top-k for the quality
+    queries computed and its float16 vectors written to the re-rank store, one shard after the other;
+    the index written. No per-shard index, no merge, no nprobe tuning / publish (the sharded build's
+    ``quality_and_publish_s`` is reported apart). Peak RSS = this process's VmHWM (``ru_maxrss``
+    would carry the parent's peak over the exec)."""
     import faiss
 
-    from ragseg.config import IndexConfig
+    from ragseg.config import IndexConfig, JobConfig
     from ragseg.index import build as ib
+    from ragseg.index import store as st
     from ragseg.index.params import choose_params
 
     icfg = IndexConfig.model_validate(json.loads(icfg_json))
@@ -571,22 +575,35 @@ def single_child(db: str, icfg_json: str, work: str) -> dict:
     total = fdb.total
     params = choose_params(total, fdb.dim, icfg)
     train_ids = np.sort(np.random.default_rng(icfg.seed).choice(total, size=params.train_size, replace=False))
-    parts = []
+    nq = min(icfg.recall_queries, total)
+    qids = np.sort(np.random.default_rng(icfg.seed + 1).choice(total, size=nq, replace=False))
+    parts, qparts = [], []
     for s, start in layout:
-        sel = train_ids[(train_ids >= start) & (train_ids < start + s.rows)] - start
-        if len(sel):
-            parts.append(ib._read_embeddings(s.uri, s.rows)[sel])
-    xtrain = np.concatenate(parts)
-    del parts
+        x = ib._read_embeddings(s.uri, s.rows)
+        parts.append(x[train_ids[(train_ids >= start) & (train_ids < start + s.rows)] - start])
+        qparts.append(x[qids[(qids >= start) & (qids < start + s.rows)] - start])
+        del x
+    xtrain, queries = np.concatenate(parts), np.concatenate(qparts)
+    del parts, qparts
     t_read = time.time()
     with st_quiet():
         index, _ = ib._train(params, fdb.dim, xtrain, False)
     del xtrain
     t_train = time.time()
+    kk = ib.exact_k(JobConfig.model_validate({"index": icfg.model_dump()}))
+    rerank = st.write_rerank_store(os.path.join(work, "single-rerank.npy"), total, fdb.dim) if icfg.rerank else None
+    exact = []
     for s, start in layout:
         x = ib._read_embeddings(s.uri, s.rows)
         index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+        exact.append(ib._exact_topk(x, start, queries, kk))
+        if rerank is not None:
+            rerank[start:start + len(x)] = x.astype(np.float16)
         del x
+    ib._merge_topk(exact, kk)
+    if rerank is not None:
+        rerank.flush()
+        del rerank
     t_add = time.time()
     path = os.path.join(work, "single.index")
     faiss.write_index(index, path)
@@ -594,10 +611,10 @@ def single_child(db: str, icfg_json: str, work: str) -> dict:
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "factory": params.factory, "nlist": params.nlist, "train_size": params.train_size,
-            "sample_read_s": round(t_read - t0, 1), "train_s": round(t_train - t0, 1),
-            "add_s": round(t_add - t_train, 1), "write_s": round(t_end - t_add, 1),
-            "build_s": round(t_end - t0, 1), "index_file": path,
+    return {"cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "factory": params.factory, "nlist": params.nlist,
+            "train_size": params.train_size, "sample_read_s": round(t_read - t0, 1),
+            "train_s": round(t_train - t0, 1), "add_exact_rerank_s": round(t_add - t_train, 1),
+            "write_s": round(t_end - t_add, 1), "build_s": round(t_end - t0, 1), "index_file": path,
             "peak_rss_mb": round(_vm_hwm_kb() / 1024, 1)}
 
 
@@ -664,8 +681,8 @@ def single_build(db: str, work: str, sharded: dict, cfg, queries, exact, labels,
            "limit_ratio_build_time": 1.2,
            "note": "ratio_build_time = the sharded build's train + per-shard add tasks + on-disk merge (its phase "
                    "times) over the single build's sample read + train + add + write, both from the same Parquet "
-                   "DB; the sharded build then also measures quality, tunes nprobe and publishes "
-                   "(ratio_build_time_with_quality). Peak RSS: the sharded build's driver plus its Ray workers "
+                   "DB and both with the exact top-k of the quality queries and the re-rank store; the sharded "
+                   "build then also tunes nprobe, measures quality and publishes (ratio_build_time_with_quality). Peak RSS: the sharded build's driver plus its Ray workers "
                    "(sum of their peaks, sampled) vs the single process's VmHWM. Shared 2-CPU machine: "
                    "other jobs ran meanwhile (loadavg)",
            "loadavg": [round(x, 2) for x in os.getloadavg()]}

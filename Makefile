@@ -38,15 +38,21 @@ demo: setup
 # Index benchmark: three data settings at N = 100k (~10 min on 2 CPUs); 1M:
 # `make bench BENCH_INDEX_ARGS="--n 1000000 --settings medium:1000:1.0"`.
 BENCH_INDEX_ARGS ?= --n 100000
+# the sharded build vs the same index built in one process, at 1M vectors (medium setting; the
+# generated DB is kept in bench/.cache/ for the next run): about 45 min on 2 free CPUs
+BENCH_INDEX_SINGLE_ARGS ?= --n 1000000 --settings medium:1000:1.0 --compare-single --nprobes 1,2,4,8,16 \
+	--search-cost off --db-cache bench/.cache/index-1m
 
-# bench/scale.py (the commit path at 30k pieces, local and moto S3; driver CPU; driver RSS labelling
-# 10k and 100k generated images): about 12 minutes on 2 shared CPUs
+# bench/scale.py: the commit path at 30k pieces (local, moto S3); driver CPU on the jobs' real graphs;
+# label driver RSS at 10k / 100k images (panoptic_json auto); the panoptic JSON to 1M images; resume
+# start-up on 200k S3 objects; 1000 runs of history: a few hours on 2 shared CPUs
 BENCH_SCALE_ARGS ?=
 
 bench: setup
 	$(BIN)/python bench/stages.py
 	$(BIN)/python bench/stages.py --flops
 	$(BIN)/python bench/index.py $(BENCH_INDEX_ARGS)
+	$(BIN)/python bench/index.py $(BENCH_INDEX_SINGLE_ARGS)
 	$(BIN)/python bench/build_db.py
 	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)
 

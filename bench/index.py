@@ -21,7 +21,10 @@ held-out queries 1-recall@1, 1-recall@10, 10-recall@10 and kNN-vote agreement (l
 temperature) per nprobe with and without re-ranking; for the main setting the search cost (and with
 ``--variants`` the same build with other index settings: OPQ, 8-bit PQ, residual codes): queries/s at the chosen settings with and without re-ranking for 1
 and 2 threads, next to the label job's images/s and segments/image from bench/results/stages.json.
-``--compare-plain`` adds the earlier sharded-vs-plain-faiss build-time comparison.
+``--compare-single`` (main setting) adds the sharded-vs-single build: the same index built in one
+process without Ray (same parameters, same training rows, read from the same Parquet DB), its build
+time and peak RSS next to the sharded build's (phase times, driver + Ray workers' RSS) and the
+held-out quality of both at the chosen nprobe; the ratio's limit is 1.2.
 """
 
 from __future__ import annotations
@@ -340,6 +343,23 @@ def exact_vote_accuracy(exact, labels, true_labels, vote_k: int, temperature: fl
     return float(np.mean(np.asarray(vocab.names, dtype=object)[s.argmax(axis=1)] == true_labels))
 
 
+def _cached_db(cache: str | None, key: dict):
+    """(db, exact, labels) of a DB generated earlier with the same arguments (``--db-cache``)."""
+    if not cache or not os.path.exists(os.path.join(cache, "key.json")):
+        return None
+    with open(os.path.join(cache, "key.json")) as f:
+        if json.load(f) != key:
+            return None
+    z = np.load(os.path.join(cache, "exact.npz"), allow_pickle=True)
+    return os.path.join(cache, "db"), (z["sims"], z["ids"]), z["labels"]
+
+
+def _save_db_cache(cache: str, key: dict, exact, labels) -> None:
+    np.savez(os.path.join(cache, "exact.npz"), sims=exact[0], ids=exact[1], labels=labels)
+    with open(os.path.join(cache, "key.json"), "w") as f:
+        json.dump(key, f)
+
+
 def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args) -> list[dict]:
     from ragseg.config import JobConfig
     from ragseg.index import quality as iq
@@ -351,8 +371,19 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
         model = make_model(classes, args.dim, args.latent, args.seed, spread, args.modes)
         queries, qy = chunk(model, args.queries, 999_999_937)
         t = time.time()
-        exact, labels = make_db(os.path.join(work, "db"), model, n, args.shards, args.seed, queries,
-                                max(iq.RECALL_K, ens.k))
+        db = os.path.join(work, "db")
+        key = {"setting": name, "classes": classes, "spread": spread, "n": n, "shards": args.shards, "seed": args.seed,
+               "dim": args.dim, "latent": args.latent, "modes": args.modes, "queries": args.queries}
+        cached = _cached_db(args.db_cache, key)
+        if cached is not None:
+            db, exact, labels = cached
+        else:
+            if args.db_cache:
+                db = os.path.join(args.db_cache, "db")
+                shutil.rmtree(args.db_cache, ignore_errors=True)
+            exact, labels = make_db(db, model, n, args.shards, args.seed, queries, max(iq.RECALL_K, ens.k))
+            if args.db_cache:
+                _save_db_cache(args.db_cache, key, exact, labels)
         gen_s = time.time() - t
         vocab = iq.label_vocab(np.unique(labels))
         true = np.array([f"class{c}" for c in qy], dtype=object)
@@ -364,7 +395,11 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
             if not ray.is_initialized():  # a private local Ray (never another process's), start-up not timed
                 ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
             out = os.path.join(work, f"index-{variant}")
-            res, build_s, cfg = build(os.path.join(work, "db"), out, args, **extra)
+            phases = rss = None
+            if args.compare_single and main and variant == "default":
+                res, build_s, cfg, phases, rss = build_phases(db, out, args)
+            else:
+                res, build_s, cfg = build(db, out, args, **extra)
             idx = st.Index.open(out)
             meta = idx.meta
             lists = Lists(idx, queries)
@@ -382,42 +417,276 @@ def run_setting(name: str, classes: int, spread: float, n: int, main: bool, args
                 "scan_fraction_at_chosen": lists.scan_fraction(meta["nprobe"]),
                 "sweep": sweep(idx, queries, exact, labels, ens, vocab, args.nprobes, args.rerank_ks, lists),
             }
+            if phases is not None:
+                row["phases"], row["rss"] = phases, rss
             idx.nprobe = meta["nprobe"]
-            if main:
+            if main and args.search_cost == "on":
                 row["search_cost"] = search_cost(idx, queries, ens.k, args.batch, args.qps_seconds)
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if variant == "default":
+                cfg_default = cfg
             del idx
-        if args.compare_plain and main:
-            rows.append(plain_build(model, n, rows[0], args))
+        if args.compare_single and main:
+            rows.append(single_build(db, work, rows[0], cfg_default, queries, exact, labels, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
-def plain_build(model, n: int, sharded: dict, args) -> dict:
-    """The same factory trained and filled in one process (no Parquet, no Ray): build seconds only."""
+class _TreeRss:
+    """Peak RSS of this process and, apart, of its Ray's worker processes (``ray::...`` below this
+    process; summed, and the largest one), and the CPU seconds of both, sampled every ``every`` s while the block runs; also the same less each process's
+    shared pages (``rss - shared``: the object store's mapping and mmapped files count in every
+    process that touches them, so a sum of plain RSS counts them many times)."""
+
+    def __init__(self, every: float = 0.25):
+        import threading
+
+        self.every, self.driver, self.workers, self.worker_max = every, 0, 0, 0
+        self.driver_private = self.workers_private = 0
+        self.cpu0: dict[int, float] = {}  # Ray workers' CPU seconds: first and last seen, per pid
+        self.cpu1: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        m = psutil.Process().memory_info()
+        self.driver = max(self.driver, m.rss)
+        self.driver_private = max(self.driver_private, m.rss - getattr(m, "shared", 0))
+        tot = tot_private = 0
+        for p in psutil.Process().children(recursive=True):  # this driver's Ray only: not other jobs'
+            try:
+                p.info = {"name": p.name(), "memory_info": p.memory_info(), "cpu_times": p.cpu_times()}
+            except psutil.Error:
+                continue
+            mi = p.info.get("memory_info")
+            if str(p.info.get("name") or "").startswith("ray::") and mi:
+                ct = p.info.get("cpu_times")
+                if ct is not None:
+                    self.cpu0.setdefault(p.pid, ct.user + ct.system if self.cpu1 or not self._started else 0.0)
+                    self.cpu1[p.pid] = ct.user + ct.system
+                tot += mi.rss
+                tot_private += mi.rss - getattr(mi, "shared", 0)
+                self.worker_max = max(self.worker_max, mi.rss)
+        self.workers = max(self.workers, tot)
+        self.workers_private = max(self.workers_private, tot_private)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    _started = False
+
+    def __enter__(self):
+        import psutil
+
+        t = psutil.Process().cpu_times()
+        self._cpu_start = t.user + t.system
+        self._sample()  # the workers alive now: their CPU so far is not the build's
+        self._started = True
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        import psutil
+
+        self._stop.set()
+        self._t.join()
+        self._sample()
+        t = psutil.Process().cpu_times()
+        self.driver_cpu = t.user + t.system - self._cpu_start
+        self.workers_cpu = sum(self.cpu1[p] - self.cpu0.get(p, 0.0) for p in self.cpu1)
+
+    def report(self) -> dict:
+        mb = 2 ** 20
+        return {"driver_cpu_s": round(self.driver_cpu, 1), "workers_cpu_s": round(self.workers_cpu, 1),
+                "cpu_s": round(self.driver_cpu + self.workers_cpu, 1),
+                "driver_peak_rss_mb": round(self.driver / mb, 1), "workers_peak_rss_sum_mb": round(self.workers / mb, 1),
+                "worker_peak_rss_max_mb": round(self.worker_max / mb, 1),
+                "peak_rss_total_mb": round((self.driver + self.workers) / mb, 1),
+                "driver_peak_private_mb": round(self.driver_private / mb, 1),
+                "workers_peak_private_sum_mb": round(self.workers_private / mb, 1),
+                "peak_private_total_mb": round((self.driver_private + self.workers_private) / mb, 1)}
+
+
+def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, dict]:
+    """:func:`build` with the sharded build's phase times (ragseg.index.build calls ``_checkpoint``
+    between its steps) and the peak RSS of the driver and the Ray workers."""
+    from ragseg.index import build as ib
+
+    marks: dict[str, float] = {}
+    saved = ib._checkpoint
+
+    def mark(stage: str) -> None:
+        marks[stage] = time.time()
+        saved(stage)
+
+    ib._checkpoint = mark
+    spent = {"sample_gather_s": 0.0, "train_only_s": 0.0}
+    saved_gather, saved_train = ib._gather, ib._train
+
+    def timed(fn, key):
+        def w(*a, **k):
+            t = time.time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.time() - t
+        return w
+
+    ib._gather, ib._train = timed(saved_gather, "sample_gather_s"), timed(saved_train, "train_only_s")
+    try:
+        with _TreeRss() as rss:
+            t0 = time.time()
+            res, build_s, cfg = build(db, out, args)
+    finally:
+        ib._checkpoint, ib._gather, ib._train = saved, saved_gather, saved_train
+    rel = {k: round(v - t0, 1) for k, v in marks.items()}
+    phases = {"train_s": rel.get("trained"), "add_s": round(rel["shards"] - rel["trained"], 1),
+              "merge_s": round(rel["merged"] - rel["shards"], 1),
+              "train_add_merge_s": rel.get("merged"),
+              "quality_and_publish_s": round(build_s - rel["merged"], 1),
+              **{k: round(v, 1) for k, v in spent.items()}}
+    return res, build_s, cfg, phases, rss.report()
+
+
+def single_child(db: str, icfg_json: str, work: str) -> dict:
+    """The single-process build (``--_single``): what the sharded build makes, in one process without
+    Ray: the same parameters, the same training rows and quality queries (the build's own draws) and
+    ragseg's own ``_train``; then every shard read once, added, its exact top-k for the quality
+    queries computed and its float16 vectors written to the re-rank store, one shard after the other;
+    the index written. No per-shard index, no merge, no nprobe tuning / publish (the sharded build's
+    ``quality_and_publish_s`` is reported apart). Peak RSS = this process's VmHWM (``ru_maxrss``
+    would carry the parent's peak over the exec)."""
     import faiss
 
-    t = time.time()
-    plain = faiss.index_factory(args.dim, sharded["factory"], faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(plain)
-    if hasattr(ivf, "do_polysemous_training"):
-        faiss.downcast_index(ivf).do_polysemous_training = False
-    take = np.sort(np.random.default_rng(args.seed).choice(n, size=min(n, 64 * sharded["nlist"]), replace=False))
-    xs = []
-    for start, x, _ in chunks(model, n, args.seed):
-        xs.append(x[take[(take >= start) & (take < start + len(x))] - start])
-    plain.train(np.concatenate(xs))
-    del xs
-    for start, x, _ in chunks(model, n, args.seed):
-        plain.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
-    plain_s = time.time() - t
-    row = {"bench": "index", "setting": sharded["setting"], "variant": "plain", "n": n,
-           "factory": sharded["factory"], "build_s": round(plain_s, 1),
-           "sharded_over_plain_build_time": round(sharded["build_s"] / plain_s, 3),
-           "note": "plain: train + add in one process on regenerated data; sharded: Parquet reads, Ray tasks, "
-                   "on-disk merge, re-rank store, quality and nprobe tuning, publish"}
+    from ragseg.config import IndexConfig, JobConfig
+    from ragseg.index import build as ib
+    from ragseg.index import store as st
+    from ragseg.index.params import choose_params
+
+    icfg = IndexConfig.model_validate(json.loads(icfg_json))
+    t0 = time.time()
+    fdb = ib.load_db(db)
+    layout = ib._layout(list(fdb.shards))
+    total = fdb.total
+    params = choose_params(total, fdb.dim, icfg)
+    train_ids = np.sort(np.random.default_rng(icfg.seed).choice(total, size=params.train_size, replace=False))
+    nq = min(icfg.recall_queries, total)
+    qids = np.sort(np.random.default_rng(icfg.seed + 1).choice(total, size=nq, replace=False))
+    parts, qparts = [], []
+    for s, start in layout:
+        x = ib._read_embeddings(s.uri, s.rows)
+        parts.append(x[train_ids[(train_ids >= start) & (train_ids < start + s.rows)] - start])
+        qparts.append(x[qids[(qids >= start) & (qids < start + s.rows)] - start])
+        del x
+    xtrain, queries = np.concatenate(parts), np.concatenate(qparts)
+    del parts, qparts
+    t_read = time.time()
+    with st_quiet():
+        index, _ = ib._train(params, fdb.dim, xtrain, False)
+    del xtrain
+    t_train = time.time()
+    kk = ib.exact_k(JobConfig.model_validate({"index": icfg.model_dump()}))
+    rerank = st.write_rerank_store(os.path.join(work, "single-rerank.npy"), total, fdb.dim) if icfg.rerank else None
+    exact = []
+    for s, start in layout:
+        x = ib._read_embeddings(s.uri, s.rows)
+        index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+        exact.append(ib._exact_topk(x, start, queries, kk))
+        if rerank is not None:
+            rerank[start:start + len(x)] = x.astype(np.float16)
+        del x
+    ib._merge_topk(exact, kk)
+    if rerank is not None:
+        rerank.flush()
+        del rerank
+    t_add = time.time()
+    path = os.path.join(work, "single.index")
+    faiss.write_index(index, path)
+    t_end = time.time()
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "factory": params.factory, "nlist": params.nlist,
+            "train_size": params.train_size, "sample_read_s": round(t_read - t0, 1),
+            "train_s": round(t_train - t0, 1), "add_exact_rerank_s": round(t_add - t_train, 1),
+            "write_s": round(t_end - t_add, 1), "build_s": round(t_end - t0, 1), "index_file": path,
+            "peak_rss_mb": round(_vm_hwm_kb() / 1024, 1)}
+
+
+def _vm_hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def st_quiet():
+    from ragseg.index import store as st
+
+    return st.quiet_stdout()
+
+
+def single_build(db: str, work: str, sharded: dict, cfg, queries, exact, labels, args) -> dict:
+    """The same index built in one process (:func:`single_child`, a fresh interpreter), its held-out
+    quality without re-ranking at the sharded build's nprobe (the sharded one's ``no_rerank`` figure
+    at that nprobe is the same measurement), and the sharded / single ratios of build time and peak
+    RSS."""
+    import subprocess
+
+    import faiss
+
+    from ragseg.config import JobConfig
+    from ragseg.index import quality as iq
+
+    icfg = cfg.index.model_dump(mode="json")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_single", db, json.dumps(icfg), work],
+                          stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    if proc.returncode != 0:
+        raise SystemExit(f"single build failed ({proc.returncode})")
+    one = json.loads(proc.stdout.strip().splitlines()[-1])
+    index = faiss.read_index(one.pop("index_file"))
+    if sharded.get("bytes", {}).get("measured", {}).get("what") == "loaded_index":  # searched as a reader does
+        from ragseg.index.store import to_fast_scan
+
+        index = to_fast_scan(index)
+    nprobe = sharded["nprobe"]
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    ens = JobConfig().label.ensemble
+    kk = max(iq.RECALL_K, ens.k)
+    found = index.search(queries, kk)
+    m = iq.evaluate(found, exact, np.full(len(queries), -1), labels, ens.k, ens.retrieval_temperature,
+                    iq.label_vocab(np.unique(labels)))
+    single_q = {k: round(m[k], 4) for k in ("one_recall_at_1", "one_recall_at_10", "ten_recall_at_10", "vote_agreement")}
+    at = next((r for r in sharded["sweep"] if r["nprobe"] == nprobe), {})
+    sharded_q = at.get("no_rerank")
+    ph, rss = sharded["phases"], sharded["rss"]
+    row = {"bench": "index", "setting": sharded["setting"], "variant": "single", "n": sharded["n"],
+           "factory": one["factory"], "nlist": one["nlist"], **{k: v for k, v in one.items() if k not in ("factory", "nlist")},
+           "heldout_no_rerank_at_nprobe": {"nprobe": nprobe, "single": single_q, "sharded": sharded_q},
+           "same_recall": bool(sharded_q is not None and all(abs(single_q[k] - sharded_q[k]) <= 0.01 for k in single_q)),
+           "sharded": {"build_s": sharded["build_s"], **ph, **rss},
+           "ratio_build_time": round(ph["train_add_merge_s"] / one["build_s"], 3),
+           "ratio_build_time_with_quality": round(sharded["build_s"] / one["build_s"], 3),
+           "ratio_cpu": round(rss["cpu_s"] / one["cpu_s"], 3) if rss.get("cpu_s") and one.get("cpu_s") else None,
+           "ratio_peak_rss_total": round(rss["peak_rss_total_mb"] / one["peak_rss_mb"], 3),
+           "ratio_peak_private_total": (round(rss["peak_private_total_mb"] / one["peak_rss_mb"], 3)
+                                        if "peak_private_total_mb" in rss else None),
+           "ratio_peak_rss_driver": round(rss["driver_peak_rss_mb"] / one["peak_rss_mb"], 3),
+           "limit_ratio_build_time": 1.2,
+           "note": "ratio_build_time = the sharded build's train + per-shard add tasks + on-disk merge (its phase "
+                   "times) over the single build's sample read + train + add + write, both from the same Parquet "
+                   "DB and both with the exact top-k of the quality queries and the re-rank store; the sharded "
+                   "build then also tunes nprobe, measures quality and publishes (ratio_build_time_with_quality). Peak RSS: the sharded build's driver plus its Ray workers "
+                   "(sum of their peaks, sampled) vs the single process's VmHWM. Shared 2-CPU machine: "
+                   "other jobs ran meanwhile (loadavg)",
+           "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    row["ok"] = bool(row["ratio_build_time"] <= row["limit_ratio_build_time"] and row["same_recall"])
     print(json.dumps(row), flush=True)
     return row
 
@@ -442,12 +711,21 @@ def main() -> None:
     ap.add_argument("--qps-seconds", type=float, default=2.0)
     ap.add_argument("--variants", default="", help="comma list of index config variants built next to the "
                     f"default on the main setting: {', '.join(VARIANTS)}")
-    ap.add_argument("--compare-plain", action="store_true")
+    ap.add_argument("--compare-single", action="store_true",
+                    help="main setting: also build the same index in one process and compare build time and RSS")
+    ap.add_argument("--search-cost", default="on", choices=["on", "off"], help="off: skip the queries/s runs")
+    ap.add_argument("--_single", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--db-cache", default=None,
+                    help="keep the generated DB (and its exact neighbours) in this folder and reuse it when the "
+                         "data arguments match (the 1M generation takes most of a run's time)")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "index.json"))
     args = ap.parse_args()
+    if args._single:
+        print(json.dumps(single_child(*args._single)))
+        return
     args.nprobes = [int(p) for p in args.nprobes.split(",")]
     args.rerank_ks = [int(k) for k in args.rerank_ks.split(",")]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -468,8 +746,8 @@ def main() -> None:
         with open(args.out) as f:
             prev = json.load(f)
     results = {k: r for k, r in prev.get("results", {}).items() if "setting" in r}  # drop the old layout
-    for r in rows:
-        results[f"{r['setting']}/{r['n']}/{r['variant']}"] = r
+    for r in rows:  # the file gathers runs of several sizes: each row keeps the run it came from
+        results[f"{r['setting']}/{r['n']}/{r['variant']}"] = {**r, "run_env": env}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"env": env, "results": results}, f, indent=2, sort_keys=True)

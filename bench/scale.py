@@ -1,38 +1,36 @@
-"""Scale benchmark of the job commit path (ragseg.ledger) at the real N, on local disk and on a local
-S3 server (moto, 127.0.0.1), with generated stage results instead of models
-(ragseg.pipelines.generated).
+"""Scale benchmark of what the jobs cost their driver and their output folder, at the real N, on
+local disk and on a local S3 server (127.0.0.1), with generated stage results instead of models.
 
-    python bench/scale.py [--quick] [--stores local,s3] [--levels 100,1000,10000,30000]
-                          [--cpu-images 5000,50000] [--label-images 10000,100000]
+    python bench/scale.py [--quick] [--sections commit,cpu,rss,json,resume,history] [options below]
 
-Four benchmarks, one JSON object each on stdout, all of them in ``bench/results/scale.json``:
+One JSON object per benchmark on stdout; all of them in ``bench/results/scale.json`` (a run of some
+sections keeps the other sections' objects of the file). The machine's load average is recorded
+next to every figure (the development machine has 2 cores shared with other jobs).
 
-``scale_commit`` (per store): the time of one commit (a real ``WriteDbPiece`` of ``--piece-images``
-  images x 20 segments at dim 768 with 480x640 RLE masks, its commit record, and the driver's
-  ``Compactor.add``, as ``drain_records`` does it) with 100 .. 30k pieces already committed. The
-  ledger is pre-populated with *records* as the driver would have left them mid-run: compacted
-  segments of ``commit.compact_every`` records (written by the real ``Compactor``) plus an uncompacted
-  tail of ``compact_every / 2`` commit objects, which the compactor holds as pending; their data files
-  do not exist (on local disk an empty placeholder per piece keeps ``features/`` as full as a real
-  run's). Median/p90 over ``--commits`` timed commits per level (round-robin over the levels, so that
-  the machine's load weighs on all alike), the files each commit writes (listed at every level, so
-  that a file growing with N shows) and, apart, one compaction (a flush of ``compact_every`` records:
-  segment, header, bulk delete) amortised per piece.
-``scale_resume`` (per store): resume start-up at 10k pieces: ``ledger.load`` + ``pending_rows`` for
-  a listing of (10k pieces x piece images) committed image rows plus 1 % new ones.
-``scale_driver_cpu``: driver CPU seconds per 1M segments: a real Ray Data job (``run_build_db`` through
-  ``ray_executor``: listing read tasks -> generated DbResults task -> the real WriteDbPiece task), measuring the
-  driver process's own CPU time (psutil, this pid only, all its threads; not the Ray workers) from the
-  executor's start to the last record drained. Masks are smaller than 480x640 here (``--cpu-hw``): only
-  the workers ever see them.
-``scale_driver_rss``: driver peak RSS while labelling generated images through the commit path
-  (``run_label`` through ``ray_executor``: listing read tasks -> generated LabelResults task (PNG written)
-  -> the real WriteLabelPiece task), tiny masks (the driver's memory must not depend on the images),
-  one fresh driver per size; peak = the driver's ``ru_maxrss``, and the peak of psutil samples.
+``scale_commit`` (per store: local, moto S3): the time of one commit (a real ``WriteDbPiece`` of
+  ``--piece-images`` images x 20 segments at dim 768 with 480x640 RLE masks, its commit record, and
+  the driver's ``Compactor.add``, as ``drain_records`` does it) with 100 .. 30k pieces already
+  committed (compacted segments of ``commit.compact_every`` records plus an uncompacted tail of
+  ``compact_every / 2`` commit objects); median/p90 over ``--commits`` timed commits per level
+  (round-robin over the levels), the files each commit writes, and one compaction amortised per piece.
+``scale_driver_cpu`` (per graph: build-db ``masks: detector``, label ``proposals: gdino-sam``): the
+  driver's CPU seconds per 1M segments (``--segments`` = 20 per image) and per piece on the job's
+  real Ray Data graph (bench/scale_graphs.py: production stages, model stages replaced by
+  generators), one fresh driver per size (``--cpu-images``), plus the marginal figure between sizes.
+``scale_driver_rss``: the label job's driver peak RSS on its real graph with the default
+  ``label.panoptic_json: auto`` (OUT/panoptic.json written after the drain), at ``--label-images``.
+``scale_panoptic_json``: the panoptic JSON's assembly alone at ``--json-images`` (10k .. 1M; past
+  ``label.panoptic_json_max_images`` the split JSON): peak RSS and seconds.
+``scale_resume``: a label job's start on a bucket of ``--resume-objects`` objects (local S3 server:
+  bench/scalelib.py) into a folder with ``--resume-pieces`` committed pieces: lease, ledger load and
+  adoption, paged listing + filter + pending listing upload (bench/scale_startup.py), and that start
+  on paper at ``--resume-target`` (10M) objects from the measured per-page and per-row costs.
+``scale_history``: ``--history-runs`` runs of ``--history-pieces`` pieces in all on one folder, this
+  version's ledger vs the previous one: header size, consolidation time and bytes rewritten.
 
-Every Ray run starts a local Ray with 2 CPUs and a 500 MB object store (``ragseg.runtime.init_ray``).
-``--quick``: tiny N, local disk only, and the inline executor instead of Ray (the test checks the JSON
-shape; its figures mean nothing). The machine's load average is recorded next to each figure.
+Every Ray run starts a local Ray with 2 CPUs and a 500 MB object store. ``--quick``: tiny N, local
+disk only, the graphs run inline (no Ray: the same stage classes in the graph's order), for the test
+(its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -57,29 +54,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import scalelib  # noqa: E402
 
 MODEL_ID, MODE, DIM = "open_clip:ViT-L-14/openai", "pool", 768  # the default CLIP's identity (dim 768)
-LIMITS = {"commit_ratio": 1.5, "driver_cpu_s_per_1m_segments": 5.0, "resume_s": 30.0, "rss_ratio": 1.25}
+LIMITS = {"commit_ratio": 1.5, "driver_cpu_s_per_1m_segments": 5.0, "rss_ratio": 1.25, "resume_s": 60.0}
 
 
 def _env(quick: bool) -> dict:
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "quick": quick}
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "quick": quick,
+            "note": "2-CPU development machine shared with other jobs: see the loadavg fields"}
 
 
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _stats(xs: list[float]) -> dict:
-    a = np.asarray(xs, dtype=np.float64)
-    return {"median": round(float(np.median(a)), 5), "p90": round(float(np.percentile(a, 90)), 5),
-            "min": round(float(a.min()), 5), "max": round(float(a.max()), 5), "n": len(xs)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Local S3 server (moto): the tests' own (tests/conftest.py), so that both start it one way
-# ----------------------------------------------------------------------------------------------
 def s3_server():
+    """moto's own S3 server (tests/conftest.py), as the commit figures have always used it."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import moto_s3_env
 
@@ -87,7 +76,7 @@ def s3_server():
 
 
 # ----------------------------------------------------------------------------------------------
-# (a) commit time vs pieces committed, (c) resume start-up
+# scale_commit: commit time vs pieces committed
 # ----------------------------------------------------------------------------------------------
 def _image_ids(piece: int, per_piece: int) -> list[str]:
     return [f"img{piece:07d}-{j:03d}" for j in range(per_piece)]
@@ -216,14 +205,13 @@ def _commit_once(writer, comp, stats, batch) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def bench_commit(store: str, base: str, a, batches: _Batches, resume_at: int | None) -> tuple[dict, dict | None]:
+def bench_commit(store: str, base: str, a, batches: _Batches) -> dict:
     from ragseg import io, ledger
     from ragseg.pipelines.build_db import WriteDbPiece
     from ragseg.pipelines.common import RunStats
-    from ragseg.sources import make_row
 
-    levels, resume = [], None
-    load0 = _load()
+    levels = []
+    load0 = scalelib.load()
     # every level's folder first; then the timed commits round-robin over the levels, so that the
     # load of this shared machine weighs on all levels alike
     st = []
@@ -250,9 +238,6 @@ def bench_commit(store: str, base: str, a, batches: _Batches, resume_at: int | N
         one = _diff(before, _snapshot(root))
         header_bytes = len(json.dumps(comp.header, indent=2, sort_keys=True).encode())
 
-        if resume_at is not None and n == resume_at:
-            resume = bench_resume(store, root, n, a.piece_images, make_row)
-
         # one compaction: top the pending records up to compact_every (light commit objects), flush
         todo = a.compact_every - len(comp.pending)
         extra = [_fake_record(10_000_000 + n + i, a.piece_images, a.segments) for i in range(max(0, todo))]
@@ -268,15 +253,15 @@ def bench_commit(store: str, base: str, a, batches: _Batches, resume_at: int | N
         fl = _diff(before, _snapshot(root))
         med = statistics.median(lv["total_s"])
         levels.append({"pieces": n, **lv["shape"], "prep_s": round(lv["prep_s"], 2),
-                       "commit_s": _stats(lv["total_s"]), "write_s": _stats(lv["write_s"]),
-                       "driver_add_s": _stats(lv["add_s"]),
+                       "commit_s": scalelib.stats(lv["total_s"]), "write_s": scalelib.stats(lv["write_s"]),
+                       "driver_add_s": scalelib.stats(lv["add_s"]),
                        "files_written_per_commit": one["written"], "bytes_per_commit": one["bytes_written"],
                        "header_bytes": header_bytes,
                        "flush": {"records": flushed, "seconds": round(flush_s, 4),
                                  "per_piece_s": round(flush_s / max(flushed, 1), 6),
                                  "files_written": fl["written"], "objects_deleted": fl["deleted"]},
                        "commit_plus_amortised_flush_median_s": round(med + flush_s / max(flushed, 1), 5),
-                       "loadavg": _load()})
+                       "loadavg": scalelib.load()})
         print(f"# {store} {n} pieces: commit median {med:.3f}s, flush {flush_s:.2f}s", file=sys.stderr)
         with contextlib.suppress(Exception):
             fs, p = io.fs_and_path(root)
@@ -288,367 +273,237 @@ def bench_commit(store: str, base: str, a, batches: _Batches, resume_at: int | N
               "compact_every": a.compact_every, "levels": levels,
               f"ratio_median_{levels[-1]['pieces']}_over_{levels[0]['pieces']}": round(ratio, 3),
               "ratio": round(ratio, 3), "limit": LIMITS["commit_ratio"], "ok": bool(ratio <= LIMITS["commit_ratio"]),
-              "loadavg_start": load0, "loadavg_end": _load()}
-    return result, resume
-
-
-def bench_resume(store: str, root: str, n: int, per_piece: int, make_row) -> dict:
-    """Resume start-up: ledger.load + pending_rows over the committed images' rows plus 1 % new ones."""
-    from ragseg import db as dblib
-    from ragseg.pipelines.common import pending_rows
-
-    ids = [i for p in range(n) for i in _image_ids(p, per_piece)]
-    ids += [f"fresh-{j:07d}" for j in range(len(ids) // 100)]
-    import pyarrow as pa
-
-    from ragseg.sources import row_schema
-
-    rows = pa.Table.from_pylist([make_row(i, f"s3://bucket/imgs/{i}.jpg", "folder", file_name=f"{i}.jpg")
-                                 for i in ids], schema=row_schema())
-    load0 = _load()
-    t0 = time.perf_counter()
-    led = dblib.open_db(root)
-    t1 = time.perf_counter()
-    pending = pending_rows(rows, led)
-    t2 = time.perf_counter()
-    total = t2 - t0
-    return {"benchmark": "scale_resume", "store": store, "pieces": led.records.num_rows,
-            "segments": len(led.header["segments"]), "uncompacted": len(led.uncompacted),
-            "listed_rows": rows.num_rows, "pending": pending.num_rows, "load_s": round(t1 - t0, 3),
-            "pending_rows_s": round(t2 - t1, 3), "total_s": round(total, 3), "limit_s": LIMITS["resume_s"],
-            "ok": bool(total <= LIMITS["resume_s"]), "loadavg": load0}
+              "loadavg_start": load0, "loadavg_end": scalelib.load()}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
-# (b) driver CPU, (d) driver RSS: one fresh driver process each
+# Children: one fresh driver process per figure
 # ----------------------------------------------------------------------------------------------
-def _dummy_images(d: str, ids: range) -> None:
-    os.makedirs(d, exist_ok=True)
-    for i in ids:
-        open(os.path.join(d, f"im{i:07d}.jpg"), "wb").close()  # never decoded: generated results stand in
-
-
-class GenDbStage:
-    """Ray Data callable: rows -> the generated results WriteDbPiece reads (DbResults)."""
-
-    def __init__(self, hw, segs, sleep_s: float = 0.0, mask_pool: int = 0):
-        from ragseg.pipelines.generated import DbResults
-
-        self.gen = DbResults(dim=DIM, segments_per_image=segs, hw=tuple(hw), mask_pool=mask_pool)
-        self.sleep_s = sleep_s
-
-    def __call__(self, batch):
-        if self.sleep_s:
-            time.sleep(self.sleep_s)  # a slower model stage: same work, longer job
-        rows = [{"image_id": i, "uri": u} for i, u in zip(batch["image_id"], batch["uri"])]
-        return self.gen(rows)
-
-
-class GenLabelStage:
-    """Ray Data callable: rows -> label's merged results with their PNGs written (LabelResults)."""
-
-    def __init__(self, out, cats, hw, segs):
-        from ragseg.pipelines.generated import LabelResults
-
-        self.gen = LabelResults(out, cats, segments_per_image=segs, hw=tuple(hw))
-
-    def __call__(self, batch):
-        from ragseg.stages.batch import object_column
-
-        rows = [{"image_id": i, "uri": u} for i, u in zip(batch["image_id"], batch["uri"])]
-        out = self.gen(rows)
-        for col in ("file_name", "coco_id"):  # carried from the source rows, as the real graph does
-            if col in batch:
-                out[col] = object_column(list(batch[col]))
-        return out
-
-
-def _graph(stage_factory, cfg, ds):
-    from ragseg.pipelines.common import add_stage
-
-    per_block = cfg.ray.images_per_block
-    return add_stage(ds, stage_factory, "generate", cfg, actor=False,
-                     batch_size=per_block)
-
-
-def _executor(kind: str, stage_factory, inline_results, out: str):
-    from ragseg.pipelines.common import inline_executor, ray_executor
-
-    if kind == "inline":
-        return inline_executor(inline_results)
-    return ray_executor(lambda ds: _graph(stage_factory, _CFG, ds), out)
-
-
-_CFG = None  # the child's config, for the graph
-
-
-def _cpu() -> float:
-    import psutil
-
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
-
-
-def _thread_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds of each thread of this process, named (Python's name, else the OS's)."""
-    import psutil
-
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out = {}
-    for t in psutil.Process().threads():
-        name = names.get(t.id)
-        if name is None:
-            try:
-                with open(f"/proc/self/task/{t.id}/comm") as f:
-                    name = f.read().strip()
-            except OSError:
-                name = "?"
-        out[t.id] = (name, t.user_time + t.system_time)
-    return out
-
-
-class _ThreadCpu:
-    """Samples the CPU seconds of each of this process's threads every ``every`` s (a thread that ends
-    keeps its last sample), so the drain's CPU can be split by thread; its own thread is reported."""
-
-    NAME = "bench-thread-sampler"
-
-    def __init__(self, every: float = 2.0):
-        self.every, self.first, self.last = every, {}, {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, name=self.NAME, daemon=True)
-
-    def _sample(self) -> None:
-        for tid, (name, c) in _thread_cpu().items():
-            self.first.setdefault(tid, (name, 0.0) if self.last else (name, c))
-            self.last[tid] = (name, c)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
-    def __enter__(self):
-        self._sample()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self._sample()
-
-    def by_thread(self, top: int = 6) -> dict[str, float]:
-        import re
-
-        agg: dict[str, float] = {}
-        for tid, (name, c) in self.last.items():
-            key = re.sub(r"-.*$", "", name)  # StreamingExecutor-dataset_<id>, Thread-3 (...) ...
-            agg[key] = agg.get(key, 0.0) + c - self.first[tid][1]
-        return {k: round(v, 3) for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:top] if v > 0.005}
-
-
-def _measured(execute, sink: dict):
-    """Wrap an executor: the driver's CPU seconds from its start to the last record drained (less the
-    thread sampler's own), and their split by thread of the driver."""
-
-    def ex(cfg, pending, writer, per_piece):
-        c0, w0 = _cpu(), time.perf_counter()
-        with _ThreadCpu() as th:
-            gen = execute(cfg, pending, writer, per_piece)
-            del pending  # the executor's now, as in the jobs
-            yield from gen
-        split = th.by_thread(top=100)
-        own = split.pop(_ThreadCpu.NAME, 0.0)
-        sink["drain_cpu_s"] = _cpu() - c0 - own
-        sink["drain_wall_s"] = time.perf_counter() - w0
-        sink["drain_cpu_s_by_thread"] = dict(list(split.items())[:6])
-
-    return ex
-
-
-def _ray_overrides(a) -> list[str]:
-    return [f"ray.images_per_block={a.images_per_block}", "ray.num_cpus=2", f"ray.object_store_memory={500 * 2**20}", "ray.node_ip_address=127.0.0.1",
-            "ray.progress=false"]
-
-
-def child_cpu(a) -> dict:
-    global _CFG
-    from ragseg.config import load_config
-    from ragseg.pipelines.build_db import run_build_db
-    from ragseg.pipelines.generated import DbResults
-
-    work = tempfile.mkdtemp(prefix="bench-scale-cpu-")
-    try:
-        _dummy_images(os.path.join(work, "imgs"), range(a.cpu_images[0]))
-        cfg = _CFG = load_config(None, ["source.kind=folder", f"source.uri={work}/imgs", f"build_db.out={work}/db",
-                                        f"build_db.images_per_shard={a.piece_images}", *_ray_overrides(a)])
-        if a.executor == "ray":
-            from ragseg.runtime import init_ray
-
-            init_ray(cfg.ray)  # Ray's start-up is not part of the job's per-segment cost
-        sink: dict = {}
-        factory = functools.partial(GenDbStage, a.cpu_hw, a.segments, a.cpu_stage_sleep, a.mask_pool)
-        inline = DbResults(dim=DIM, segments_per_image=a.segments, hw=tuple(a.cpu_hw), mask_pool=a.mask_pool)
-        load0 = _load()
-        c0, w0 = _cpu(), time.perf_counter()
-        s = run_build_db(cfg, execute=_measured(_executor(a.executor, factory, inline, cfg.build_db.out), sink))
-        job_cpu, job_wall = _cpu() - c0, time.perf_counter() - w0
-        return {"images": s["images"], "segments": s["segments"], "pieces": s["shards_written"],
-                "driver_cpu_s_drain": round(sink["drain_cpu_s"], 3), "drain_wall_s": round(sink["drain_wall_s"], 2),
-                "driver_cpu_share_of_one_core": round(sink["drain_cpu_s"] / sink["drain_wall_s"], 4),
-                "driver_cpu_s_drain_by_thread": sink["drain_cpu_s_by_thread"],
-                "driver_cpu_s_job": round(job_cpu, 3), "job_wall_s": round(job_wall, 2),
-                "driver_cpu_s_per_1m_segments": round(sink["drain_cpu_s"] / max(s["segments"], 1) * 1e6, 3),
-                "loadavg_start": load0, "loadavg_end": _load()}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-class _RssSampler:
-    def __init__(self, every: float = 0.1):
-        import psutil
-
-        self.p, self.every, self.peak, self.peak_private = psutil.Process(), every, 0, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            m = self.p.memory_info()
-            self.peak = max(self.peak, m.rss)
-            self.peak_private = max(self.peak_private, m.rss - getattr(m, "shared", 0))
-            time.sleep(self.every)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux: ``5`` to /proc/self/clear_refs resets VmHWM), so that
-    the peak read after the job is the job's own, not the imports' or Ray start-up's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _peak_rss_kb() > 0
-    except OSError:
-        return False
-
-
-def _peak_rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def child_rss(a) -> dict:
-    global _CFG
-    import resource
-
-    import psutil
-
-    from ragseg.config import load_config
-    from ragseg.pipelines.generated import LabelResults
-    from ragseg.pipelines.label import run_label
-    from ragseg.vocab import load_vocab
-
-    work = tempfile.mkdtemp(prefix="bench-scale-rss-")
-    try:
-        vocab = os.path.join(work, "vocab.json")
-        with open(vocab, "w") as f:
-            json.dump([{"name": "wall", "isthing": False}, {"name": "person", "isthing": True},
-                       {"name": "car", "isthing": True}], f)
-        out = os.path.join(work, "labels")
-        cfg = _CFG = load_config(None, ["label.images.kind=folder", f"label.images.uri={a._images}", f"label.vocab={vocab}",
-                                        f"label.out={out}", f"label.images_per_shard={a.piece_images}",
-                                        "label.panoptic_json=never", *_ray_overrides(a)])
-        cats = [int(i) for i in load_vocab(vocab).ids]
-        if a.executor == "ray":
-            from ragseg.runtime import init_ray
-
-            init_ray(cfg.ray)
-        rss0 = psutil.Process().memory_info().rss
-        hwm_reset = _reset_peak_rss()
-        factory = functools.partial(GenLabelStage, out, cats, a.label_hw, a.label_segments)
-        inline = LabelResults(out, cats, segments_per_image=a.label_segments, hw=tuple(a.label_hw))
-        sink: dict = {}
-        load0 = _load()
-        t0 = time.perf_counter()
-        with _RssSampler() as smp:
-            s = run_label(cfg, execute=_measured(_executor(a.executor, factory, inline, out), sink))
-        wall = time.perf_counter() - t0
-        ru_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"images": s["images"], "segments": s["segments"], "pieces": s["shards_written"],
-                "rss_before_job_mb": round(rss0 / 2**20, 1),
-                "peak_rss_mb": round((_peak_rss_kb() if hwm_reset else ru_kb) / 1024, 1),
-                "peak_rss_source": "VmHWM after clear_refs" if hwm_reset else "ru_maxrss (whole process life)",
-                "peak_rss_sampled_mb": round(smp.peak / 2**20, 1),
-                "peak_rss_minus_shared_mb": round(smp.peak_private / 2**20, 1),
-                "driver_cpu_s_drain": round(sink["drain_cpu_s"], 2), "wall_s": round(wall, 1),
-                "images_per_s": round(s["images"] / wall, 1), "loadavg_start": load0, "loadavg_end": _load()}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _run_child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True,
+def _run_child(args: list[str], a) -> dict:
+    # the common options first: a child's own options (args) come last and win
+    proc = subprocess.run([sys.executable, __file__, *_common(a), *args], stdout=subprocess.PIPE, text=True,
                           env={**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {args}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_cpu(a, common: list[str]) -> dict:
-    """One fresh driver per size; the figure is the drain's driver CPU per 1M segments at the largest
-    size, and (two sizes or more) the marginal one: the slope between the smallest and the largest,
-    which leaves out the per-job fixed costs (planning the dataset, starting the executor)."""
-    sizes = sorted(a.cpu_images)
-    runs = [_run_child(["--_child", "cpu", "--cpu-images", str(n), *common]) for n in sizes]
-    per_1m = runs[-1]["driver_cpu_s_per_1m_segments"]
-    marginal = None
-    if len(runs) > 1 and runs[-1]["segments"] > runs[0]["segments"]:
-        marginal = round((runs[-1]["driver_cpu_s_drain"] - runs[0]["driver_cpu_s_drain"])
-                         / (runs[-1]["segments"] - runs[0]["segments"]) * 1e6, 3)
-    limit = LIMITS["driver_cpu_s_per_1m_segments"]
-    return {"benchmark": "scale_driver_cpu", "executor": a.executor, "dim": DIM, "mask_hw": list(a.cpu_hw),
-            "mask_pool": a.mask_pool,
-            "segments_per_image": a.segments, "piece_images": a.piece_images, "images_per_block": a.images_per_block,
-            "stage_sleep_s_per_block": a.cpu_stage_sleep, "runs": runs, "driver_cpu_s_per_1m_segments": per_1m, "marginal_driver_cpu_s_per_1m_segments": marginal,
-            "limit": limit,
-            # inline (--quick): the piece writers run in the driver, so the figure is no driver figure
-            "ok": bool(per_1m <= limit) if a.executor == "ray" else None,
-            "ok_marginal": (bool(marginal <= limit) if marginal is not None else None) if a.executor == "ray" else None}
+def _common(a) -> list[str]:
+    out = ["--piece-images", str(a.piece_images), "--segments", str(a.segments), "--executor", a.executor,
+           "--images-per-block", str(a.images_per_block), "--mask-pool", str(a.mask_pool),
+           "--graph-hw", ",".join(map(str, a.graph_hw)), "--stand-in-rate", str(a.stand_in_rate),
+           "--model-actors", str(a.model_actors), "--cpus-per-actor", str(a.cpus_per_actor),
+           "--compact-every", str(a.compact_every), "--json-segments", str(a.json_segments),
+           "--json-max-images", str(a.json_max_images)]
+    return out + (["--workdir", a.workdir] if a.workdir else [])
 
 
-def bench_rss(a, common: list[str]) -> dict:
+def _graph_child(a) -> dict:
+    import scale_graphs
+
+    if a.executor == "inline":
+        return inline_graph(a)
+    return scale_graphs.child_graph(a)
+
+
+def bench_cpu(a) -> list[dict]:
+    """Per graph, one fresh driver per size; the figure is the drain's driver CPU per 1M segments at
+    the largest size (20 segments/image: 50k images = 1M), per piece, and (two sizes or more) the
+    marginal one between the smallest and the largest, which leaves out the per-job fixed costs."""
+    out = []
+    for graph in a.graphs:
+        runs = [_run_child(["--_child", "graph", "--_graph", graph, "--_n", str(n), "--segments-per-image",
+                            str(a.segments), "--panoptic-json", "never"], a) for n in sorted(a.cpu_images)]
+        last = runs[-1]
+        marginal = None
+        if len(runs) > 1 and last["proposal_segments"] > runs[0]["proposal_segments"]:
+            d = last["driver_cpu_s_drain"] - runs[0]["driver_cpu_s_drain"]
+            marginal = {"per_1m_segments": round(d / (last["proposal_segments"] - runs[0]["proposal_segments"]) * 1e6, 3),
+                        "ms_per_piece": round(d / max(last["pieces"] - runs[0]["pieces"], 1) * 1e3, 3)}
+        limit = LIMITS["driver_cpu_s_per_1m_segments"]
+        ray = a.executor == "ray"
+        pace = None
+        if ray:
+            # the driver's CPU is mostly Ray Data's scheduling loop, which costs per second of the job,
+            # so the figure per 1M segments is the driver's share of a core over the segments/s
+            share = last["driver_cpu_share_of_one_core"]
+            pace = {"driver_cpu_share_of_one_core": share, "segments_per_s_measured": last["segments_per_s"],
+                    "per_1m_segments_if_all_per_second_at": {str(p): round(share * 1e6 / p, 2)
+                                                             for p in (5_000, 10_000, 20_000)},
+                    "segments_per_s_for_the_limit": round(share * 1e6 / limit)}
+            if a.cpu_slow_rate:
+                slow = _run_child(["--_child", "graph", "--_graph", graph, "--_n", str(min(a.cpu_images)),
+                                   "--segments-per-image", str(a.segments), "--panoptic-json", "never",
+                                   "--stand-in-rate", str(a.cpu_slow_rate)], a)
+                per_s = slow["driver_cpu_s_drain"] / max(slow["drain_wall_s"], 1e-9)
+                per_piece = (last["driver_cpu_s_drain"] - per_s * last["drain_wall_s"]) / max(last["pieces"], 1)
+                pace.update({"slow_run": slow, "driver_cpu_s_per_wall_s_slow": round(per_s, 4),
+                             "driver_cpu_ms_per_piece_beyond_per_second": round(per_piece * 1e3, 2),
+                             "model": "driver CPU = per_wall_s x wall + per_piece x pieces"})
+
+        out.append({"benchmark": "scale_driver_cpu", "graph": graph, "executor": a.executor,
+                    "stages": last.get("stages"), "segments_per_image": a.segments, "piece_images": a.piece_images,
+                    "images_per_block": a.images_per_block, "image_hw": list(a.graph_hw), "mask_pool": a.mask_pool,
+                    "stand_in_images_per_s": a.stand_in_rate or None, "model_actors": a.model_actors,
+                    "cpus_per_actor": a.cpus_per_actor, "runs": runs,
+                    "driver_cpu_s_per_1m_segments": last["driver_cpu_s_per_1m_segments"],
+                    "driver_cpu_ms_per_piece": last["driver_cpu_ms_per_piece"], "marginal": marginal, "pace": pace,
+                    "limit_s_per_1m_segments": limit,
+                    # inline (--quick): the piece writers run in the driver: no driver figure
+                    "ok": bool(last["driver_cpu_s_per_1m_segments"] <= limit) if ray else None,
+                    "ok_marginal": (bool(marginal["per_1m_segments"] <= limit) if marginal else None) if ray else None})
+    return out
+
+
+def bench_rss(a) -> dict:
     sizes = sorted(a.label_images)
-    base = tempfile.mkdtemp(prefix="bench-scale-imgs-")
+    base = tempfile.mkdtemp(prefix="bench-scale-imgs-", dir=a.workdir)
     try:
         # nested folders: size i's folder holds size i-1's folder plus the images it adds
         dirs, prev, d = [], 0, base
-        for i in reversed(range(len(sizes))):
-            d = os.path.join(d, f"level{i}")
+        for _ in sizes:
+            d = os.path.join(d, "more")
             dirs.append(d)
         dirs = dirs[::-1]  # dirs[0]: the smallest size's folder (the deepest)
         for n, d in zip(sizes, dirs):
-            _dummy_images(d, range(prev, n))
+            scalelib.jpeg_tree(d, n - prev, tuple(a.label_hw), start=prev)
+            scalelib.remove_proto(d)
             prev = n
-        runs = [{"images_listed": n, **_run_child(["--_child", "rss", "--_images", d, *common])}
+        runs = [{"images_listed": n, **_run_child(["--_child", "graph", "--_graph", "label", "--_n", str(n),
+                                                   "--_images", d, "--segments-per-image", str(a.label_segments),
+                                                   "--graph-hw", ",".join(map(str, a.label_hw)),
+                                                   "--panoptic-json", "auto"], a)}
                 for n, d in zip(sizes, dirs)]
     finally:
         shutil.rmtree(base, ignore_errors=True)
     ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
     ratio_s = runs[-1]["peak_rss_sampled_mb"] / runs[0]["peak_rss_sampled_mb"]
-    return {"benchmark": "scale_driver_rss", "executor": a.executor, "mask_hw": list(a.label_hw),
-            "segments_per_image": a.label_segments, "piece_images": a.piece_images, "runs": runs,
+    return {"benchmark": "scale_driver_rss", "graph": "label", "executor": a.executor,
+            "panoptic_json": "auto", "image_hw": list(a.label_hw), "segments_per_image": a.label_segments,
+            "piece_images": a.piece_images, "runs": runs,
             f"ratio_{sizes[-1]}_over_{sizes[0]}": round(ratio, 3), "ratio": round(ratio, 3),
             "ratio_sampled": round(ratio_s, 3), "limit": LIMITS["rss_ratio"], "ok": bool(ratio <= LIMITS["rss_ratio"])}
+
+
+def bench_json(a) -> dict:
+    runs = [_run_child(["--_child", "json", "--_n", str(n)], a) for n in sorted(a.json_images)]
+    base = runs[0]["peak_rss_mb"] or runs[0]["peak_rss_sampled_mb"]
+    for r in runs:
+        r["peak_rss_over_smallest"] = round((r["peak_rss_mb"] or r["peak_rss_sampled_mb"]) / base, 3)
+    return {"benchmark": "scale_panoptic_json", "max_images_per_file": a.json_max_images,
+            "segments_per_image": a.json_segments, "piece_images": a.piece_images, "runs": runs,
+            "ratio_largest_over_smallest": runs[-1]["peak_rss_over_smallest"]}
+
+
+def bench_resume(a) -> dict:
+    import scale_startup
+
+    sizes = sorted(a.resume_objects)
+    fills = [f"bkt/{scale_startup.PREFIX}{k}:{n}" for k, n in enumerate(sizes)]
+    runs = []
+    with scalelib.s3_server(fills):
+        import fsspec
+
+        fsspec.filesystem("s3").mkdir("out")
+        for k, n in enumerate(sizes):
+            out = f"s3://out/labels{k}"
+            t0 = time.perf_counter()
+            shape = scale_startup.populate_labels(out, a.resume_pieces, a.piece_images, n, a.resume_done_share,
+                                                  a.compact_every, "bench")
+            prep = time.perf_counter() - t0
+            r = _run_child(["--_child", "resume", "--_out", out, "--_images", f"s3://bkt/{scale_startup.PREFIX}{k}"], a)
+            runs.append({"objects_in_bucket": n, "folder": shape, "prep_s": round(prep, 1), **r})
+    last = runs[-1]
+    paper = scale_startup.extrapolate(last, a.resume_target)
+    return {"benchmark": "scale_resume", "store": "s3 (local moto server, bisect listing: bench/scalelib.py)",
+            "pieces": a.resume_pieces, "piece_images": a.piece_images, "done_share_of_listed": a.resume_done_share,
+            "compact_every": a.compact_every, "runs": runs,
+            "peak_rss_ratio_largest_over_smallest": round(last["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
+            if last.get("peak_rss_mb") and runs[0].get("peak_rss_mb") else None,
+            "measured_total_wall_s": last["total_wall_s"], "measured_total_cpu_s": last["total_cpu_s"],
+            "paper": paper, "limit_s": LIMITS["resume_s"],
+            "ok_paper_driver_cpu": bool(paper["driver_cpu_s"] <= LIMITS["resume_s"]),
+            "ok_measured": bool(last["total_wall_s"] <= LIMITS["resume_s"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# --quick: the graphs without Ray
+# ----------------------------------------------------------------------------------------------
+class _InlineDataset:
+    """Records the ``map_batches`` calls a job's ``build_graph`` makes and applies them to one batch
+    in this process, in order (task functions called, actor classes built once): the graph without
+    Ray, for the test of this benchmark's code at tiny N."""
+
+    def __init__(self):
+        self.ops, self.made = [], {}
+
+    def map_batches(self, fn, *, fn_kwargs=None, fn_constructor_kwargs=None, **_):
+        self.ops.append((fn, fn_kwargs or {}, fn_constructor_kwargs))
+        return self
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from ragseg.stages.batch import object_column
+
+        batch = {k: object_column([r[k] for r in rows]) for k in rows[0]}
+        for k, (fn, kw, ctor) in enumerate(self.ops):
+            if ctor is not None:
+                if k not in self.made:
+                    self.made[k] = fn(**ctor)
+                batch = self.made[k](batch)
+            else:
+                batch = fn(batch, **kw)
+        return batch
+
+
+def inline_graph(a) -> dict:
+    import scale_graphs
+
+    from ragseg.config import load_config
+    from ragseg.pipelines.common import inline_executor
+    from ragseg.pipelines.generated import StandInSpec
+
+    kind = a._graph
+    work = tempfile.mkdtemp(prefix="bench-scale-inline-", dir=a.workdir)
+    try:
+        imgs = a._images or os.path.join(work, "imgs")
+        if not a._images:
+            scalelib.jpeg_tree(imgs, a._n, tuple(a.graph_hw))
+            scalelib.remove_proto(imgs)
+        out = os.path.join(work, "out")
+        scale_graphs.patch_models(StandInSpec(segments=a.segments_per_image, mask_pool=a.mask_pool, dim=DIM))
+        over = [*scalelib.ray_overrides(a.images_per_block), "ray.model_actors=1"]
+        ds = _InlineDataset()
+        if kind == "build-db":
+            from ragseg.pipelines.build_db import build_graph, run_build_db
+
+            cfg = load_config(None, ["source.kind=folder", f"source.uri={imgs}", f"build_db.out={out}",
+                                     "build_db.masks=detector", f"build_db.images_per_shard={a.piece_images}", *over])
+            build_graph(cfg, ds)
+            s = run_build_db(cfg, execute=inline_executor(ds))
+        else:
+            from ragseg.pipelines.label import build_graph, run_label
+            from ragseg.vocab import load_vocab
+
+            vocab_p = os.path.join(work, "vocab.json")
+            with open(vocab_p, "w") as f:
+                json.dump(scale_graphs.VOCAB, f)
+            cfg = load_config(None, ["label.images.kind=folder", f"label.images.uri={imgs}", f"label.vocab={vocab_p}",
+                                     f"label.out={out}", f"label.images_per_shard={a.piece_images}",
+                                     "label.proposals=gdino-sam", f"label.panoptic_json={a.panoptic_json}", *over])
+            build_graph(cfg, ds, load_vocab(vocab_p))
+            s = run_label(cfg, execute=inline_executor(ds))
+        import psutil
+
+        n = s["images"] * a.segments_per_image
+        return {"graph": kind, "stages": [getattr(op[0], "__name__", str(op[0])) for op in ds.ops],
+                "images": s["images"], "pieces": s["shards_written"], "segments_per_image": a.segments_per_image,
+                "proposal_segments": n, "committed_segments": s["segments"], "panoptic_json": s.get("panoptic_json"),
+                "driver_cpu_s_drain": 0.0, "driver_cpu_ms_per_piece": 0.0, "driver_cpu_s_per_1m_segments": 0.0,
+                "peak_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+                "peak_rss_sampled_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,55 +513,77 @@ def _ints(s: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny N, local only, inline executor (for the test)")
+    ap.add_argument("--quick", action="store_true", help="tiny N, local only, graphs inline (for the test)")
+    ap.add_argument("--sections", default="commit,cpu,rss,json,resume,history")
     ap.add_argument("--stores", default="local,s3")
     ap.add_argument("--levels", type=_ints, default=[100, 1000, 10000, 30000], help="pieces already committed")
     ap.add_argument("--commits", type=int, default=20, help="timed commits per level")
-    ap.add_argument("--resume-at", type=int, default=10000, help="level at which to time the resume start-up")
     ap.add_argument("--piece-images", type=int, default=64)
-    ap.add_argument("--segments", type=int, default=20, help="segments per image")
+    ap.add_argument("--segments", type=int, default=20, help="segments per image (commit, driver CPU)")
     ap.add_argument("--hw", type=_ints, default=[480, 640], help="mask size of the timed commits")
     ap.add_argument("--compact-every", type=int, default=None, help="default: CommitConfig().compact_every")
+    ap.add_argument("--graphs", default="build-db,label", help="driver CPU: the jobs' graphs to run")
     ap.add_argument("--cpu-images", type=_ints, default=[5000, 50000],
-                    help="one driver per size; the largest, 50k images x 20 segments, is the real N of (b): 1M segments")
+                    help="one driver per size; 50k images x 20 segments = 1M segments")
     ap.add_argument("--images-per-block", type=int, default=None, help="default: RayConfig().images_per_block")
-    ap.add_argument("--cpu-hw", type=_ints, default=[120, 160])
-    ap.add_argument("--mask-pool", type=int, default=256,
-                    help="(b): segments' RLEs drawn from this many masks made once (0: a new mask each), so the "
-                         "results come at GPU pace and the driver is measured at a realistic segment rate")
-    ap.add_argument("--cpu-stage-sleep", type=float, default=0.0,
-                    help="seconds the generated stage sleeps per block (does the driver's CPU follow the wall time?)")
+    ap.add_argument("--graph-hw", type=_ints, default=[48, 64], help="size of the JPEGs the graphs decode")
+    ap.add_argument("--mask-pool", type=int, default=64, help="masks per image size the stand-ins draw from")
+    ap.add_argument("--stand-in-rate", type=float, default=0.0,
+                    help="images/s of each stand-in actor (a GPU's pace); 0: as fast as the CPUs allow")
+    ap.add_argument("--cpu-slow-rate", type=float, default=0.0,
+                    help="driver CPU: also run the smallest size with the stand-ins paced at this many images/s "
+                         "(the driver's CPU per second of a slower job, to split per-second from per-piece costs)")
+    ap.add_argument("--model-actors", default="1", help="ray.model_actors of the graph runs")
+    ap.add_argument("--cpus-per-actor", type=float, default=0.25,
+                    help="ray.cpus_per_actor of the graph runs (a model actor holds a GPU in production; "
+                         "here its stand-in needs little CPU)")
     ap.add_argument("--label-images", type=_ints, default=[10000, 100000])
     ap.add_argument("--label-hw", type=_ints, default=[24, 32])
     ap.add_argument("--label-segments", type=int, default=2)
+    ap.add_argument("--json-images", type=_ints, default=[10000, 100000, 1000000])
+    ap.add_argument("--json-segments", type=int, default=8)
+    ap.add_argument("--json-max-images", type=int, default=None, help="default: LabelConfig().panoptic_json_max_images")
+    ap.add_argument("--resume-objects", type=_ints, default=[50000, 200000])
+    ap.add_argument("--resume-pieces", type=int, default=30000)
+    ap.add_argument("--resume-done-share", type=float, default=0.19,
+                    help="share of the listed images the committed pieces cover (30k x 64 of 10M)")
+    ap.add_argument("--resume-target", type=int, default=10_000_000)
+    ap.add_argument("--history-runs", type=int, default=1000)
+    ap.add_argument("--history-pieces", type=int, default=30000)
+    ap.add_argument("--max-segments", type=int, default=None, help="default: CommitConfig().max_segments")
     ap.add_argument("--executor", default="ray", choices=["ray", "inline"])
-    ap.add_argument("--sections", default="commit,cpu,rss")
+    ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="results file (default bench/results/scale.json; none with --quick)")
     ap.add_argument("--_child", default=None)
+    ap.add_argument("--_graph", default=None)
+    ap.add_argument("--_n", type=int, default=0)
     ap.add_argument("--_images", default=None)
+    ap.add_argument("--_out", default=None)
+    ap.add_argument("--segments-per-image", type=int, default=20)
+    ap.add_argument("--panoptic-json", default="auto")
     a = ap.parse_args()
+    a.graphs = [g for g in a.graphs.split(",") if g]
     if a.quick:
-        a.stores, a.levels, a.commits, a.resume_at = "local", [20, 120], 3, 120
+        a.stores, a.levels, a.commits = "local", [20, 120], 3
         a.piece_images, a.hw, a.compact_every = 8, [48, 64], 40
-        a.cpu_images, a.cpu_hw, a.label_images, a.label_hw, a.executor = [32, 64], [24, 32], [40, 160], [24, 32], "inline"
-    if a.images_per_block is None:
-        from ragseg.config import RayConfig
+        a.cpu_images, a.graph_hw, a.label_images, a.label_hw, a.executor = [16, 32], [24, 32], [16, 40], [24, 32], "inline"
+        a.json_images, a.json_max_images = [40, 200], 64
+        a.history_runs, a.history_pieces, a.max_segments = 30, 120, 8
+        a.sections = ",".join(s for s in a.sections.split(",") if s != "resume")
+    from ragseg.config import CommitConfig, LabelConfig, RayConfig
 
-        a.images_per_block = RayConfig().images_per_block
-    if a.compact_every is None:
-        from ragseg.config import CommitConfig
-
-        a.compact_every = CommitConfig().compact_every
+    a.images_per_block = a.images_per_block or RayConfig().images_per_block
+    a.compact_every = a.compact_every or CommitConfig().compact_every
+    a.max_segments = a.max_segments or CommitConfig().max_segments
+    a.json_max_images = a.json_max_images or LabelConfig().panoptic_json_max_images
     if a._child:
-        fn = child_cpu if a._child == "cpu" else child_rss
+        import scale_graphs
+        import scale_startup
+
+        fn = {"graph": _graph_child, "json": scale_graphs.child_json, "resume": scale_startup.child_resume}[a._child]
         print(json.dumps(fn(a)))
         return
 
-    common = ["--piece-images", str(a.piece_images), "--segments", str(a.segments), "--executor", a.executor,
-              "--images-per-block", str(a.images_per_block), "--cpu-stage-sleep", str(a.cpu_stage_sleep),
-              "--cpu-hw", ",".join(map(str, a.cpu_hw)), "--mask-pool", str(a.mask_pool),
-              "--label-hw", ",".join(map(str, a.label_hw)), "--label-segments", str(a.label_segments),
-              "--compact-every", str(a.compact_every)]
     sections = set(a.sections.split(","))
     env = _env(a.quick)
     results: list[dict] = []
@@ -720,11 +597,9 @@ def main() -> None:
         batches = _Batches(a.piece_images, a.segments, tuple(a.hw))
         for store in a.stores.split(","):
             if store == "local":
-                base = tempfile.mkdtemp(prefix="bench-scale-")
+                base = tempfile.mkdtemp(prefix="bench-scale-", dir=a.workdir)
                 try:
-                    for r in bench_commit("local", base, a, batches, a.resume_at):
-                        if r:
-                            emit(r)
+                    emit(bench_commit("local", base, a, batches))
                 finally:
                     shutil.rmtree(base, ignore_errors=True)
             elif store == "s3":
@@ -732,20 +607,39 @@ def main() -> None:
                     import fsspec
 
                     fsspec.filesystem("s3").mkdir("bench-scale")
-                    for r in bench_commit("s3", "s3://bench-scale/out", a, batches, a.resume_at):
-                        if r:
-                            emit(r)
+                    emit(bench_commit("s3", "s3://bench-scale/out", a, batches))
             else:
                 raise SystemExit(f"unknown store {store!r} (local, s3)")
     if "cpu" in sections:
-        emit(bench_cpu(a, common))
+        for r in bench_cpu(a):
+            emit(r)
     if "rss" in sections:
-        emit(bench_rss(a, common))
+        emit(bench_rss(a))
+    if "json" in sections:
+        emit(bench_json(a))
+    if "resume" in sections:
+        emit(bench_resume(a))
+    if "history" in sections:
+        import scale_startup
+
+        emit(scale_startup.history(a))
 
     out = a.out if a.out is not None else ("" if a.quick else str(ROOT / "bench" / "results" / "scale.json"))
     if out:
+        def key(r: dict) -> tuple:
+            return r.get("benchmark"), r.get("store"), r.get("graph")
+
+        def current(r: dict) -> bool:  # an object of this version's benchmarks (not an earlier layout's)
+            b = r.get("benchmark")
+            return (b in ("scale_commit", "scale_panoptic_json", "scale_history")
+                    or (b in ("scale_driver_cpu", "scale_driver_rss") and "graph" in r)
+                    or (b == "scale_resume" and "paper" in r))
+
+        mine = {key(r) for r in results}
+        old = json.loads(Path(out).read_text()) if Path(out).exists() else []
+        kept = [r for r in old if key(r) not in mine and current(r)]
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        Path(out).write_text(json.dumps(kept + results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -422,7 +422,7 @@ class LabelConfig(Strict):
 class CommitConfig(Strict):
     """How a job commits its output pieces (ragseg.ledger): the driver folds the workers' commit
     records into a manifest segment every ``compact_every`` pieces or ``compact_seconds`` seconds;
-    at start, more than ``max_segments`` segments are consolidated into one. ``lease_ttl_s``: a
+    at start, past ``max_segments`` segments the smallest ones are merged (down to half the limit). ``lease_ttl_s``: a
     writer's lease on its output folder expires this long after its last renewal."""
 
     compact_every: int = Field(default=1000, ge=1)

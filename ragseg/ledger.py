@@ -23,6 +23,13 @@ kill -9 at any point leaves a consistent state:
   objects are still there;
 - after the header but before the deletes: segment and objects both hold the record; dedup by name.
 
+What grows with a folder's history is bounded too. The header keeps the last
+:data:`RUNS_IN_HEADER` runs' summaries; older ones move, :data:`RUNS_IN_HEADER` at a time, to
+immutable files ``_runs/runs-<n>.json`` (:func:`add_run`, :func:`iter_runs`). At a job's start,
+more than ``commit.max_segments`` segments are consolidated by merging the smallest ones only
+(:meth:`Compactor.consolidate`), so a start rewrites the small segments recent runs left, not the
+whole history.
+
 ``_lease.json`` makes the writer unique: a second job on the same folder refuses to start while the
 first one's lease is alive (renewed every ``lease_ttl_s / 3`` seconds; a lease whose owner process is
 gone from this host, or that expired, is taken over).
@@ -75,6 +82,9 @@ MANIFEST = "manifest.json"
 COMMITS = "_commits"
 SEGMENTS = "_manifest"
 LEASE = "_lease.json"
+RUNS = "_runs"
+# run summaries kept in the header; past twice this many, the oldest RUNS_IN_HEADER go to a _runs/ file
+RUNS_IN_HEADER = 20
 
 RECORD_SCHEMA = pa.schema([
     pa.field("name", pa.string()),
@@ -150,13 +160,14 @@ def records_table(records: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in RECORD_FIELDS} for r in records], schema=RECORD_SCHEMA)
 
 
-def _conform(table: pa.Table) -> pa.Table:
-    """A segment written by an older ragseg (fewer record columns) as RECORD_SCHEMA: nulls for the
-    columns it lacks."""
-    missing = [f for f in RECORD_SCHEMA if f.name not in table.column_names]
-    for f in missing:
-        table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
-    return table.select(list(RECORD_FIELDS)).cast(RECORD_SCHEMA)
+def _conform(table: pa.Table, names: list[str] | None = None) -> pa.Table:
+    """A segment written by an older ragseg (fewer record columns) as RECORD_SCHEMA (or its ``names``
+    columns): nulls for the columns it lacks."""
+    fields = [RECORD_SCHEMA.field(n) for n in (names or RECORD_FIELDS)]
+    for f in fields:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select([f.name for f in fields]).cast(pa.schema(fields))
 
 
 class LeaseLost(UserError):
@@ -237,6 +248,38 @@ def header_epoch(root: str) -> int:
     return int(h.get("epoch") or 0) if isinstance(h, dict) else 0
 
 
+def runs_uri(root: str, n: int) -> str:
+    return io.join(root, RUNS, f"runs-{n:06d}.json")
+
+
+def add_run(root: str, header: dict[str, Any], run: dict[str, Any]) -> None:
+    """Append a run's summary to ``header["runs"]`` (the caller writes the header). Once the header
+    holds ``2 * RUNS_IN_HEADER`` runs, the oldest ``RUNS_IN_HEADER`` are written to the next
+    ``_runs/runs-<n>.json`` first and dropped from the header, which counts them in
+    ``runs_archived``. A kill before the header is written leaves the header as it was; the next run
+    rewrites the same file with the same runs."""
+    runs = header.setdefault("runs", [])
+    runs.append(run)
+    if len(runs) < 2 * RUNS_IN_HEADER:
+        return
+    arch = header.get("runs_archived") or {"files": 0, "runs": 0}
+    old, header["runs"] = runs[:RUNS_IN_HEADER], runs[RUNS_IN_HEADER:]
+    io.write_json_atomic(runs_uri(root, int(arch["files"])), old)
+    header["runs_archived"] = {"files": int(arch["files"]) + 1, "runs": int(arch["runs"]) + len(old)}
+
+
+def run_count(header: dict[str, Any]) -> int:
+    """Runs recorded in the folder's history (archived + in the header)."""
+    return int((header.get("runs_archived") or {}).get("runs", 0)) + len(header.get("runs", []))
+
+
+def iter_runs(root: str, header: dict[str, Any]):
+    """Every run summary of the folder, oldest first: the ``_runs/`` files, then the header's."""
+    for n in range(int((header.get("runs_archived") or {}).get("files", 0))):
+        yield from io.read_json(runs_uri(root, n))
+    yield from header.get("runs", [])
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +295,7 @@ class Ledger:
     # objects nobody needs: commit objects whose record a segment already holds, and commit objects
     # written by a fenced writer with the files they name
     litter: list[str] = field(default_factory=list)
+    segment_rows: dict[str, int] = field(default_factory=dict)  # records per header segment, as read
 
     def retried(self) -> bool:
         """True when some piece re-processed images (``--retry-errors``): an image may then be in
@@ -304,22 +348,51 @@ def list_commits(root: str) -> list[str]:
     return sorted(io.unstrip(fs, p) for p in names if p.endswith(".json") and not io.is_tmp(p))
 
 
-def _read_segments(root: str, names: list[str]) -> list[pa.Table]:
+# a column :func:`load` can derive instead of reading ``image_ids``: each piece's smallest image id
+FIRST_IMAGE_ID = "first_image_id"
+
+
+def _project(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """``table`` (RECORD_SCHEMA) reduced to ``columns`` (``name`` always kept; :data:`FIRST_IMAGE_ID`
+    derived from the sorted ``image_ids``); the whole table when ``columns`` is None."""
+    if columns is None:
+        return table
+    cols = {"name": table.column("name")}
+    for c in columns:
+        if c == FIRST_IMAGE_ID:
+            cols[c] = pc.list_element(table.column("image_ids"), 0)
+        elif c != "name":
+            cols[c] = table.column(c)
+    return pa.table(cols)
+
+
+def _read_segments(root: str, names: list[str], columns: list[str] | None = None) -> list[pa.Table]:
     import pyarrow.parquet as pq
 
     uris = [io.join(root, n) for n in names]
+    read = None
+    if columns is not None:
+        read = sorted({"name", *("image_ids" if c == FIRST_IMAGE_ID else c for c in columns)})
     out = []
-    for uri, data in _cat(uris).items():
+    got = _cat(uris)
+    for uri in uris:  # in the header's order
+        data = got.pop(uri)
         if isinstance(data, Exception):
             raise UserError(f"manifest segment {uri} listed in {manifest_uri(root)} is unreadable "
                             f"({type(data).__name__}: {data})")
-        out.append(_conform(pq.read_table(pa.BufferReader(data))))
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        have = set(pf.schema_arrow.names)
+        t = pf.read(columns=None if read is None else [c for c in read if c in have])
+        del data, pf
+        out.append(_project(_conform(t, read), columns))
     return out
 
 
-def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
+def load(root: str, kind: str, *, retries: int = 5, columns: list[str] | None = None) -> Ledger | None:
     """Header + all committed records of ``root``; None when the folder has no header yet but also
-    no commit (a new folder). Safe while a job writes (see module docstring)."""
+    no commit (a new folder). Safe while a job writes (see module docstring). ``columns``: keep only
+    these record columns (and ``name``; :data:`FIRST_IMAGE_ID` may stand for ``image_ids``), so a
+    reader that needs no image ids (panoptic JSON assembly) does not hold them all."""
     for _ in range(retries):
         commits = list_commits(root)
         header, version = read_header_versioned(root, kind)
@@ -327,7 +400,8 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
             if commits:
                 raise UserError(f"{root} has commit records but no {MANIFEST}; was it written by ragseg?")
             return None
-        tables = _read_segments(root, header["segments"])
+        tables = _read_segments(root, header["segments"], columns)
+        seg_rows = {name: t.num_rows for name, t in zip(header["segments"], tables)}
         known = set()
         for t in tables:
             known.update(t.column("name").to_pylist())
@@ -354,11 +428,12 @@ def load(root: str, kind: str, *, retries: int = 5) -> Ledger | None:
             recs.append(rec)
             valid.append(uri)
         if recs:
-            tables.append(records_table(recs))
-        table = pa.concat_tables(tables) if tables else records_table([])
+            tables.append(_project(records_table(recs), columns))
+        table = pa.concat_tables(tables) if tables else _project(records_table([]), columns)
         if table.num_rows:
             table = _dedup(table.sort_by("name"))
-        return Ledger(root, header, table, uncompacted=valid, version=version, litter=folded + stale)
+        return Ledger(root, header, table, uncompacted=valid, version=version, litter=folded + stale,
+                      segment_rows=seg_rows)
     raise UserError(f"{root}: commit records kept moving while reading them; is a compaction stuck?")
 
 
@@ -393,6 +468,7 @@ class Compactor:
         self.stopped: str | None = None  # why this writer was fenced off
         self.pending: list[dict[str, Any]] = []
         self.pending_uris: list[str] = []
+        self.segment_rows: dict[str, int] = {}  # records per segment, where known (Ledger.segment_rows)
         self._last = time.monotonic()
 
     def add(self, record: dict[str, Any]) -> None:
@@ -495,6 +571,7 @@ class Compactor:
         rel = f"{SEGMENTS}/seg-{n:06d}-{uuid.uuid4().hex[:8]}.parquet"
         io.write_parquet_atomic(io.join(self.root, rel), records_table(records))
         self.header["segments"].append(rel)
+        self.segment_rows[rel] = len(records)
         tot = self.header.setdefault("totals", _zero_totals())
         tot["pieces"] += len(records)
         for k in ("images", "segments", "errors", "empty_images"):
@@ -505,19 +582,34 @@ class Compactor:
         self.write_header()
         io.remove_many(uris)
 
-    def consolidate(self, max_segments: int) -> None:
-        """Rewrite all segments as one when there are more than ``max_segments`` (once per run, at
-        start, so that a long history of small time-based segments stays cheap to read)."""
+    def consolidate(self, max_segments: int) -> list[str]:
+        """Past ``max_segments`` segments, merge the smallest ``len - max_segments // 2 + 1`` of them
+        into one (once per run, at start): the many small segments of time-based flushes and short
+        runs are folded together, the large ones already merged stay untouched, so a record is
+        rewritten O(log N) times over a folder's history instead of at every start past the limit.
+        Sizes come from :attr:`segment_rows` (a segment of unknown size is read to learn it).
+        Returns the segments merged."""
         segs = list(self.header["segments"])
         if len(segs) <= max_segments:
-            return
-        table = pa.concat_tables(_read_segments(self.root, segs))
-        table = _dedup(table.sort_by("name"))
-        rel = f"{SEGMENTS}/seg-{len(segs):06d}-{uuid.uuid4().hex[:8]}-all.parquet"
+            return []
+        unknown = [s for s in segs if s not in self.segment_rows]
+        if unknown:
+            for name, t in zip(unknown, _read_segments(self.root, unknown, ["name"])):
+                self.segment_rows[name] = t.num_rows
+        take = len(segs) - max(1, max_segments // 2) + 1
+        order = sorted(range(len(segs)), key=lambda i: (self.segment_rows[segs[i]], i))
+        chosen = [segs[i] for i in sorted(order[:take])]
+        table = _dedup(pa.concat_tables(_read_segments(self.root, chosen)).sort_by("name"))
+        rel = f"{SEGMENTS}/seg-{len(segs):06d}-{uuid.uuid4().hex[:8]}-merged.parquet"
         io.write_parquet_atomic(io.join(self.root, rel), table)
-        self.header["segments"] = [rel]
+        gone = set(chosen)
+        self.header["segments"] = [s for s in segs if s not in gone] + [rel]
+        self.segment_rows[rel] = table.num_rows
         self.write_header()
-        io.remove_many([io.join(self.root, s) for s in segs])
+        io.remove_many([io.join(self.root, s) for s in chosen])
+        for s in chosen:
+            self.segment_rows.pop(s, None)
+        return chosen
 
 
 def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segments: int, make_header,
@@ -525,8 +617,8 @@ def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segme
     """A job's start, under its ``lease``: read the folder's ledger (``check(header)`` refuses an
     incompatible one), or create a new header (``make_header()``, only if there is still none); stamp
     the lease's epoch into the header (the fence), fold the commit records a killed run left
-    uncompacted, remove the litter and consolidate a long segment list. Without a lease (tools, tests)
-    header writes are plain. Returns (ledger or None, header, compactor)."""
+    uncompacted, remove the litter and consolidate a long segment list (its smallest segments).
+    Without a lease (tools, tests) header writes are plain. Returns (ledger or None, header, compactor)."""
     epoch = lease.epoch if lease is not None else None
     led = load(root, kind)
     if led is not None:
@@ -534,6 +626,7 @@ def open_for_writing(root: str, kind: str, every: int, seconds: float, max_segme
         if check is not None:
             check(header)
         comp = Compactor(root, header, every, seconds, epoch=epoch, version=led.version, lease=lease)
+        comp.segment_rows.update(led.segment_rows)
         comp.take_over(led)
         comp.consolidate(max_segments)
     else:

@@ -84,6 +84,58 @@ def test_adopt_and_consolidate(tmp_path):
     assert sorted(os.listdir(os.path.join(root, "_manifest"))) == [os.path.basename(comp2.header["segments"][0])]
 
 
+def test_consolidate_merges_the_smallest_segments_only(tmp_path):
+    """Past max_segments, the smallest segments are merged (down to half the limit); the large one
+    of an earlier consolidation is neither read nor rewritten, and every record stays readable."""
+    root = str(tmp_path / "db")
+    header = ledger.new_header("db")
+    ledger.write_header(root, header)
+    comp = ledger.Compactor(root, header, every=1000, seconds=1e9)
+    comp._write([_rec(f"big{i:03d}", [f"b{i}"]) for i in range(50)], [])  # a large, earlier merge
+    big = header["segments"][0]
+    big_mtime = os.path.getmtime(os.path.join(root, big))
+    for i in range(8):  # eight small segments of 2 records (short runs, time-based flushes)
+        comp._write([_rec(f"s{i}a", [f"s{i}a"]), _rec(f"s{i}b", [f"s{i}b"])], [])
+    led = ledger.load(root, "db")
+    assert led.segment_rows[big] == 50 and len(led.segment_rows) == 9
+    comp2 = ledger.Compactor(root, led.header, every=1000, seconds=1e9)
+    comp2.segment_rows.update(led.segment_rows)
+    merged = comp2.consolidate(max_segments=4)
+    # 9 segments > 4: the 9 - 2 + 1 = 8 smallest (the small ones) become one, the large one stays
+    assert big not in merged and len(merged) == 8
+    assert len(comp2.header["segments"]) == 2 and comp2.header["segments"][0] == big
+    assert os.path.getmtime(os.path.join(root, big)) == big_mtime
+    assert sorted(os.listdir(os.path.join(root, "_manifest"))) == sorted(os.path.basename(s) for s in comp2.header["segments"])
+    led = ledger.load(root, "db")
+    assert led.records.num_rows == 66 and led.segment_rows[comp2.header["segments"][1]] == 16
+    assert comp2.consolidate(max_segments=4) == []  # under the limit: nothing to do
+
+
+def test_old_runs_move_out_of_the_header(tmp_path):
+    """The header keeps the last runs; older ones go RUNS_IN_HEADER at a time to _runs/ files, so the
+    header stays small however many runs a folder has seen, and every run can still be read."""
+    root = str(tmp_path / "db")
+    header = ledger.new_header("db")
+    ledger.write_header(root, header)
+    k = ledger.RUNS_IN_HEADER
+    sizes = []
+    for i in range(5 * k + 3):
+        ledger.add_run(root, header, {"i": i, "summary": {"images": i, "pad": "x" * 500}})
+        ledger.write_header(root, header)
+        sizes.append(os.path.getsize(os.path.join(root, ledger.MANIFEST)))
+    assert k <= len(header["runs"]) < 2 * k
+    assert header["runs_archived"] == {"files": 4, "runs": 4 * k}
+    assert ledger.run_count(header) == 5 * k + 3
+    assert [r["i"] for r in ledger.iter_runs(root, ledger.read_header(root, "db"))] == list(range(5 * k + 3))
+    assert max(sizes) < 2 * k * 600 + 2000  # bounded: no header carries more than 2k runs
+    # a kill after a _runs file but before the header: the next add rewrites the same file, same runs
+    before = json.loads(open(os.path.join(root, ledger.MANIFEST)).read())
+    for i in range(2 * k - len(before["runs"])):
+        ledger.add_run(root, before, {"i": 1000 + i})
+    again = json.load(open(ledger.runs_uri(root, 4)))
+    assert [r["i"] for r in again] == [r["i"] for r in header["runs"][:k]] + [1000 + j for j in range(max(0, k - len(header["runs"])))]
+
+
 def test_piece_names_are_content_names():
     assert ledger.piece_name(["b", "a"]) == ledger.piece_name(["a", "b"]) != ledger.piece_name(["a"])
 

@@ -211,7 +211,7 @@ def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB,
                      # the commit ledger's own files (manifest segments of commit records, not masks)
                      "ledger": {"manifest_segment_files": len(head["segments"]),
                                 "uncompacted_commit_records": len(led.uncompacted)},
-                     "runs": len(head.get("runs", [])),
+                     "runs": ledger.run_count(head),
                      **{k: head[k] for k in ("embed_model", "embed_mode", "dim", "embedder", "config_hash",
                                              "index_version", "provenance") if k in head}})
         return

@@ -27,7 +27,7 @@ from ragseg.pipelines.common import (
     add_stage,
     drain_records,
     empty_record_batch,
-    pending_rows,
+    pending_source,
     print_summary,
     ray_executor,
     record_batch,
@@ -36,7 +36,6 @@ from ragseg.pipelines.common import (
     write_source_errors,
 )
 from ragseg.pipelines.listing import clear_listings
-from ragseg.pipelines.retry import retry_rows
 from ragseg.preflight import preflight
 from ragseg.provenance import attach
 from ragseg.schema import embeddings_to_arrow, feature_schema, masks_to_arrow
@@ -138,12 +137,13 @@ def mask_model(cfg: JobConfig) -> str:
     return "gt" if cfg.build_db.masks == "gt" else mask_model_id(cfg.models.sam)
 
 
-def _source_rows(cfg: JobConfig, source_errors: list[dict]):
-    from ragseg.sources import list_table
-
+def _pending(cfg: JobConfig, out: str, led, source_errors: list[dict], retry_errors: bool,
+             errors_matching: str | None):
+    """(pending rows or listing, images listed): :func:`ragseg.pipelines.common.pending_source`."""
     if cfg.source is None:
         raise UserError("build-db needs a `source:` section in the config (kind, uri, split)")
-    return list_table(cfg.source, errors=source_errors)
+    return pending_source(out, cfg.source, led, cfg.build_db.images_per_shard, source_errors, retry_errors,
+                          errors_matching)
 
 
 def add_fcclip_prep(ds, cfg: JobConfig):
@@ -211,17 +211,16 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
             log.warning(mixed)
 
         source_errors: list[dict] = []
-        rows = _source_rows(cfg, source_errors)
-        pending = retry_rows(rows, led, errors_matching) if retry_errors else pending_rows(rows, led)
+        pending, n_listed = _pending(cfg, out, led, source_errors, retry_errors, errors_matching)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
+        del led  # the committed ids were only needed to filter the listing
         label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
         run_info = {"source": cfg.source.model_dump(mode="json"), "masks": cfg.build_db.masks, "mask_model": masks_by,
-                    "config_hash": cfg.hash(), "listed": rows.num_rows, "pending": pending.num_rows,
+                    "config_hash": cfg.hash(), "listed": n_listed, "pending": pending.num_rows,
                     "source_errors": len(source_errors)}
         if retry_errors:
             run_info["retry_errors"] = {"errors_matching": errors_matching}
         stats.errors += write_source_errors(out, source_errors, provenance.to_bytes(prov))
-        del rows
 
         n_pending = pending.num_rows
         if n_pending:
@@ -233,7 +232,7 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
             drain_records(records, comp, stats, n_pending, "build-db", cfg.ray.progress,
                           pieces=-(-n_pending // cfg.build_db.images_per_shard), interval=cfg.ray.progress_interval_s)
 
-        header["runs"].append({**run_info, "summary": stats.summary()})
+        ledger.add_run(out, header, {**run_info, "summary": stats.summary()})
         comp.write_header()
     summary = {"db": out, "embed_model": model_id, "embed_mode": mode, "dim": dim, "mask_model": masks_by,
                "pieces_total": header["totals"]["pieces"], **stats.summary()}

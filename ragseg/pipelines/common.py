@@ -130,6 +130,50 @@ def pending_rows(rows, ledger):
     return rows.filter(pc.invert(done))
 
 
+def pending_source(out: str, source, ledger, per_piece: int, errors: list[dict], retry_errors: bool = False,
+                   errors_matching: str | None = None):
+    """List a job's source and keep the images no committed piece covers: (pending, images listed).
+    With ``retry_errors``: the listed images whose latest outcome is an error (matching
+    ``errors_matching``), :func:`ragseg.pipelines.retry.retry_rows`, from the whole listing.
+
+    A folder without ``limit`` / ``shard`` (the 10M-image corpora) is listed a batch of pages at a
+    time (:func:`ragseg.sources.folder.iter_tables`), each batch filtered against the committed ids
+    (:class:`ragseg.idset.IdSet`) and appended to the pending listing file
+    (:class:`ragseg.pipelines.listing.ListingWriter`), so the driver never holds the listing:
+    ``pending`` is then the written :class:`~ragseg.pipelines.listing.Listing`. Other sources are
+    listed whole (their annotation files are read whole anyway) and filtered with
+    :func:`pending_rows`: ``pending`` is an Arrow table. Both have ``num_rows``."""
+    import pyarrow as pa
+
+    from ragseg.sources import folder, list_table, register_storage_options, row_schema
+
+    if retry_errors:
+        from ragseg.pipelines.retry import retry_rows
+
+        rows = list_table(source, errors=errors)
+        return retry_rows(rows, ledger, errors_matching), rows.num_rows
+    if source.kind != "folder" or not folder.streamable(source):
+        rows = list_table(source, errors=errors)
+        return pending_rows(rows, ledger), rows.num_rows
+    from ragseg.idset import IdSet
+    from ragseg.pipelines import listing
+
+    register_storage_options(source)
+    done = IdSet(ledger.covered_image_ids()) if ledger is not None and ledger.records.num_rows else None
+    w = listing.ListingWriter(out, row_schema(), per_piece)
+    listed = 0
+    try:
+        for t in folder.iter_tables(source, errors):
+            listed += t.num_rows
+            if done is not None:
+                t = t.filter(pa.array(~done.contains(t.column("image_id"))))
+            w.add(t)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close(), listed
+
+
 def stage_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Busy seconds per stage of a batch's rows (the ``t_<stage>`` columns :class:`StageActor` adds)."""
     return {k[len(TIME_PREFIX):]: float(np.sum(v)) for k, v in batch.items() if k.startswith(TIME_PREFIX)}
@@ -151,16 +195,18 @@ def empty_record_batch() -> dict[str, np.ndarray]:
     return {k: np.empty(0, dtype=object) for k in RECORD_FIELDS}
 
 
-# An executor runs the pending rows (an Arrow table) through a job's stages and its piece writer and
-# yields the commit records: ``execute(cfg, pending, writer_factory, images_per_piece) -> Iterator[record]``.
+# An executor runs the pending rows (an Arrow table, or a Listing already written: pending_source)
+# through a job's stages and its piece writer and yields the commit records:
+# ``execute(cfg, pending, writer_factory, images_per_piece) -> Iterator[record]``.
 Executor = Callable[[JobConfig, Any, Callable[[], Callable], int], Iterator[dict]]
 
 
 def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
-    """The production executor: the pending rows go to ``<out>/_listing/`` (ragseg.pipelines.listing),
-    which Ray's read tasks read a few pieces each; then the Ray Data graph ``graph(ds)`` (decode,
-    models, ...) and the piece writer as a CPU task stage; only its one-row commit records stream
-    back to the driver. The listing file is removed when the job ends."""
+    """The production executor: the pending rows go to ``<out>/_listing/`` (ragseg.pipelines.listing;
+    a :class:`~ragseg.pipelines.listing.Listing` is there already), which Ray's read tasks read a
+    few pieces each; then the Ray Data graph ``graph(ds)`` (decode, models, ...) and the piece
+    writer as a CPU task stage; only its one-row commit records stream back to the driver. The
+    listing file is removed when the job ends."""
 
     def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
         from ragseg.pipelines import listing
@@ -169,8 +215,13 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
         # Ray and the listing first, eagerly: a cluster that cannot be reached or a full disk is the
         # job's only line, before it says what it is going to do
         init_ray(cfg.ray)
-        uri, offsets, schema = listing.write_listing(out, pending, per_piece)
-        return iterate(cfg, writer, per_piece, uri, offsets, schema, pending.num_rows)
+        if isinstance(pending, listing.Listing):
+            uri, offsets, schema = pending.uri, pending.offsets, pending.schema
+        else:
+            uri, offsets, schema = listing.write_listing(out, pending, per_piece)
+        n_rows = pending.num_rows
+        del pending  # the driver keeps only the pieces' offsets while the job runs
+        return iterate(cfg, writer, per_piece, uri, offsets, schema, n_rows)
 
     def iterate(cfg: JobConfig, writer, per_piece: int, uri: str, offsets, schema, n_rows: int):
         import ray
@@ -205,10 +256,20 @@ def inline_executor(results: Callable[[list[dict]], dict[str, np.ndarray]]) -> E
     tests and benchmarks (no models)."""
 
     def execute(cfg: JobConfig, pending, writer: Callable[[], Callable], per_piece: int):
+        from ragseg.pipelines.listing import Listing, remove_listing
+
         w = writer()
-        for i in range(0, pending.num_rows, per_piece):
-            rec = w(results(pending.slice(i, per_piece).to_pylist()))
-            yield {k: v[0] for k, v in rec.items()}
+        if isinstance(pending, Listing):
+            pieces = pending.iter_pieces()
+        else:
+            pieces = (pending.slice(i, per_piece) for i in range(0, pending.num_rows, per_piece))
+        try:
+            for piece in pieces:
+                rec = w(results(piece.to_pylist()))
+                yield {k: v[0] for k, v in rec.items()}
+        finally:
+            if isinstance(pending, Listing):
+                remove_listing(pending.uri)
 
     return execute
 

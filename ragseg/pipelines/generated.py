@@ -120,3 +120,135 @@ class LabelResults:
         batch["height"] = np.asarray(cols["height"], np.int64)
         batch["width"] = np.asarray(cols["width"], np.int64)
         return self.write_png(batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stand-ins for the model stages of the real Ray Data graphs (bench/scale.py): same constructor
+# arguments and output columns as ragseg.stages' Detect / Segment / LoadGroundTruth / Embed /
+# Classify, results generated (seeded by image id) at a set pace instead of computed by a model, so
+# that build_graph's own graph (decode, the CPU stages, merge, PNG writes, the piece writer) runs as
+# in production with the GPUs' work taken out.
+# ----------------------------------------------------------------------------------------------
+class StandInSpec:
+    """What the stand-ins emit: ``segments`` per image, masks drawn from ``mask_pool`` blobs per image
+    size (made once per worker), embeddings of ``dim``, and ``images_per_s`` per actor (None: as fast
+    as the CPU allows; else each batch takes at least ``len / images_per_s`` seconds, a GPU's pace)."""
+
+    def __init__(self, segments: int = 20, mask_pool: int = 64, dim: int = 768, images_per_s: float | None = None,
+                 seed: int = 0):
+        self.segments, self.mask_pool, self.dim, self.images_per_s, self.seed = (
+            segments, mask_pool, dim, images_per_s, seed)
+
+
+class _StandIn:
+    def __init__(self, spec: StandInSpec, cfg=None, *args, **kwargs):
+        self.spec = spec
+        self._pools: dict[tuple[int, int], list] = {}
+
+    def _pace(self, t0: float, n: int) -> None:
+        import time
+
+        if self.spec.images_per_s:
+            left = n / self.spec.images_per_s - (time.perf_counter() - t0)
+            if left > 0:
+                time.sleep(left)
+
+    def _pool(self, hw: tuple[int, int]) -> list:
+        if hw not in self._pools:
+            rng = np.random.default_rng(self.spec.seed)
+            self._pools[hw] = [encode_rle_stats(m) for m in _blob_masks(rng, self.spec.mask_pool, hw)]
+        return self._pools[hw]
+
+    @staticmethod
+    def _hw(batch: dict, i: int) -> tuple[int, int]:
+        if "height" in batch and int(batch["height"][i]) > 0:
+            return int(batch["height"][i]), int(batch["width"][i])
+        return tuple(np.asarray(batch["image"][i]).shape[:2])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        t0 = time.perf_counter()
+        n = len(batch["error"])
+        out = dict(batch)
+        self.fill(batch, out, n, [str(e) if e else "" for e in batch["error"]])
+        self._pace(t0, n)
+        return out
+
+
+class StandInDetect(_StandIn):
+    """As ``Detect(cfg, vocab)``: ``boxes`` (n, 4), ``box_labels``, ``box_scores``."""
+
+    def __init__(self, spec: StandInSpec, cfg=None, vocab: list[str] | None = None):
+        super().__init__(spec)
+        self.labels = list(vocab or ["wall", "floor", "person", "car", "tree"])
+
+    def fill(self, batch, out, n, errors):
+        boxes, labels, scores = [], [], []
+        for i in range(n):
+            k = 0 if errors[i] else self.spec.segments
+            h, w = self._hw(batch, i)
+            rng = _rng(str(batch["image_id"][i]), self.spec.seed)
+            xy = np.sort(rng.uniform(0, 1, (k, 2, 2)), axis=1) * np.array([w, h], np.float32)
+            boxes.append(xy.reshape(k, 4).astype(np.float32))
+            labels.append([self.labels[j % len(self.labels)] for j in range(k)])
+            scores.append(np.sort(rng.uniform(0.3, 1.0, k).astype(np.float32))[::-1].copy())
+        out["boxes"], out["box_labels"], out["box_scores"] = (object_column(boxes), object_column(labels),
+                                                              object_column(scores))
+
+
+class StandInSegment(_StandIn):
+    """As ``Segment(cfg)`` / ``SamGrid(cfg)`` / ``LoadGroundTruth(cfg)``: the ``seg_*`` columns
+    (ragseg.masks.SEG_COLUMNS), one mask per box when the row has boxes, else ``segments`` masks."""
+
+    def fill(self, batch, out, n, errors):
+        cols: dict[str, list] = {k: [] for k in ("seg_masks_rle", "seg_labels", "seg_ids", "seg_isthing",
+                                                 "seg_scores", "seg_areas", "seg_boxes")}
+        for i in range(n):
+            labels = list(batch["box_labels"][i]) if "box_labels" in batch else None
+            k = 0 if errors[i] else (len(labels) if labels is not None else self.spec.segments)
+            pool = self._pool(self._hw(batch, i)) if k else []
+            rng = _rng(str(batch["image_id"][i]), self.spec.seed + 1)
+            stats = [pool[j] for j in rng.integers(0, len(pool), k)] if k else []
+            cols["seg_masks_rle"].append([s[0] for s in stats])
+            cols["seg_areas"].append([s[1] for s in stats])
+            cols["seg_boxes"].append([s[2] for s in stats])
+            cols["seg_labels"].append(labels if labels is not None else ["thing"] * k)
+            cols["seg_ids"].append(list(range(1, k + 1)))
+            cols["seg_isthing"].append([bool(j % 2) for j in range(k)])
+            cols["seg_scores"].append(rng.uniform(0.5, 1.0, k).round(4).tolist())
+        out.update({c: object_column(v) for c, v in cols.items()})
+
+
+class StandInEmbed(_StandIn):
+    """As ``Embed(cfg)``: ``embeddings`` (n, dim) float16, L2-normalised, one per segment."""
+
+    def fill(self, batch, out, n, errors):
+        embs = []
+        for i in range(n):
+            k = 0 if errors[i] else len(batch["seg_masks_rle"][i])
+            e = _rng(str(batch["image_id"][i]), self.spec.seed + 2).standard_normal((k, self.spec.dim)).astype(np.float32)
+            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            embs.append(e.astype(np.float16))
+        out["embeddings"] = object_column(embs)
+
+
+class StandInClassify(_StandIn):
+    """As ``Classify(cfg, vocab, index, fallback)``: ``seg_class``, ``seg_score``, ``s_ret``, ``s_clip``,
+    ``s_iv`` per segment (classes of the vocabulary, scores in [0.3, 1])."""
+
+    def __init__(self, spec: StandInSpec, cfg=None, vocab=None, *args, **kwargs):
+        super().__init__(spec)
+        self.n_classes = len(vocab) if vocab is not None else 3
+
+    def fill(self, batch, out, n, errors):
+        cols: dict[str, list] = {k: [] for k in ("seg_class", "seg_score", "s_ret", "s_clip", "s_iv")}
+        for i in range(n):
+            k = 0 if errors[i] else len(batch["seg_masks_rle"][i])
+            rng = _rng(str(batch["image_id"][i]), self.spec.seed + 3)
+            cols["seg_class"].append(rng.integers(0, self.n_classes, k).astype(np.int64))
+            cols["seg_score"].append(rng.uniform(0.3, 1.0, k).astype(np.float32))
+            cols["s_ret"].append(rng.uniform(0, 1, k).astype(np.float32))
+            cols["s_clip"].append(rng.uniform(0, 1, k).astype(np.float32))
+            cols["s_iv"].append(np.full(k, np.nan, np.float32))
+        out.update({c: object_column(v) for c, v in cols.items()})

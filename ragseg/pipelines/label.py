@@ -27,7 +27,7 @@ from ragseg.pipelines.common import (
     add_stage,
     drain_records,
     empty_record_batch,
-    pending_rows,
+    pending_source,
     print_summary,
     ray_executor,
     record_batch,
@@ -36,7 +36,6 @@ from ragseg.pipelines.common import (
     write_source_errors,
 )
 from ragseg.pipelines.listing import clear_listings
-from ragseg.pipelines.retry import retry_rows
 from ragseg.preflight import preflight
 from ragseg.provenance import attach
 from ragseg.schema import MASK_TYPE, masks_to_arrow
@@ -274,7 +273,6 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
         cfg = adopt_index_embedder(cfg, cfg.label.index)
     if execute is None:
         preflight(cfg, "label")  # model sections checked on the driver, before Ray starts
-    from ragseg.sources import list_table
     from ragseg.vocab import load_vocab
 
     lc = cfg.label
@@ -312,11 +310,10 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
                                       vocab=vocab.categories(), provenance=prov), check, lease=lease)
 
         source_errors: list[dict] = []
-        rows = list_table(lc.images, errors=source_errors)
-        n_listed = rows.num_rows
-        pending = retry_rows(rows, led, errors_matching) if retry_errors else pending_rows(rows, led)
-        del rows
+        pending, n_listed = pending_source(out, lc.images, led, lc.images_per_shard, source_errors, retry_errors,
+                                           errors_matching)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
+        del led  # the committed ids were only needed to filter the listing
         stats.errors += write_source_errors(out, source_errors, provenance.to_bytes(prov))
 
         n_pending = pending.num_rows
@@ -336,7 +333,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
         run_info = {"listed": n_listed, "summary": stats.summary(), "panoptic_json": pj}
         if retry_errors:
             run_info["retry_errors"] = {"errors_matching": errors_matching}
-        header["runs"].append(run_info)
+        ledger.add_run(out, header, run_info)
         comp.write_header()
     summary = {"out": out, "images_listed": n_listed, "panoptic_json": pj, **stats.summary()}
     print_summary("label", summary, cfg.ray.progress)

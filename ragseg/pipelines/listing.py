@@ -1,8 +1,9 @@
 """The pending image rows of a job, handed to Ray Data as a file that Ray's read tasks read.
 
-The driver writes the pending rows (an Arrow table, ragseg.sources.row_schema) once, to
+The driver writes the pending rows (Arrow tables, ragseg.sources.row_schema) once, to
 ``<out>/_listing/<run>.arrows``: one Arrow IPC stream per piece (``images_per_shard`` rows), one
-after the other. It keeps only the byte offset of each piece. A :class:`ListingDatasource` read task
+after the other (:class:`ListingWriter`: batch by batch as the source is listed, holding at most one
+piece's rows). It keeps only the byte offset of each piece. A :class:`ListingDatasource` read task
 covers a run of consecutive pieces: one ranged GET of its bytes, then a table per piece (Ray's
 output buffer joins them into one block of the task's pieces).
 
@@ -21,6 +22,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,9 +43,11 @@ def clear_listings(out: str) -> None:
         io.remove(d, recursive=True)
 
 
-def remove_listing(uri: str) -> None:
+def remove_listing(uri: str | None) -> None:
     """Remove one job's listing file (and the listing folder once empty, locally): a job never removes
-    another's, even one that took its folder over after its lease expired."""
+    another's, even one that took its folder over after its lease expired. None: no file was written."""
+    if uri is None:
+        return
     io.remove(uri)
     fs, path = io.fs_and_path(uri)
     if io.protocol_of_fs(fs) == "file":
@@ -53,29 +57,100 @@ def remove_listing(uri: str) -> None:
             pass
 
 
-def write_listing(out: str, rows, per_piece: int):
-    """Write ``rows`` with an ``error`` column ("") as consecutive IPC streams of ``per_piece`` rows;
-    returns the file's URI, the byte offsets of the pieces (``len = pieces + 1``) and the rows' Arrow
-    schema. Written to a local temporary file first, then uploaded in one go (io.put_file_atomic)."""
-    import pyarrow as pa
+@dataclass
+class Listing:
+    """A pending listing written to ``<out>/_listing/``: its URI (None when it has no row), the byte
+    offsets of its pieces (``len = pieces + 1``), the rows' Arrow schema and the row count."""
 
-    rows = rows.append_column("error", pa.repeat(pa.scalar("", pa.string()), rows.num_rows))
-    n = rows.num_rows
-    offsets = np.zeros(math.ceil(n / per_piece) + 1, dtype=np.int64)
-    fd, tmp = tempfile.mkstemp(prefix="ragseg-listing-", suffix=SUFFIX)
+    uri: str | None
+    offsets: np.ndarray
+    schema: object
+    num_rows: int
+
+    def iter_pieces(self) -> Iterator:
+        """Its pieces as Arrow tables, read back one ranged read at a time (the inline executor)."""
+        if self.uri is None:
+            return
+        for k in range(len(self.offsets) - 1):
+            yield from read_pieces(self.uri, (int(self.offsets[k]), int(self.offsets[k + 1])))
+
+
+class ListingWriter:
+    """Writes pending rows (tables of one schema, given a batch at a time) with an ``error`` column
+    ("") as consecutive IPC streams of ``per_piece`` rows to a local temporary file, holding at most
+    one piece's rows; :meth:`close` uploads the file in one go (io.put_file_atomic) to
+    ``<out>/_listing/<uuid>.arrows`` and returns the :class:`Listing`."""
+
+    def __init__(self, out: str, schema, per_piece: int):
+        import pyarrow as pa
+
+        self.out, self.per_piece = out, int(per_piece)
+        self.schema = schema.append(pa.field("error", pa.string()))
+        fd, self.tmp = tempfile.mkstemp(prefix="ragseg-listing-", suffix=SUFFIX)
+        self.f = os.fdopen(fd, "wb")
+        self.offsets = [0]
+        self.rows = 0
+        self.buf: list = []
+        self.nbuf = 0
+
+    def add(self, table) -> None:
+        import pyarrow as pa
+
+        if table.num_rows == 0:
+            return
+        self.buf.append(table.append_column("error", pa.repeat(pa.scalar("", pa.string()), table.num_rows)))
+        self.nbuf += table.num_rows
+        if self.nbuf >= self.per_piece:
+            t = pa.concat_tables(self.buf)
+            full = (t.num_rows // self.per_piece) * self.per_piece
+            for start in range(0, full, self.per_piece):
+                self._piece(t.slice(start, self.per_piece))
+            self.buf, self.nbuf = ([t.slice(full)] if full < t.num_rows else []), t.num_rows - full
+
+    def _piece(self, t) -> None:
+        import pyarrow as pa
+
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.schema) as w:
+            w.write_table(t if t.schema.equals(self.schema) else t.cast(self.schema))
+        self.f.write(sink.getvalue())
+        self.offsets.append(self.f.tell())
+        self.rows += t.num_rows
+
+    def close(self) -> Listing:
+        import pyarrow as pa
+
+        try:
+            if self.nbuf:
+                self._piece(pa.concat_tables(self.buf))
+            self.buf, self.nbuf = [], 0
+            self.f.close()
+            uri = None
+            if self.rows:
+                uri = io.join(listing_dir(self.out), f"{uuid.uuid4().hex}{SUFFIX}")
+                io.put_file_atomic(self.tmp, uri)
+            return Listing(uri, np.asarray(self.offsets, dtype=np.int64), self.schema, self.rows)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def write_listing(out: str, rows, per_piece: int):
+    """Write ``rows`` (one Arrow table) as :class:`ListingWriter` does; returns the file's URI, the
+    byte offsets of the pieces (``len = pieces + 1``) and the rows' Arrow schema (with ``error``)."""
+    w = ListingWriter(out, rows.schema, per_piece)
     try:
-        with os.fdopen(fd, "wb") as f:
-            for k, start in enumerate(range(0, n, per_piece)):
-                sink = pa.BufferOutputStream()
-                with pa.ipc.new_stream(sink, rows.schema) as w:
-                    w.write_table(rows.slice(start, per_piece))
-                f.write(sink.getvalue())
-                offsets[k + 1] = f.tell()
-        uri = io.join(listing_dir(out), f"{uuid.uuid4().hex}{SUFFIX}")
-        io.put_file_atomic(tmp, uri)
-    finally:
-        os.unlink(tmp)
-    return uri, offsets, rows.schema
+        w.add(rows)
+    except BaseException:
+        w.abort()
+        raise
+    lst = w.close()
+    return lst.uri, lst.offsets, lst.schema
 
 
 def read_pieces(uri: str, offsets: tuple[int, ...]) -> Iterator:

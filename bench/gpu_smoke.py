@@ -9,7 +9,7 @@ Steps (each recorded in the JSON; a failing step does not stop the others):
 1. ``env``: devices and versions (``ragseg env``'s facts: torch, CUDA, GPUs, FAISS build).
 2. ``faiss``: IVF-PQ (IVF1024,PQ64, inner product) on 200k clustered random 768-d vectors: trained and
    searched on the CPU, as a ``GpuIndexIVFPQ`` trained and searched on the GPU, the CPU-trained index
-   cloned to the GPU (what ``ragseg.index.store.Index.open`` does) and ragseg's own ``_train`` with
+   cloned to the GPU (what ``ragseg.index.store.Index.open`` does) and ragseg's own ``faiss_util.train`` with
    the coarse k-means on the GPU; recall@10 of each against exact search. Check: every GPU recall is
    within ``faiss_recall_gap`` of the CPU recall.
 3. ``stages``: each model stage at full size with random weights (bench/stages.py ``--full``:
@@ -117,7 +117,7 @@ def recall_at(found: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
 def faiss_step(n: int, d: int, nq: int, gpu: bool) -> dict:
     import faiss
 
-    from ragseg.index.build import _train
+    from ragseg.index.faiss_util import train as _train
     from ragseg.index.params import IndexParams
 
     nlist = 1024 if n >= 100_000 else max(8, int(4 * math.sqrt(n)))

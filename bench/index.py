@@ -165,7 +165,7 @@ class Lists:
     def __init__(self, idx, queries):
         import faiss
 
-        from ragseg.index.build import _transform
+        from ragseg.index.faiss_util import transform as _transform
 
         ivf = faiss.extract_index_ivf(idx.index)
         self.sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
@@ -516,6 +516,8 @@ def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, di
     """:func:`build` with the sharded build's phase times (ragseg.index.build calls ``_checkpoint``
     between its steps) and the peak RSS of the driver and the Ray workers."""
     from ragseg.index import build as ib
+    from ragseg.index import faiss_util as fu
+    from ragseg.index import shards as sh
 
     marks: dict[str, float] = {}
     saved = ib._checkpoint
@@ -526,7 +528,7 @@ def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, di
 
     ib._checkpoint = mark
     spent = {"sample_gather_s": 0.0, "train_only_s": 0.0}
-    saved_gather, saved_train = ib._gather, ib._train
+    saved_gather, saved_train = sh.gather, fu.train
 
     def timed(fn, key):
         def w(*a, **k):
@@ -537,13 +539,13 @@ def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, di
                 spent[key] += time.time() - t
         return w
 
-    ib._gather, ib._train = timed(saved_gather, "sample_gather_s"), timed(saved_train, "train_only_s")
+    sh.gather, fu.train = timed(saved_gather, "sample_gather_s"), timed(saved_train, "train_only_s")
     try:
         with _TreeRss() as rss:
             t0 = time.time()
             res, build_s, cfg = build(db, out, args)
     finally:
-        ib._checkpoint, ib._gather, ib._train = saved, saved_gather, saved_train
+        ib._checkpoint, sh.gather, fu.train = saved, saved_gather, saved_train
     rel = {k: round(v - t0, 1) for k, v in marks.items()}
     phases = {"train_s": rel.get("trained"), "add_s": round(rel["shards"] - rel["trained"], 1),
               "merge_s": round(rel["merged"] - rel["shards"], 1),
@@ -564,14 +566,16 @@ def single_child(db: str, icfg_json: str, work: str) -> dict:
     import faiss
 
     from ragseg.config import IndexConfig, JobConfig
-    from ragseg.index import build as ib
-    from ragseg.index import store as st
+    from ragseg.index import faiss_util as fu
+    from ragseg.index import shards as sh
+    from ragseg.index.evaluate import exact_k
     from ragseg.index.params import choose_params
+    from ragseg.index.rerank import write_rerank_store
 
     icfg = IndexConfig.model_validate(json.loads(icfg_json))
     t0 = time.time()
-    fdb = ib.load_db(db)
-    layout = ib._layout(list(fdb.shards))
+    fdb = sh.load_db(db)
+    layout = sh.layout(list(fdb.shards))
     total = fdb.total
     params = choose_params(total, fdb.dim, icfg)
     train_ids = np.sort(np.random.default_rng(icfg.seed).choice(total, size=params.train_size, replace=False))
@@ -579,7 +583,7 @@ def single_child(db: str, icfg_json: str, work: str) -> dict:
     qids = np.sort(np.random.default_rng(icfg.seed + 1).choice(total, size=nq, replace=False))
     parts, qparts = [], []
     for s, start in layout:
-        x = ib._read_embeddings(s.uri, s.rows)
+        x = sh.read_embeddings(s.uri, s.rows)
         parts.append(x[train_ids[(train_ids >= start) & (train_ids < start + s.rows)] - start])
         qparts.append(x[qids[(qids >= start) & (qids < start + s.rows)] - start])
         del x
@@ -587,20 +591,20 @@ def single_child(db: str, icfg_json: str, work: str) -> dict:
     del parts, qparts
     t_read = time.time()
     with st_quiet():
-        index, _ = ib._train(params, fdb.dim, xtrain, False)
+        index, _ = fu.train(params, fdb.dim, xtrain, False)
     del xtrain
     t_train = time.time()
-    kk = ib.exact_k(JobConfig.model_validate({"index": icfg.model_dump()}))
-    rerank = st.write_rerank_store(os.path.join(work, "single-rerank.npy"), total, fdb.dim) if icfg.rerank else None
+    kk = exact_k(JobConfig.model_validate({"index": icfg.model_dump()}))
+    rerank = write_rerank_store(os.path.join(work, "single-rerank.npy"), total, fdb.dim) if icfg.rerank else None
     exact = []
     for s, start in layout:
-        x = ib._read_embeddings(s.uri, s.rows)
+        x = sh.read_embeddings(s.uri, s.rows)
         index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
-        exact.append(ib._exact_topk(x, start, queries, kk))
+        exact.append(sh.exact_topk(x, start, queries, kk))
         if rerank is not None:
             rerank[start:start + len(x)] = x.astype(np.float16)
         del x
-    ib._merge_topk(exact, kk)
+    sh.merge_topk(exact, kk)
     if rerank is not None:
         rerank.flush()
         del rerank
@@ -627,9 +631,9 @@ def _vm_hwm_kb() -> int:
 
 
 def st_quiet():
-    from ragseg.index import store as st
+    from ragseg.index.faiss_util import quiet_stdout
 
-    return st.quiet_stdout()
+    return quiet_stdout()
 
 
 def single_build(db: str, work: str, sharded: dict, cfg, queries, exact, labels, args) -> dict:
@@ -652,7 +656,7 @@ def single_build(db: str, work: str, sharded: dict, cfg, queries, exact, labels,
     one = json.loads(proc.stdout.strip().splitlines()[-1])
     index = faiss.read_index(one.pop("index_file"))
     if sharded.get("bytes", {}).get("measured", {}).get("what") == "loaded_index":  # searched as a reader does
-        from ragseg.index.store import to_fast_scan
+        from ragseg.index.faiss_util import to_fast_scan
 
         index = to_fast_scan(index)
     nprobe = sharded["nprobe"]

@@ -182,11 +182,11 @@ def exact_knn(x: np.ndarray, q: np.ndarray, k: int):
 
 
 def test_build_layout_and_meta(built):
-    from ragseg.index import store as st
+    from ragseg.index import versions as vs
 
     out, res = built["out"], built["res"]
     assert res["published"] and res["version"] == "v0001"
-    assert st.current_version(out) == "v0001"
+    assert vs.current_version(out) == "v0001"
     vdir = os.path.join(out, "v0001")
     for name in ("trained.index", "populated.index", "merged.ivfdata", "labels.parquet", "meta.json", "rerank.npy"):
         assert os.path.exists(os.path.join(vdir, name)), name
@@ -299,7 +299,8 @@ def test_cli_info(built):
 # ----------------------------------------------------------------------------------------------
 def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
     from ragseg.index import build as b
-    from ragseg.index import store as st
+    from ragseg.index import evaluate as ev
+    from ragseg.index import versions as vs
     from ragseg.index.store import Index
 
     db = str(tmp_path / "db")
@@ -316,7 +317,7 @@ def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
 
     # nothing new -> nothing published
     r = b.refresh_index(db, cfg)
-    assert r["published"] is False and "nothing new" in r["message"] and st.current_version(out) == "v0001"
+    assert r["published"] is False and "nothing new" in r["message"] and vs.current_version(out) == "v0001"
 
     # a new shard from the same distribution
     x4, y4 = clustered(1000, seed=77)
@@ -333,13 +334,13 @@ def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         b.refresh_index(db, cfg)
     monkeypatch.undo()
-    assert st.current_version(out) == "v0001" and st.list_versions(out) == ["v0001"]
+    assert vs.current_version(out) == "v0001" and vs.list_versions(out) == ["v0001"]
 
     r2 = b.refresh_index(db, cfg)
     assert r2["published"] and r2["version"] == "v0002" and r2["retrain_reason"] is None
     assert r2["added_shards"] == ["s00003-new"] and r2["count"] == 5500
     assert r2["pruned"] == ["v0001"] and not os.path.exists(os.path.join(out, "v0001"))
-    meta = st.read_meta(out)
+    meta = vs.read_meta(out)
     assert [s["name"] for s in meta["shards"]] == [s["name"] for s in shards]
     assert meta["trained_from"] == "v0001" and meta["shards"][-1]["start_id"] == 4500
 
@@ -358,7 +359,7 @@ def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
 
     # idempotent
     r3 = b.refresh_index(db, cfg)
-    assert r3["published"] is False and st.current_version(out) == "v0002"
+    assert r3["published"] is False and vs.current_version(out) == "v0002"
 
     # a shard of far-away data triggers the drift rule -> retrain
     x5, y5 = clustered(800, seed=5, centers_seed=999)
@@ -366,7 +367,7 @@ def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
     write_manifest(db, shards)
     r4 = b.refresh_index(db, cfg)
     assert r4["retrain_reason"].startswith("drift") and r4["drift"]["ratio"] > 1.5
-    m4 = st.read_meta(out)
+    m4 = vs.read_meta(out)
     assert m4["trained_from"] == r4["version"] == "v0003" and m4["count"] == 6300
 
     # quality check fails -> refuse to publish (one line), CURRENT unchanged, no version dir left
@@ -374,22 +375,22 @@ def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
     with pytest.raises(UserError, match="not published, CURRENT stays at v0003: 10-recall@10") as ei:
         b.build_index(db, bad)
     assert "\n" not in str(ei.value)
-    assert st.current_version(out) == "v0003" and st.list_versions(out)[-1] == "v0003"
+    assert vs.current_version(out) == "v0003" and vs.list_versions(out)[-1] == "v0003"
     # the vote gate (these clusters are too well separated for a real build to miss it)
     q = {"ten_recall_at_10": 0.95, "vote_agreement": 0.97, "nprobe": 8, "rerank_k": 64}
     with pytest.raises(UserError, match="CURRENT stays at v0003: kNN-vote agreement 0.970 < index.min_vote_agreement"):
-        b.quality_gate(q, cfg_for(out, min_vote_agreement=0.98), "F", "v0003")
-    b.quality_gate(q, cfg_for(out, min_vote_agreement=0.97, min_recall_at_10=0.95), "F", "v0003")
+        ev.quality_gate(q, cfg_for(out, min_vote_agreement=0.98), "F", "v0003")
+    ev.quality_gate(q, cfg_for(out, min_vote_agreement=0.97, min_recall_at_10=0.95), "F", "v0003")
     # targets out of reach: the smallest nprobe within 0.01 of the best of both metrics
     tried = [{"nprobe": 8, "ten_recall_at_10": 0.60, "vote_agreement": 0.95},
              {"nprobe": 16, "ten_recall_at_10": 0.70, "vote_agreement": 0.992},
              {"nprobe": 32, "ten_recall_at_10": 0.745, "vote_agreement": 0.994},
              {"nprobe": 64, "ten_recall_at_10": 0.75, "vote_agreement": 0.994}]
-    assert b._saturated(tried, ["ten_recall_at_10", "vote_agreement"]) == 32
+    assert ev._saturated(tried, ["ten_recall_at_10", "vote_agreement"]) == 32
 
     # forced retrain publishes a new version
     r5 = b.refresh_index(db, cfg, force_retrain=True)
-    assert r5["retrain_reason"] == "forced" and st.current_version(out) == r5["version"]
+    assert r5["retrain_reason"] == "forced" and vs.current_version(out) == r5["version"]
 
 
 def test_db_errors(tmp_path, ray_local):
@@ -487,7 +488,8 @@ def test_fast_scan_build_refresh(tmp_path, ray_local):
     import faiss
 
     from ragseg.index import build as b
-    from ragseg.index import store as st
+    from ragseg.index import faiss_util as fu
+    from ragseg.index import versions as vs
     from ragseg.index.store import Index
 
     db = str(tmp_path / "db")
@@ -496,7 +498,7 @@ def test_fast_scan_build_refresh(tmp_path, ray_local):
     cfg = cfg_for(out, budget_bytes_per_vector=32)  # dim 64: 32 x 4-bit sub-quantizers = 16 bytes
     r = b.build_index(db, cfg)
     assert r["factory"] == "IVF187,PQ32x4" and r["published"]
-    meta = st.read_meta(out)
+    meta = vs.read_meta(out)
     assert meta["fast_scan"] and meta["bits"] == 4 and meta["params"]["fast_scan"]
     assert meta["bytes"]["measured"] == "loaded_index" and meta["bytes"]["loaded_index"] > 12_000 * 16
     assert meta["recall"]["ten_recall_at_10"] >= 0.9 and meta["recall"]["vote_agreement"] >= 0.99
@@ -505,7 +507,7 @@ def test_fast_scan_build_refresh(tmp_path, ray_local):
     assert not faiss.extract_index_ivf(idx.index).by_residual  # index.pq_by_residual false (default)
     single = faiss.read_index(os.path.join(out, "v0001", "trained.index"))
     single.add_with_ids(x, np.arange(len(x), dtype=np.int64))
-    single = st.to_fast_scan(single)
+    single = fu.to_fast_scan(single)
     faiss.ParameterSpace().set_index_parameter(single, "nprobe", idx.nprobe)
     q = x[::61][:150]
     d1, i1 = idx.search_ids(q, 10)

@@ -1,5 +1,5 @@
-"""Index quality metrics (ragseg.index.quality), the re-rank path (store.rerank), and a reader of a
-version written in the format before the re-rank store (store.py module doc, format 1 meta)."""
+"""Index quality metrics (ragseg.index.quality), the re-rank path (rerank.rerank), and a reader of a
+version written in the format before the re-rank store (versions.py module doc, format 1 meta)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from ragseg.errors import UserError
 from ragseg.index import quality as iq
+from ragseg.index import rerank as rr
 from ragseg.index import store as st
 
 LABELS = np.array(["a", "a", "b", "b", "b", "a", "b", "b", "a", "c"], dtype=object)
@@ -84,7 +85,7 @@ def test_rerank_exact_order():
     cand[:, -5:] = -1
     cand[0, :] = -1
     cand[0, :3] = [7, 8, 9]
-    sims, ids = st.rerank(q, cand, store, 10)
+    sims, ids = rr.rerank(q, cand, store, 10)
     xf = store.astype(np.float32)
     for r in range(1, 300):
         c = cand[r][cand[r] >= 0]
@@ -95,26 +96,26 @@ def test_rerank_exact_order():
     # fewer candidates than k: padded with -1 / -inf
     assert set(ids[0, :3]) == {7, 8, 9} and (ids[0, 3:] == -1).all() and np.isneginf(sims[0, 3:]).all()
     # a memmapped store gives the same answer
-    assert st.rerank(q[:2], cand[:2], store, 10)[1].tolist() == ids[:2].tolist()
+    assert rr.rerank(q[:2], cand[:2], store, 10)[1].tolist() == ids[:2].tolist()
 
 
 def test_rerank_store_file(tmp_path):
-    p = str(tmp_path / st.RERANK)
-    w = st.write_rerank_store(p, 5, 4)
+    p = str(tmp_path / rr.RERANK)
+    w = rr.write_rerank_store(p, 5, 4)
     w[:] = np.arange(20, dtype=np.float16).reshape(5, 4)
     w.flush()
     del w
-    r = st.open_rerank_store(p, 5, 4)
+    r = rr.open_rerank_store(p, 5, 4)
     assert r.dtype == np.float16 and r.shape == (5, 4) and r[4, 3] == 19
     with pytest.raises(UserError, match="expected float16"):
-        st.open_rerank_store(p, 6, 4)
+        rr.open_rerank_store(p, 6, 4)
     np.save(str(tmp_path / "f32.npy"), np.zeros((5, 4), np.float32))
     with pytest.raises(UserError, match="expected float16"):
-        st.open_rerank_store(str(tmp_path / "f32.npy"), 5, 4)
+        rr.open_rerank_store(str(tmp_path / "f32.npy"), 5, 4)
 
 
 def _write_format1_version(root: str, x: np.ndarray, labels: list[str]) -> None:
-    """A version as builds before the re-rank store wrote it (store.py layout, meta format 1 keys,
+    """A version as builds before the re-rank store wrote it (versions.py layout, meta format 1 keys,
     no rerank.npy): trained.index, shards/<name>.index, populated.index + merged.ivfdata
     (OnDiskInvertedLists via faiss.contrib.ondisk.merge_ondisk), labels.parquet, meta.json, CURRENT."""
     import faiss

@@ -93,9 +93,9 @@ def test_index_paths_follow_get_num_gpus(monkeypatch, gpu_only_forbidden, num_gp
     import faiss
 
     from ragseg.config import IndexConfig
-    from ragseg.index.build import _train
+    from ragseg.index.faiss_util import train as _train
+    from ragseg.index.faiss_util import use_gpu_for
     from ragseg.index.params import choose_params
-    from ragseg.index.store import use_gpu_for
 
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: num_gpus)
     rs = np.random.RandomState(0)

@@ -445,7 +445,7 @@ def test_openimages_partial_bucket_is_judged_by_one_listing_page(tmp_path, moto_
 
 # ---------- index store ----------
 def test_prune_removes_the_empty_staging_folder(tmp_path):
-    from ragseg.index.store import STAGING, prune
+    from ragseg.index.versions import STAGING, prune
 
     store = tmp_path / "index"
     (store / STAGING / "killed-build").mkdir(parents=True)

@@ -209,7 +209,7 @@ def _v1_db(root: str, dim: int = 8) -> list[pa.Table]:
 
 def test_format1_db_is_refused_in_one_line_and_migrates(tmp_path):
     from ragseg.db import migrate_v1, open_db
-    from ragseg.index.build import load_db
+    from ragseg.index.shards import load_db
 
     root = str(tmp_path / "old")
     _v1_db(root)

@@ -137,7 +137,7 @@ def _content(kind: str, out: str) -> dict:
     c = {"covered": sorted(covered), "rows": sorted(rows), "errors": sorted(json.dumps(e, sort_keys=True) for e in errs),
          "totals": {k: v for k, v in totals.items() if k != "pieces"}, "errors_by_stage": ledger.error_counts(led)}
     if kind == "db":
-        from ragseg.index.build import load_db
+        from ragseg.index.shards import load_db
 
         db = load_db(out)  # what build-index reads
         c["db_rows"] = db.total

@@ -43,8 +43,8 @@ def db_identity(db_uri: str) -> dict:
 
 
 def db_labels(db_uri: str) -> np.ndarray:
-    """The label of every DB row in :func:`ragseg.index.build.load_db` order (one column read per shard)."""
-    from ragseg.index.build import load_db
+    """The label of every DB row in :func:`ragseg.index.shards.load_db` order (one column read per shard)."""
+    from ragseg.index.shards import load_db
 
     out = []
     for s in load_db(db_uri).shards:
@@ -56,7 +56,7 @@ def db_labels(db_uri: str) -> np.ndarray:
 def write_subset_db(db_uri: str, out_db: str, keep: Keep) -> dict:
     """Copy the kept rows of ``db_uri`` into a new feature DB at ``out_db``; returns counts and labels."""
     from ragseg.db import write_db
-    from ragseg.index.build import load_db
+    from ragseg.index.shards import load_db
 
     db = load_db(db_uri)
     if io.exists(out_db):

@@ -120,7 +120,9 @@ class Context:
         return self._rs[key]
 
     def neighbours(self, r: Rescorer, index_uri: str, queries: str = "masked") -> fc.Neighbours:
-        from ragseg.index.store import Index, current_version, quiet_stdout
+        from ragseg.index.faiss_util import quiet_stdout
+        from ragseg.index.store import Index
+        from ragseg.index.versions import current_version
 
         key = (r.fs.key, index_uri, current_version(index_uri), queries)
         if key not in self._nb:

@@ -98,7 +98,8 @@ def search_region(index_uri: str, image_uri: str, box: str | None = None, mask: 
     """Embed the region (box and/or mask PNG) of ``image_uri`` with ``Embed(cfg)`` (or ``embed``) and
     return its ``k`` nearest DB segments as dicts ``rank, sim, label, image_id, segment_id``. The
     embedder comes from the index (:func:`query_config`): no config is needed."""
-    from ragseg.index.store import Index, read_meta
+    from ragseg.index.store import Index
+    from ragseg.index.versions import read_meta
     from ragseg.masks import encode_rle
 
     if embed is None:

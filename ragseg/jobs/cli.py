@@ -50,7 +50,7 @@ def _job(job: str, out: str | None, fn, verbose: bool, **kw):
 
 
 def _index_versions(uri: str) -> int | None:
-    from ragseg.index.store import list_versions
+    from ragseg.index.versions import list_versions
 
     try:
         return len(list_versions(uri))
@@ -220,7 +220,7 @@ def info_cmd(index: Annotated[str, typer.Argument(help="Index store, feature DB,
                         ".parquet file)")
     from ragseg.console import LOGS
     from ragseg.failures import _entries
-    from ragseg.index.store import current_version
+    from ragseg.index.versions import current_version
 
     if current_version(index) is None and not _entries(index, "v0"):
         logs = join(index, LOGS) if LOGS in _entries(index) else None

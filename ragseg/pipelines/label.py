@@ -100,7 +100,7 @@ def _check_index(cfg: JobConfig, index_uri: str) -> dict:
     the embedder this run queries with (ragseg.identity: model, weights, mode, pooling size, dim),
     for every proposal method."""
     from ragseg import identity
-    from ragseg.index.store import read_meta
+    from ragseg.index.versions import read_meta
 
     meta = read_meta(index_uri)
     if cfg.label.proposals == "fcclip":
@@ -116,7 +116,7 @@ def adopt_index_embedder(cfg: JobConfig, index_uri: str) -> JobConfig:
     """The embedder identity fields of ``models.clip`` that the config leaves out, taken from the index
     (ragseg.identity.adopt_clip): a label config need not repeat how the DB was embedded."""
     from ragseg import identity
-    from ragseg.index.store import read_meta
+    from ragseg.index.versions import read_meta
 
     meta = read_meta(index_uri)
     return identity.adopt_clip(cfg, identity.index_clip(meta), identity.index_identity(meta).get("fcclip_input"))

@@ -167,34 +167,18 @@ class EmbedBoxCrop:
 
 
 def build_graph(cfg: JobConfig, vocab, full: bool, ds):
-    """The label job's proposal and embedding stages (same classes, batch sizes and actor pools as
-    ``ragseg.pipelines.label.build_graph``), then optionally :class:`EmbedBoxCrop`; no classify."""
-    from ragseg.pipelines.common import add_stage, select_columns
-    from ragseg.stages.decode import DecodeImages, LoadGroundTruth
-    from ragseg.stages.embed import Embed
+    """The label job's proposal and embedding stages (the same stage lists as
+    ``ragseg.pipelines.label.build_graph``: :mod:`ragseg.pipelines.graph`), then optionally
+    :class:`EmbedBoxCrop`; no classify."""
+    from ragseg.pipelines.common import select_columns
+    from ragseg.pipelines.graph import apply_stages, decode_stages, embed_stages, model, proposal_stages
 
-    lc = cfg.label
-    per_block = cfg.ray.images_per_block
-    ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
-    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3}[lc.proposals] + int(full)
-    model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
-    if lc.proposals == "gt":
-        ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
-    elif lc.proposals == "gdino-sam":
-        from ragseg.stages.detect import Detect
-        from ragseg.stages.segment import Segment
-
-        ds = model(ds, functools.partial(Detect, cfg, vocab=list(vocab.names)), "detect",
-                   batch_size=cfg.models.gdino.batch_size, gpu=True)
-        ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block, gpu=True)
-    else:
-        from ragseg.stages.segment import SamGrid
-
-        ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
-    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
-    if full:
-        ds = model(ds, functools.partial(EmbedBoxCrop, cfg), "embed_full", batch_size=per_block, gpu=True)
-    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
+    full_stage = [model("embed_full", functools.partial(EmbedBoxCrop, cfg))] if full else []
+    # the box crops before Embed: in models.clip.mode=fcclip its CPU resize replaces the original pixels
+    ds = apply_stages(ds, cfg, [*decode_stages(cfg), *proposal_stages(cfg, cfg.label.proposals, list(vocab.names)),
+                                *full_stage, *embed_stages(cfg)])
+    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)},
+                          batch_size=cfg.ray.images_per_block)
 
 
 def piece_paths(name: str) -> dict[str, str]:

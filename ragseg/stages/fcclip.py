@@ -51,8 +51,9 @@ def settings(cfg: JobConfig) -> PostprocessSettings:
 
 
 def geometry(cfg: JobConfig) -> TestGeometry:
-    fc = cfg.models.fcclip
-    return TestGeometry(fc.min_size_test, fc.max_size_test, fc.size_divisibility)
+    from ragseg.models.fcclip import test_geometry  # torch: imported where the stage runs
+
+    return test_geometry(cfg.models.fcclip)
 
 
 def uses_retrieval(cfg: JobConfig) -> bool:

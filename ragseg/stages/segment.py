@@ -178,13 +178,13 @@ class SamPrep:
 
 class _SamStage:
     """Shared by Segment and SamGrid: the mask model (``models.sam.family``: segment_anything SAM or SAM
-    2.1, :func:`ragseg.models.sam.load_mask_model`), the batch's images encoded together
+    2.1, :func:`ragseg.models.mask_model.load_mask_model`), the batch's images encoded together
     (``encoder_batch`` per forward pass), then each image's prompts on its slice."""
 
     stage = STAGE
 
     def __init__(self, cfg: JobConfig):
-        from ragseg.models.sam import load_mask_model
+        from ragseg.models.mask_model import load_mask_model
         from ragseg.runtime import select_device
 
         self.cfg = cfg

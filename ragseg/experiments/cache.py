@@ -48,9 +48,9 @@ import pyarrow as pa
 
 from ragseg import io, ledger
 from ragseg.config import JobConfig, SourceConfig
-from ragseg.errors import UserError, error_text, failed_rows_table
+from ragseg.errors import UserError, failed_rows_table
 from ragseg.schema import embeddings_to_arrow
-from ragseg.stages.batch import as_list, run_batched
+from ragseg.stages.batch import as_list
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +142,19 @@ class EmbedBoxCrop:
         self.embed = Embed(crop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ragseg.stages.batch import map_rows, object_column
         from ragseg.stages.embed import decode_masks
 
-        n = len(batch["error"])
-        errors = [str(e) if e else "" for e in batch["error"]]
-        prepared = {}
-        for i in range(n):
+        def prepare(i: int):
             rles = as_list(batch["seg_masks_rle"][i])
-            if errors[i] or not rles:
-                continue
-            try:
-                img = np.asarray(batch["image"][i])
-                prepared[i] = (img, box_masks(decode_masks(rles, img.shape[:2])))
-            except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                errors[i] = error_text(self.STAGE, e)
-        done = run_batched(prepared, self.embed.embed_rows, errors, self.STAGE, log)
-        col = np.empty(n, dtype=object)
-        for i in range(n):
-            col[i] = done.get(i, np.zeros((0, self.embed.dim), np.float16))
+            if not rles:
+                return None
+            img = np.asarray(batch["image"][i])
+            return img, box_masks(decode_masks(rles, img.shape[:2]))
+
+        done, errors = map_rows(batch, self.STAGE, prepare, self.embed.embed_rows,
+                                lambda: np.zeros((0, self.embed.dim), np.float16), log)
+        col = object_column(done)
         out = dict(batch)
         out["full_embeddings"] = col
         out["error"] = np.asarray(errors, dtype=object)

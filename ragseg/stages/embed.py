@@ -23,9 +23,8 @@ import logging
 import numpy as np
 
 from ragseg.config import JobConfig
-from ragseg.errors import error_text
 from ragseg.models.masked_clip import MaskedClipEmbedder, decode_masks
-from ragseg.stages.batch import as_list, model_inputs, run_batched
+from ragseg.stages.batch import as_list, map_rows, model_inputs, object_column
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +43,19 @@ class Embed:
 
     # --------------------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"]) if "error" in batch else len(batch["image"])
-        errors = [str(e) for e in batch["error"]] if "error" in batch else [""] * n
         rles = batch.get("seg_masks_rle")
-        out: list[np.ndarray] = [np.zeros((0, self.dim), np.float16) for _ in range(n)]
 
-        # per-row preparation: anything that goes wrong here is that row's fault
-        prepared: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for i in range(n):
-            if errors[i]:
-                continue
-            try:
-                # after FcclipPrep (fcclip mode): the image at FC-CLIP's test size and the original size
-                img, hw = model_inputs(batch, i)
-                if img.ndim not in (2, 3):
-                    raise ValueError(f"image must be HxWx3, got shape {img.shape}")
-                masks = decode_masks(as_list(rles[i] if rles is not None else None), hw or img.shape[:2])
-                if len(masks):
-                    prepared[i] = (img, masks)
-            except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                errors[i] = error_text(STAGE, e)
+        def prepare(i: int):
+            # after FcclipPrep (fcclip mode): the image at FC-CLIP's test size and the original size
+            img, hw = model_inputs(batch, i)
+            if img.ndim not in (2, 3):
+                raise ValueError(f"image must be HxWx3, got shape {img.shape}")
+            masks = decode_masks(as_list(rles[i] if rles is not None else None), hw or img.shape[:2])
+            return (img, masks) if len(masks) else None
 
-        for i, emb in run_batched(prepared, self.embed_rows, errors, STAGE, log).items():
-            out[i] = emb
-
+        out, errors = map_rows(batch, STAGE, prepare, self.embed_rows,
+                               lambda: np.zeros((0, self.dim), np.float16), log)
         res = dict(batch)
-        emb_col = np.empty(n, dtype=object)
-        for i in range(n):
-            emb_col[i] = out[i] if not errors[i] else np.zeros((0, self.dim), np.float16)
-        res["embeddings"] = emb_col
+        res["embeddings"] = object_column(out)
         res["error"] = np.array(errors, dtype=object)
         return res

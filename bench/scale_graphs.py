@@ -99,7 +99,6 @@ def child_graph(a) -> dict:
                                      "label.proposals=gdino-sam", f"label.panoptic_json={a.panoptic_json}",
                                      *common_over])
             graph = functools.partial(job.build_graph, cfg, vocab=load_vocab(vocab_p))
-        _record_stages(job, stages)
         _record_stages(common, stages)
         init_ray(cfg.ray)  # Ray's start-up is not part of the job
         import psutil

@@ -63,6 +63,7 @@ experiments: setup
 
 lint: setup
 	$(BIN)/ruff check ragseg tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf demo_out .pytest_cache experiments_out experiments_cache

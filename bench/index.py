@@ -41,7 +41,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 CHUNK = 50_000
 # index config changes measured next to the default on the main setting (--variants)

@@ -53,7 +53,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PAPER_PQ = {"fcclip": 26.4, "fcclip+ade20k-db": 30.9, "fcclip+oi-db": 28.3, "gdino-sam": None, "sam-grid": 7.8}
 ROWS = tuple(PAPER_PQ)

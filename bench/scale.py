@@ -53,8 +53,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import scalelib  # noqa: E402
 
@@ -69,8 +67,7 @@ def _env(quick: bool) -> dict:
 
 def s3_server():
     """moto's own S3 server (tests/conftest.py), as the commit figures have always used it."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import moto_s3_env
+    from ragseg.testing.s3 import moto_s3_env
 
     return moto_s3_env()
 
@@ -166,7 +163,7 @@ class _Batches:
     image ids so that every timed commit is a new piece."""
 
     def __init__(self, per_piece: int, segs: int, hw: tuple[int, int], distinct: int = 2):
-        from ragseg.pipelines.generated import DbResults
+        from ragseg.testing.generated import DbResults
 
         gen = DbResults(dim=DIM, segments_per_image=segs, hw=hw)
         self.batches = []
@@ -461,7 +458,7 @@ def inline_graph(a) -> dict:
 
     from ragseg.config import load_config
     from ragseg.pipelines.common import inline_executor
-    from ragseg.pipelines.generated import StandInSpec
+    from ragseg.testing.generated import StandInSpec
 
     kind = a._graph
     work = tempfile.mkdtemp(prefix="bench-scale-inline-", dir=a.workdir)

@@ -4,7 +4,7 @@
 the job's ``build_graph`` builds (build-db ``masks: detector``: decode, detect, segment, embed, select,
 piece writer; label ``proposals: gdino-sam``: decode, detect, segment, embed, classify, merge, PNG
 writer, select, piece writer), on real JPEG files. The model stages' classes are replaced, in this
-driver before the graph is built, by the stand-ins of ``ragseg.pipelines.generated`` (same
+driver before the graph is built, by the stand-ins of ``ragseg.testing.generated`` (same
 constructor arguments and output columns, results generated from the image id, at a set pace or as
 fast as the CPUs allow); everything else is the production code: DecodeImages decodes, PanopticMerge
 paints, WritePanoptic writes PNGs, the piece writers write and commit. Measured: the driver's CPU
@@ -39,7 +39,7 @@ def patch_models(spec) -> None:
     import ragseg.stages.detect as detect
     import ragseg.stages.embed as embed
     import ragseg.stages.segment as segment
-    from ragseg.pipelines import generated as g
+    from ragseg.testing import generated as g
 
     detect.Detect = functools.partial(g.StandInDetect, spec)
     segment.Segment = functools.partial(g.StandInSegment, spec)
@@ -63,8 +63,8 @@ def _record_stages(module, sink: list) -> None:
 def child_graph(a) -> dict:
     from ragseg.config import load_config
     from ragseg.pipelines import common
-    from ragseg.pipelines.generated import StandInSpec
     from ragseg.runtime import init_ray
+    from ragseg.testing.generated import StandInSpec
 
     kind = a._graph
     work = tempfile.mkdtemp(prefix=f"bench-scale-{kind}-", dir=a.workdir)
@@ -99,7 +99,6 @@ def child_graph(a) -> dict:
                                      "label.proposals=gdino-sam", f"label.panoptic_json={a.panoptic_json}",
                                      *common_over])
             graph = functools.partial(job.build_graph, cfg, vocab=load_vocab(vocab_p))
-        _record_stages(job, stages)
         _record_stages(common, stages)
         init_ray(cfg.ray)  # Ray's start-up is not part of the job
         import psutil

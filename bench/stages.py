@@ -46,7 +46,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ALL_STAGES = ("embed-crop", "embed-pool", "detect", "segment", "segment-sam2", "fcclip")
 CLASSES = ["person", "dog", "cat", "car", "tree", "building", "sky", "road"]

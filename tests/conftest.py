@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ragseg.testing.s3 import moto_s3_env, start_moto  # noqa: F401 - fixtures below and tests use them
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "test-tiny.yaml")
@@ -134,67 +135,10 @@ def run_and_kill_after_first_shard(args: list[str], out: str, timeout: float = 2
     return done
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto():
-    """Start moto's S3 server on 127.0.0.1 (a free port); returns (process, endpoint URL) once it answers."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                proc.terminate()
-                raise RuntimeError("moto_server did not start within 30 s") from None
-            time.sleep(0.2)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="session")
 def moto_starter():
     """:func:`start_moto`, for tests that need a server of their own (other credentials, a clean bucket set)."""
     return start_moto
-
-
-@contextlib.contextmanager
-def moto_s3_env():
-    """moto's S3 server on 127.0.0.1 while the block runs, with the AWS_* variables pointing s3fs (and
-    every subprocess or Ray worker started meanwhile) at it; yields those variables. Also used by
-    bench/scale.py."""
-    proc, endpoint = start_moto()
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -243,3 +187,15 @@ def only_named_objects(kind: str, out: str) -> None:
 
         named |= {PANOPTIC_JSON} | {f"panoptic/{a['png_name']}" for a in iter_images(out)}
     assert have == sorted(named), f"unnamed objects: {sorted(set(have) - named)}; missing: {sorted(named - set(have))}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_root_stays_clean():
+    """No test writes into the repository root: the jobs' default output folders (``./db``,
+    ``./index``, ``./labels``) must not appear there during the session."""
+    root = Path(__file__).resolve().parents[1]
+    watched = ("db", "index", "labels", "demo_out")
+    before = {n for n in watched if (root / n).exists()}
+    yield
+    new = sorted(n for n in watched if (root / n).exists() and n not in before)
+    assert not new, f"tests wrote into the repository root: {new} (give the job an --out under tmp_path)"

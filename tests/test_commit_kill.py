@@ -1,7 +1,7 @@
 """Exactly-once under kill -9 at every step of the commit path, for build-db and label, local and S3.
 
 The job runs its real driver (lease, ledger, compaction, panoptic.json) and its real piece writers,
-with generated stage results instead of models (ragseg.pipelines.generated, inline executor), in a
+with generated stage results instead of models (ragseg.testing.generated, inline executor), in a
 forked child. The io fault hook (RAGSEG_FAULT_AFTER_WRITES=k) SIGKILLs the child right after the k-th
 write or delete of the job. For every k up to the number of steps of a clean run, the killed job is
 rerun to completion and its output must equal the clean run's: same committed rows, every image in
@@ -49,7 +49,7 @@ def _cfg(kind: str, images: str, out: str, vocab: str):
 
 def _run(kind: str, cfg) -> None:
     from ragseg.pipelines.common import inline_executor
-    from ragseg.pipelines.generated import DbResults, LabelResults
+    from ragseg.testing.generated import DbResults, LabelResults
 
     if kind == "db":
         from ragseg.pipelines.build_db import run_build_db

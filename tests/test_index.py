@@ -451,7 +451,6 @@ def test_search_region_with_stub_embed(built, tmp_path):
     from PIL import Image
 
     from ragseg.index.search import region_mask, search_region
-    from ragseg.masks import decode_rle
 
     img = str(tmp_path / "q.png")
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(img)
@@ -463,9 +462,9 @@ def test_search_region_with_stub_embed(built, tmp_path):
         def __init__(self):
             self.masks = []
 
-        def __call__(self, batch):
-            self.masks.append(decode_rle(batch["seg_masks_rle"][0][0]))
-            return {**batch, "embeddings": np.array([target[None].astype(np.float16)], dtype=object)}
+        def embed_rows(self, rows):  # MaskedClipEmbedder's interface: (image, (n, H, W) masks) per row
+            self.masks.append(rows[0][1][0])
+            return [target[None].astype(np.float16)]
 
     stub = StubEmbed()
     res = search_region(built["out"], img, box="2,3,10,8", k=5, embed=stub)

@@ -301,7 +301,7 @@ from ragseg.errors import UserError
 from ragseg.jobs import cli
 from ragseg.pipelines.build_db import run_build_db
 from ragseg.pipelines.common import inline_executor
-from ragseg.pipelines.generated import DbResults
+from ragseg.testing.generated import DbResults
 
 images, out, per_piece, gate = sys.argv[1:5]
 cfg = load_config(None, ["source.kind=folder", f"source.uri={images}", f"build_db.out={out}",
@@ -335,7 +335,7 @@ def _run_here(images: str, out: str, per_piece: int) -> None:
     from ragseg.config import load_config
     from ragseg.pipelines.build_db import run_build_db
     from ragseg.pipelines.common import inline_executor
-    from ragseg.pipelines.generated import DbResults
+    from ragseg.testing.generated import DbResults
 
     cfg = load_config(None, ["source.kind=folder", f"source.uri={images}", f"build_db.out={out}",
                              f"build_db.images_per_shard={per_piece}", "commit.compact_every=1",

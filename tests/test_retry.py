@@ -59,7 +59,7 @@ def _repair(images: str) -> None:
 
 class Decoded:
     """The piece writer's input: the real DecodeImages stage on the rows, then ``make`` (generated
-    results, ragseg.pipelines.generated) for the images it decoded; the others keep its error row."""
+    results, ragseg.testing.generated) for the images it decoded; the others keep its error row."""
 
     def __init__(self, cfg, make, empty: dict):
         from ragseg.stages.decode import DecodeImages
@@ -102,7 +102,7 @@ def _cfg(kind: str, images: str, out: str, vocab: str):
 
 def _run(kind: str, images: str, out: str, vocab: str, **retry) -> dict:
     from ragseg.pipelines.common import inline_executor
-    from ragseg.pipelines.generated import DbResults, LabelResults
+    from ragseg.testing.generated import DbResults, LabelResults
 
     cfg = _cfg(kind, images, out, vocab)
     if kind == "db":

@@ -48,9 +48,9 @@ import pyarrow as pa
 
 from ragseg import io, ledger
 from ragseg.config import JobConfig, SourceConfig
-from ragseg.errors import UserError, error_text, failed_rows_table
+from ragseg.errors import UserError, failed_rows_table
 from ragseg.schema import embeddings_to_arrow
-from ragseg.stages.batch import as_list, run_batched
+from ragseg.stages.batch import as_list
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +142,19 @@ class EmbedBoxCrop:
         self.embed = Embed(crop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ragseg.stages.batch import map_rows, object_column
         from ragseg.stages.embed import decode_masks
 
-        n = len(batch["error"])
-        errors = [str(e) if e else "" for e in batch["error"]]
-        prepared = {}
-        for i in range(n):
+        def prepare(i: int):
             rles = as_list(batch["seg_masks_rle"][i])
-            if errors[i] or not rles:
-                continue
-            try:
-                img = np.asarray(batch["image"][i])
-                prepared[i] = (img, box_masks(decode_masks(rles, img.shape[:2])))
-            except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                errors[i] = error_text(self.STAGE, e)
-        done = run_batched(prepared, self.embed.embed_rows, errors, self.STAGE, log)
-        col = np.empty(n, dtype=object)
-        for i in range(n):
-            col[i] = done.get(i, np.zeros((0, self.embed.dim), np.float16))
+            if not rles:
+                return None
+            img = np.asarray(batch["image"][i])
+            return img, box_masks(decode_masks(rles, img.shape[:2]))
+
+        done, errors = map_rows(batch, self.STAGE, prepare, self.embed.embed_rows,
+                                lambda: np.zeros((0, self.embed.dim), np.float16), log)
+        col = object_column(done)
         out = dict(batch)
         out["full_embeddings"] = col
         out["error"] = np.asarray(errors, dtype=object)
@@ -167,34 +162,18 @@ class EmbedBoxCrop:
 
 
 def build_graph(cfg: JobConfig, vocab, full: bool, ds):
-    """The label job's proposal and embedding stages (same classes, batch sizes and actor pools as
-    ``ragseg.pipelines.label.build_graph``), then optionally :class:`EmbedBoxCrop`; no classify."""
-    from ragseg.pipelines.common import add_stage, select_columns
-    from ragseg.stages.decode import DecodeImages, LoadGroundTruth
-    from ragseg.stages.embed import Embed
+    """The label job's proposal and embedding stages (the same stage lists as
+    ``ragseg.pipelines.label.build_graph``: :mod:`ragseg.pipelines.graph`), then optionally
+    :class:`EmbedBoxCrop`; no classify."""
+    from ragseg.pipelines.common import select_columns
+    from ragseg.pipelines.graph import apply_stages, decode_stages, embed_stages, model, proposal_stages
 
-    lc = cfg.label
-    per_block = cfg.ray.images_per_block
-    ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
-    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3}[lc.proposals] + int(full)
-    model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
-    if lc.proposals == "gt":
-        ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
-    elif lc.proposals == "gdino-sam":
-        from ragseg.stages.detect import Detect
-        from ragseg.stages.segment import Segment
-
-        ds = model(ds, functools.partial(Detect, cfg, vocab=list(vocab.names)), "detect",
-                   batch_size=cfg.models.gdino.batch_size, gpu=True)
-        ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block, gpu=True)
-    else:
-        from ragseg.stages.segment import SamGrid
-
-        ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
-    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
-    if full:
-        ds = model(ds, functools.partial(EmbedBoxCrop, cfg), "embed_full", batch_size=per_block, gpu=True)
-    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
+    full_stage = [model("embed_full", functools.partial(EmbedBoxCrop, cfg))] if full else []
+    # the box crops before Embed: in models.clip.mode=fcclip its CPU resize replaces the original pixels
+    ds = apply_stages(ds, cfg, [*decode_stages(cfg), *proposal_stages(cfg, cfg.label.proposals, list(vocab.names)),
+                                *full_stage, *embed_stages(cfg)])
+    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)},
+                          batch_size=cfg.ray.images_per_block)
 
 
 def piece_paths(name: str) -> dict[str, str]:

@@ -63,11 +63,9 @@ def _read_image(uri: str, mode: str | None = "RGB") -> np.ndarray:
 
 
 def _make_embed(cfg: JobConfig):
-    try:
-        from ragseg.stages.embed import Embed
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise UserError(f"the embedding stage is not available: {e}") from None
-    return Embed(cfg)
+    from ragseg.models.masked_clip import MaskedClipEmbedder
+
+    return MaskedClipEmbedder(cfg)
 
 
 def check_embedder(meta: dict, model_id: str, mode: str) -> None:
@@ -95,12 +93,12 @@ def query_config(index_uri: str, meta: dict, cfg: JobConfig | None) -> JobConfig
 def search_region(index_uri: str, image_uri: str, box: str | None = None, mask: str | None = None,
                   k: int = 10, nprobe: int | None = None, cfg: JobConfig | None = None,
                   embed=None) -> list[dict]:
-    """Embed the region (box and/or mask PNG) of ``image_uri`` with ``Embed(cfg)`` (or ``embed``) and
+    """Embed the region (box and/or mask PNG) of ``image_uri`` with
+    :class:`~ragseg.models.masked_clip.MaskedClipEmbedder` (or ``embed``, with its ``embed_rows``) and
     return its ``k`` nearest DB segments as dicts ``rank, sim, label, image_id, segment_id``. The
     embedder comes from the index (:func:`query_config`): no config is needed."""
     from ragseg.index.store import Index
     from ragseg.index.versions import read_meta
-    from ragseg.masks import encode_rle
 
     if embed is None:
         cfg = query_config(index_uri, read_meta(index_uri), cfg)
@@ -112,18 +110,14 @@ def search_region(index_uri: str, image_uri: str, box: str | None = None, mask: 
     index = Index.open(index_uri, nprobe=nprobe, use_gpu=cfg.index.use_gpu)
     emb = embed or _make_embed(cfg)
     check_embedder(index.meta, emb.model_id, emb.mode)
-    batch = {
-        "image": np.array([image, None], dtype=object)[:1],
-        "seg_masks_rle": np.array([[encode_rle(region)], None], dtype=object)[:1],
-        "error": np.array([""], dtype=object),
-    }
-    out = emb(batch)
-    err = str(out.get("error", np.array([""]))[0] or "")
-    if err:
-        raise UserError(f"embedding the region failed: {err}")
-    q = np.asarray(out["embeddings"][0], dtype=np.float32).reshape(-1, index.meta["dim"])[:1]
+    try:
+        q = np.asarray(emb.embed_rows([(image, region[None])])[0], dtype=np.float32).reshape(-1, index.meta["dim"])
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the region's one line
+        raise UserError(f"embedding the region failed: {type(e).__name__}: {e}") from None
     if q.shape[0] != 1:
-        raise UserError("the embedding stage returned no feature for the region")
+        raise UserError("the embedder returned no feature for the region")
     q /= max(float(np.linalg.norm(q)), 1e-12)
     sims, labels, image_ids, seg_ids = index.search(q, k)
     res = []

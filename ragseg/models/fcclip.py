@@ -45,7 +45,7 @@ from torch import nn
 
 from ragseg.config import FcclipConfig, JobConfig, ModelsConfig
 from ragseg.errors import UserError
-from ragseg.fcclip_inference import classification_logits
+from ragseg.fcclip_inference import TestGeometry, classification_logits
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def overlap_mask(name_lists: list[list[str]], trained: list[str] | None = None):
 # ----------------------------------------------------------------------------------------------
 # Building blocks (names follow FC-CLIP / Mask2Former so the checkpoint maps 1:1)
 # ----------------------------------------------------------------------------------------------
+def test_geometry(fc: FcclipConfig) -> TestGeometry:
+    """FC-CLIP's test input rule from ``models.fcclip`` (min/max_size_test, size_divisibility)."""
+    return TestGeometry(fc.min_size_test, fc.max_size_test, fc.size_divisibility)
+
+
 class ConvNorm(nn.Conv2d):
     """detectron2's ``Conv2d``: a conv whose norm (GroupNorm(32)) is a child named ``norm``; no bias
     when normed; optional ReLU."""

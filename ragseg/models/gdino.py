@@ -19,17 +19,15 @@ delimiters (``[CLS]`` 101, ``[SEP]`` 102, ``.`` 1012, ``?`` 1029: they are hard-
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import posixpath
-import shutil
 import string
 from typing import Any
 
 from ragseg import io as rio
 from ragseg.config import GroundingDinoConfig, ModelsConfig, WeightsConfig
 from ragseg.errors import UserError
+from ragseg.models.weights import _key, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -94,60 +92,6 @@ _TINY_TEXT: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------
-def cache_root(cfg: WeightsConfig | None = None) -> str:
-    """ragseg's model cache (:func:`ragseg.models.weights.cache_root`: ``RAGSEG_CACHE``, else
-    ``weights.cache_dir``, else ``~/.cache/ragseg``)."""
-    from ragseg.models.weights import cache_root as _root
-
-    return str(_root(cfg))
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# Files a saved Grounding DINO directory may hold (used where a directory cannot be listed: http).
-_MODEL_DIR_FILES = (
-    "config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-)
-
-
-def model_dir_cache(uri: str, weights_cfg: WeightsConfig | None = None) -> str:
-    """Where the remote saved-model folder ``uri`` is copied on this node."""
-    return os.path.join(cache_root(weights_cfg), "gdino", _key(uri))
-
-
-def fetch_model_dir(uri: str, weights_cfg: WeightsConfig | None = None) -> str:
-    """Copy a remote saved-model directory (bucket or URL) into the cache once; return the local dir."""
-    from fsspec.core import url_to_fs
-
-    dest = model_dir_cache(uri, weights_cfg)
-    if rio.cached_dir_complete(dest):
-        return dest
-    if weights_cfg is not None and weights_cfg.offline:
-        raise UserError(f"Grounding DINO model {uri} is not in the cache ({dest}) and weights.offline is set")
-    fs, root = url_to_fs(uri)
-    try:
-        names = [posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root)
-                 if not posixpath.basename(p).startswith(".")]
-    except Exception:  # noqa: BLE001 - http servers cannot list; try the known file names
-        names = []
-    got = rio.download_dir(uri, names or list(_MODEL_DIR_FILES), dest)
-    if "config.json" not in got:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise UserError(f"Grounding DINO model dir {uri} has no config.json ({len(got)} files found)")
-    return dest
-
-
 # ----------------------------------------------------------------------------------------------
 # Tiny model
 # ----------------------------------------------------------------------------------------------

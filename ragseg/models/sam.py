@@ -14,8 +14,9 @@ from functools import partial
 
 import numpy as np
 
-from ragseg.config import SAM2_CHECKPOINTS, ModelsConfig, Sam2Config, SamConfig
+from ragseg.config import ModelsConfig, Sam2Config, SamConfig
 from ragseg.errors import UserError
+from ragseg.models.weights import sam2_checkpoint  # noqa: F401 - the SAM 2.1 checkpoint rule, used here
 
 # official SAM sizes: (embed dim, depth, heads, global attention blocks)
 OFFICIAL = {
@@ -170,16 +171,6 @@ def mask_model_id(cfg: SamConfig) -> str:
         s = cfg.sam2
         return f"sam2.1:{s.arch}:{sam2_checkpoint(s) or f'random-seed{s.seed}'}"
     return model_id(cfg)
-
-
-def sam2_checkpoint(s: Sam2Config) -> str | None:
-    """The SAM 2.1 checkpoint to load: the configured one, else the official URL of ``arch`` (none for
-    ``custom``: random weights)."""
-    if s.random_weights:
-        return None
-    if s.checkpoint:
-        return s.checkpoint
-    return None if s.arch == "custom" else SAM2_CHECKPOINTS[s.arch]
 
 
 SAM2_CONFIG_FILES = {
@@ -384,18 +375,6 @@ def wrap_encoder(encoder, device: str, device_cfg, compile_: bool = False) -> No
 
     encoder.forward = forward
 
-
-
-def load_mask_model(models_cfg: ModelsConfig, device: str):
-    """The configured mask model's batch runner: ``ragseg.models.sam_batch.SamBatch`` (segment_anything)
-    or ``ragseg.models.sam2_batch.Sam2Batch`` (SAM 2.1)."""
-    if models_cfg.sam.family == "sam2":
-        from ragseg.models.sam2_batch import Sam2Batch
-
-        return Sam2Batch(models_cfg, device)
-    from ragseg.models.sam_batch import SamBatch
-
-    return SamBatch(models_cfg, device)
 
 
 def chunks(n: int, size: int):

@@ -56,6 +56,72 @@ def cache_root(cfg: WeightsConfig | None = None) -> Path:
     return Path("~/.cache/ragseg").expanduser()
 
 
+def _key(*parts: Any) -> str:
+    """A short stable hash of ``parts`` (cache folder names, tiny model ids)."""
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Files a saved Grounding DINO directory may hold (used where a directory cannot be listed: http).
+_MODEL_DIR_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def model_dir_cache(uri: str, weights_cfg: WeightsConfig | None = None) -> str:
+    """Where the remote saved-model folder ``uri`` is copied on this node."""
+    return os.path.join(str(cache_root(weights_cfg)), "gdino", _key(uri))
+
+
+def fetch_model_dir(uri: str, weights_cfg: WeightsConfig | None = None) -> str:
+    """Copy a remote saved-model directory (bucket or URL) into the cache once; return the local dir."""
+    import shutil
+
+    from fsspec.core import url_to_fs
+
+    from ragseg import io as rio
+
+    dest = model_dir_cache(uri, weights_cfg)
+    if rio.cached_dir_complete(dest):
+        return dest
+    if weights_cfg is not None and weights_cfg.offline:
+        raise UserError(f"Grounding DINO model {uri} is not in the cache ({dest}) and weights.offline is set")
+    fs, root = url_to_fs(uri)
+    try:
+        names = [posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root)
+                 if not posixpath.basename(p).startswith(".")]
+    except Exception:  # noqa: BLE001 - http servers cannot list; try the known file names
+        names = []
+    got = rio.download_dir(uri, names or list(_MODEL_DIR_FILES), dest)
+    if "config.json" not in got:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise UserError(f"Grounding DINO model dir {uri} has no config.json ({len(got)} files found)")
+    return dest
+
+
+def sam2_checkpoint(s) -> str | None:
+    """The SAM 2.1 checkpoint to load (``s``: ``models.sam.sam2``): the configured one, else the official
+    URL of ``arch`` (none for ``custom``: random weights)."""
+    from ragseg.config import SAM2_CHECKPOINTS
+
+    if s.random_weights:
+        return None
+    if s.checkpoint:
+        return s.checkpoint
+    return None if s.arch == "custom" else SAM2_CHECKPOINTS[s.arch]
+
+
+
 def is_remote(ref: str) -> bool:
     """True for a URI with a scheme other than ``file://`` (http, https, s3, gs, memory, ...)."""
     return "://" in ref and not ref.startswith("file://")
@@ -247,8 +313,6 @@ def checkpoints(models, include: set[str] | None = None) -> list[Checkpoint]:
                                   what=f"CLIP checkpoint for {c.model}"))
     s = models.sam
     if "sam" in include and getattr(s, "family", "sam") == "sam2":
-        from ragseg.models.sam import sam2_checkpoint
-
         ref = sam2_checkpoint(s.sam2)
         if ref:
             out.append(Checkpoint("models.sam.sam2.checkpoint", "file", ref, s.sam2.sha256,
@@ -503,7 +567,6 @@ def resolve_model_dir(ref: str, revision: str | None = None, cfg: WeightsConfig 
                         f"a folder URI or a hub id")
     if kind == "dir":
         from ragseg import io as rio
-        from ragseg.models.gdino import fetch_model_dir, model_dir_cache
 
         dest = model_dir_cache(ref, cfg)
         if rio.cached_dir_complete(dest):
@@ -649,8 +712,6 @@ def locate(ck: Checkpoint, cfg: WeightsConfig | None = None, verify: bool = Fals
                 _mirror_cache(ck, cfg) if rio_complete(_mirror_cache(ck, cfg)) else None)
             where = local
         else:
-            from ragseg.models.gdino import model_dir_cache
-
             where = model_dir_cache(ck.ref, cfg)
             cached = where if rio_complete(where) else None
         if sums:

@@ -24,7 +24,6 @@ from ragseg.errors import UserError, failed_rows_table
 from ragseg.pipelines.common import (
     Executor,
     RunStats,
-    add_stage,
     drain_records,
     empty_record_batch,
     pending_source,
@@ -146,39 +145,15 @@ def _pending(cfg: JobConfig, out: str, led, source_errors: list[dict], retry_err
                           errors_matching)
 
 
-def add_fcclip_prep(ds, cfg: JobConfig):
-    """Before Embed in ``models.clip.mode: fcclip``: FC-CLIP's test resize on a CPU task, so the GPU actor
-    gets ready arrays (the original pixels are not needed after it)."""
-    if cfg.models.clip.mode != "fcclip":
-        return ds
-    from ragseg.stages.fcclip import FcclipPrep
-
-    return add_stage(ds, functools.partial(FcclipPrep, cfg), "fcclip_prep", cfg, actor=False,
-                     batch_size=cfg.ray.images_per_block)
-
-
 def build_graph(cfg: JobConfig, ds):
-    """The Ray Data graph over ``ds``, the pending image rows (a read task's pieces a block)."""
-    from ragseg.stages.decode import DecodeImages, LoadGroundTruth
-    from ragseg.stages.embed import Embed
+    """The Ray Data graph over ``ds``, the pending image rows (a read task's pieces a block): decode,
+    the masks (ground truth, or Grounding DINO + SAM), the embedder (:mod:`ragseg.pipelines.graph`)."""
+    from ragseg.pipelines.graph import apply_stages, decode_stages, embed_stages, proposal_stages
 
-    per_block = cfg.ray.images_per_block
-    ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
-    model = functools.partial(add_stage, cfg=cfg, actor=True, gpu=True,
-                              model_stages=1 if cfg.build_db.masks == "gt" else 3)
-    if cfg.build_db.masks == "gt":
-        ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
-    else:
-        from ragseg.stages.detect import Detect
-        from ragseg.stages.segment import SamPrep, Segment, needs_prep
-
-        ds = model(ds, functools.partial(Detect, cfg), "detect", batch_size=cfg.models.gdino.batch_size)
-        if needs_prep(cfg):  # SAM's input resize on a CPU task: the GPU actor gets ready arrays
-            ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
-        ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block)
-    ds = add_fcclip_prep(ds, cfg)
-    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block)
-    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
+    masks = "gt" if cfg.build_db.masks == "gt" else "gdino-sam"
+    ds = apply_stages(ds, cfg, [*decode_stages(cfg), *proposal_stages(cfg, masks), *embed_stages(cfg)])
+    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)},
+                          batch_size=cfg.ray.images_per_block)
 
 
 def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: bool = False,

@@ -20,11 +20,9 @@ import pyarrow as pa
 from ragseg import io, labels_out, ledger
 from ragseg.config import JobConfig
 from ragseg.errors import UserError, error_text, failed_rows_table
-from ragseg.pipelines.build_db import add_fcclip_prep
 from ragseg.pipelines.common import (
     Executor,
     RunStats,
-    add_stage,
     drain_records,
     empty_record_batch,
     pending_source,
@@ -123,51 +121,29 @@ def adopt_index_embedder(cfg: JobConfig, index_uri: str) -> JobConfig:
 
 
 def build_graph(cfg: JobConfig, ds, vocab):
-    """The Ray Data graph over ``ds``, the pending image rows (a read task's pieces a block)."""
+    """The Ray Data graph over ``ds``, the pending image rows (a read task's pieces a block), as a list
+    of stages (:mod:`ragseg.pipelines.graph`): decode, proposals, embed, classify, merge, write the
+    panoptic PNGs; with ``label.proposals: fcclip`` FC-CLIP's whole test-time path (network, retrieval
+    of every query, ensemble, filter, Mask2Former's panoptic inference) in one actor after its CPU
+    resize: only the panoptic pixels and segments JSON leave it."""
+    from ragseg.pipelines.graph import apply_stages, decode_stages, embed_stages, model, proposal_stages, task
     from ragseg.stages.classify import Classify
-    from ragseg.stages.decode import DecodeImages, LoadGroundTruth
-    from ragseg.stages.embed import Embed
     from ragseg.stages.merge import PanopticMerge
 
     lc = cfg.label
-    per_block = cfg.ray.images_per_block
-    ds = add_stage(ds, functools.partial(DecodeImages, cfg), "decode", cfg, actor=False, batch_size=per_block)
-    n_models = {"gt": 2, "gdino-sam": 4, "sam-grid": 3, "fcclip": 1}[lc.proposals]  # actor stages in this graph
-    model = functools.partial(add_stage, cfg=cfg, actor=True, model_stages=n_models)
+    write = task("write", functools.partial(WritePanoptic, lc.out))
     if lc.proposals == "fcclip":
-        # FC-CLIP's whole test-time path (network, retrieval of every query, ensemble, filter, Mask2Former's
-        # panoptic inference) in one actor: only the panoptic pixels and segments JSON leave it
         from ragseg.stages.fcclip import FcclipLabel, FcclipPrep
 
-        ds = add_stage(ds, functools.partial(FcclipPrep, cfg), "fcclip_prep", cfg, actor=False, batch_size=per_block)
-        ds = model(ds, functools.partial(FcclipLabel, cfg, vocab, lc.index, lc.fallback_index), "fcclip",
-                   batch_size=per_block, gpu=True)
-        ds = add_stage(ds, functools.partial(WritePanoptic, lc.out), "write", cfg, actor=False, batch_size=per_block)
-        return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
-    if lc.proposals == "gt":
-        ds = add_stage(ds, functools.partial(LoadGroundTruth, cfg), "gt", cfg, actor=False, batch_size=per_block)
-    elif lc.proposals == "gdino-sam":
-        from ragseg.stages.detect import Detect
-        from ragseg.stages.segment import SamPrep, Segment, needs_prep
-
-        ds = model(ds, functools.partial(Detect, cfg, vocab=list(vocab.names)), "detect",
-                   batch_size=cfg.models.gdino.batch_size, gpu=True)
-        if needs_prep(cfg):  # SAM's input resize on a CPU task: the GPU actor gets ready arrays
-            ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
-        ds = model(ds, functools.partial(Segment, cfg), "segment", batch_size=per_block, gpu=True)
-    elif lc.proposals == "sam-grid":
-        from ragseg.stages.segment import SamGrid, SamPrep, needs_prep
-
-        if needs_prep(cfg):
-            ds = add_stage(ds, functools.partial(SamPrep, cfg), "sam_prep", cfg, actor=False, batch_size=per_block)
-        ds = model(ds, functools.partial(SamGrid, cfg), "sam_grid", batch_size=per_block, gpu=True)
-    ds = add_fcclip_prep(ds, cfg)
-    ds = model(ds, functools.partial(Embed, cfg), "embed", batch_size=per_block, gpu=True)
-    ds = model(ds, functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), "classify",
-               batch_size=per_block)
-    ds = add_stage(ds, functools.partial(PanopticMerge, cfg, vocab), "merge", cfg, actor=False, batch_size=per_block)
-    ds = add_stage(ds, functools.partial(WritePanoptic, lc.out), "write", cfg, actor=False, batch_size=per_block)
-    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)}, batch_size=per_block)
+        stages = [task("fcclip_prep", functools.partial(FcclipPrep, cfg)),
+                  model("fcclip", functools.partial(FcclipLabel, cfg, vocab, lc.index, lc.fallback_index)), write]
+    else:
+        stages = [*proposal_stages(cfg, lc.proposals, detect_vocab=list(vocab.names)), *embed_stages(cfg),
+                  model("classify", functools.partial(Classify, cfg, vocab, lc.index, lc.fallback_index), gpu=False),
+                  task("merge", functools.partial(PanopticMerge, cfg, vocab)), write]
+    ds = apply_stages(ds, cfg, [*decode_stages(cfg), *stages])
+    return ds.map_batches(select_columns, fn_kwargs={"keep": frozenset(RESULT_COLUMNS)},
+                          batch_size=cfg.ray.images_per_block)
 
 
 class WriteLabelPiece:

@@ -1,5 +1,8 @@
 """Helpers for Ray Data numpy batches shared by every stage: per-row list cells, the ``error``
-column, object columns of ragged values."""
+column, object columns of ragged values, and the row contract (:func:`map_rows`: skip errored rows,
+fill empty outputs, mark a failing row alone), which every model and CPU stage runs through; only
+DecodeImages (its read errors name the URI) and Detect (rows grouped by their prompt vocabulary before
+the batched pass) keep their own loop over the same contract."""
 
 from __future__ import annotations
 
@@ -63,6 +66,31 @@ def object_column(values: list) -> np.ndarray:
     return col
 
 
+def map_rows(batch: dict[str, np.ndarray], stage: str, prepare, run=None, empty=None, log=None
+             ) -> tuple[list, list[str]]:
+    """The row contract every stage follows, in one place. Rows whose ``error`` is set are skipped;
+    ``prepare(i)`` makes row ``i``'s input (an exception marks that row alone, ``"<stage>: <Type>:
+    <msg>"``; None: nothing to compute); ``run(inputs) -> outputs`` computes every prepared row at
+    once, and row by row when that fails, so a failing row is marked alone (:func:`run_batched`;
+    None: the prepared value is the output). Returns (one output per row, ``empty()`` for skipped,
+    empty or failed rows; the ``error`` column as a list)."""
+    from ragseg.errors import error_text
+
+    n = batch_len(batch)
+    errors = errors_of(batch, n)
+    prepared: dict = {}
+    for i in range(n):
+        if errors[i]:
+            continue
+        try:
+            x = prepare(i)
+        except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
+            errors[i] = error_text(stage, e)
+            continue
+        if x is not None:
+            prepared[i] = x
+    done = run_batched(prepared, run, errors, stage, log) if run is not None else prepared
+    return [done[i] if (i in done and not errors[i]) else empty() for i in range(n)], errors
 
 
 def run_batched(prepared: dict, fn, errors: list[str], stage: str, log=None) -> dict:

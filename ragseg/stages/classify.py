@@ -22,7 +22,7 @@ import logging
 import numpy as np
 
 from ragseg.config import EnsembleConfig, JobConfig
-from ragseg.errors import UserError, error_text
+from ragseg.errors import UserError
 from ragseg.scoring import (
     clip_scores,
     ensemble,
@@ -213,37 +213,24 @@ class Classify:
         return q, iv
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"])
-        errors = np.asarray(batch["error"], dtype=object).copy()
-        cols = {k: np.empty(n, dtype=object) for k in OUT_COLUMNS}
-        queries: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        for i in range(n):
-            if not errors[i]:
-                try:
-                    queries[i] = self._query(batch, i)
-                except Exception as e:  # noqa: BLE001 - one bad row never stops the job
-                    errors[i] = error_text(STAGE, e)
-        # one index search for every query of the batch, then split per image
-        hits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        rows = [i for i, (q, _) in queries.items() if q.shape[0]]
-        if self.retriever is not None and rows:
-            sims, labels = self.retriever.search(np.concatenate([queries[i][0] for i in rows]))
-            start = 0
-            for i in rows:
-                stop = start + queries[i][0].shape[0]
-                hits[i] = (sims[start:stop], labels[start:stop])
-                start = stop
-        for i in range(n):
-            out = _empty_outputs()
-            if i in queries and not errors[i]:
-                try:
-                    out = self.score(*queries[i], hits=hits.get(i))
-                except Exception as e:  # noqa: BLE001 - one bad row never stops the job
-                    errors[i] = error_text(STAGE, e)
-                    out = _empty_outputs()
-            for k in OUT_COLUMNS:
-                cols[k][i] = out[k]
+        from ragseg.stages.batch import map_rows, object_column
+
+        outs, errors = map_rows(batch, STAGE, lambda i: self._query(batch, i), self.score_rows, _empty_outputs, log)
         result = dict(batch)
-        result.update(cols)
-        result["error"] = errors
+        result.update({k: object_column([o[k] for o in outs]) for k in OUT_COLUMNS})
+        result["error"] = np.array(errors, dtype=object)
         return result
+
+    def score_rows(self, queries: list[tuple[np.ndarray, np.ndarray | None]]) -> list[dict[str, np.ndarray]]:
+        """Each row's (queries, in-vocabulary logits) -> its output columns; one index search for every
+        query of the rows, then split per image."""
+        hits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        rows = [r for r, (q, _) in enumerate(queries) if q.shape[0]]
+        if self.retriever is not None and rows:
+            sims, labels = self.retriever.search(np.concatenate([queries[r][0] for r in rows]))
+            start = 0
+            for r in rows:
+                stop = start + queries[r][0].shape[0]
+                hits[r] = (sims[start:stop], labels[start:stop])
+                start = stop
+        return [self.score(q, iv, hits=hits.get(r)) for r, (q, iv) in enumerate(queries)]

@@ -19,7 +19,7 @@ from ragseg.io import read_bytes
 from ragseg.masks import SEG_COLUMNS, encode_rle_stats
 from ragseg.sources import register_job_storage_options, register_storage_options
 from ragseg.sources.gt import load_gt_segments
-from ragseg.stages.batch import as_list, batch_len, errors_of, object_column
+from ragseg.stages.batch import as_list, batch_len, errors_of, map_rows, object_column
 
 EMPTY_IMAGE_SHAPE = (0, 0, 3)
 
@@ -124,21 +124,11 @@ class LoadGroundTruth:
         return cols
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = batch_len(batch)
-        errors = errors_of(batch, n)
-        cols: dict[str, list] = {k: [] for k in SEG_COLUMNS}
         keys = ("image_id", "uri", "gt_format", "gt_png_uri", "gt_segments")
-        for i in range(n):
-            res = {k: [] for k in cols}
-            if not errors[i]:
-                row = {k: batch[k][i] for k in keys if k in batch}
-                try:
-                    res = self.segments(row, self._hw(batch, i))
-                except Exception as e:  # noqa: BLE001
-                    errors[i] = error_text(self.stage, e)
-                    res = {k: [] for k in cols}
-            for k in cols:
-                cols[k].append(res[k])
+        res, errors = map_rows(batch, self.stage,
+                               lambda i: self.segments({k: batch[k][i] for k in keys if k in batch}, self._hw(batch, i)),
+                               empty=lambda: {k: [] for k in SEG_COLUMNS})
+        cols = {k: [r[k] for r in res] for k in SEG_COLUMNS}
         out = dict(batch)
         for k, v in cols.items():
             out[k] = object_column(v)

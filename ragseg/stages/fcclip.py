@@ -30,9 +30,9 @@ import math
 import numpy as np
 
 from ragseg.config import JobConfig
-from ragseg.errors import UserError, error_text
+from ragseg.errors import UserError
 from ragseg.fcclip_inference import PostprocessSettings, TestGeometry
-from ragseg.stages.batch import FCCLIP_INPUT, model_inputs, run_batched
+from ragseg.stages.batch import FCCLIP_INPUT, map_rows, model_inputs, object_column
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ def settings(cfg: JobConfig) -> PostprocessSettings:
 
 
 def geometry(cfg: JobConfig) -> TestGeometry:
-    fc = cfg.models.fcclip
-    return TestGeometry(fc.min_size_test, fc.max_size_test, fc.size_divisibility)
+    from ragseg.models.fcclip import test_geometry  # torch: imported where the stage runs
+
+    return test_geometry(cfg.models.fcclip)
 
 
 def uses_retrieval(cfg: JobConfig) -> bool:
@@ -104,19 +105,10 @@ class FcclipPrep:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ragseg.fcclip_inference import prepare_image
-        from ragseg.stages.batch import as_rgb, errors_of, object_column
+        from ragseg.stages.batch import as_rgb, map_rows, object_column
 
-        n = len(batch["image"])
-        errors = errors_of(batch, n)
-        out = []
-        for i in range(n):
-            arr = np.zeros((0, 0, 3), np.uint8)
-            if not errors[i]:
-                try:
-                    arr = prepare_image(as_rgb(batch["image"][i]), self.geometry)[0]
-                except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                    errors[i] = error_text(STAGE, e)
-            out.append(arr)
+        out, errors = map_rows(batch, STAGE, lambda i: prepare_image(as_rgb(batch["image"][i]), self.geometry)[0],
+                               empty=lambda: np.zeros((0, 0, 3), np.uint8))
         res = {k: v for k, v in batch.items() if not (self.drop_image and k == "image")}
         res[FCCLIP_INPUT] = object_column(out)
         res["error"] = np.array(errors, dtype=object)
@@ -165,27 +157,17 @@ class FcclipLabel:
 
     # --------------------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"])
-        errors = [str(e) for e in batch["error"]]
-        prepared: dict[int, tuple[np.ndarray, tuple[int, int] | None]] = {}
-        for i in range(n):
-            if errors[i]:
-                continue
-            try:
-                img, hw = model_inputs(batch, i)
-                if img.ndim not in (2, 3):
-                    raise ValueError(f"image must be HxWx3, got shape {img.shape}")
-                prepared[i] = (img, hw)
-            except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                errors[i] = error_text(STAGE, e)
-        outs = run_batched(prepared, self.label_images, errors, STAGE, log)
+        def prepare(i: int):
+            img, hw = model_inputs(batch, i)
+            if img.ndim not in (2, 3):
+                raise ValueError(f"image must be HxWx3, got shape {img.shape}")
+            return img, hw
+
+        outs, errors = map_rows(batch, STAGE, prepare, self.label_images,
+                                lambda: {"panoptic_png": np.zeros((0, 0, 3), np.uint8), "segments_info": "[]"}, log)
         res = {k: v for k, v in batch.items() if k not in ("image", FCCLIP_INPUT)}
         for k in OUT_COLUMNS:
-            col = np.empty(n, dtype=object)
-            for i in range(n):
-                ok = i in outs and not errors[i]
-                col[i] = outs[i][k] if ok else (np.zeros((0, 0, 3), np.uint8) if k == "panoptic_png" else "[]")
-            res[k] = col
+            res[k] = object_column([o[k] for o in outs])
         res["error"] = np.array(errors, dtype=object)
         return res
 

@@ -19,7 +19,6 @@ import math
 import numpy as np
 
 from ragseg.config import JobConfig, MergeConfig
-from ragseg.errors import error_text
 from ragseg.masks import decode_rle, encode_rle
 from ragseg.panoptic import panoptic_merge, segment_stats, to_png_rgb
 from ragseg.vocab import Vocab
@@ -89,26 +88,17 @@ class PanopticMerge:
         return to_png_rgb(id_map), json.dumps(segment_infos(id_map, segments, self.vocab.ids, sources))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"])
-        errors = np.asarray(batch["error"], dtype=object).copy()
-        pngs = np.empty(n, dtype=object)
-        infos = np.empty(n, dtype=object)
-        for i in range(n):
-            pngs[i] = np.zeros((0, 0, 3), np.uint8)
-            infos[i] = "[]"
-            if errors[i]:
-                continue
-            try:
-                extras = {k: np.asarray(batch[k][i]).reshape(-1) for k in ("s_ret", "s_clip", "s_iv")
-                          if k in batch and batch[k][i] is not None}
-                pngs[i], infos[i] = self.merge_one(self._image_hw(batch, i), list(batch["seg_masks_rle"][i]),
-                                                   batch["seg_class"][i], batch["seg_score"][i], extras)
-            except Exception as e:  # noqa: BLE001 - one bad row never stops the job
-                errors[i] = error_text(STAGE, e)
-                pngs[i] = np.zeros((0, 0, 3), np.uint8)
-                infos[i] = "[]"
+        from ragseg.stages.batch import map_rows, object_column
+
+        def merge(i: int):
+            extras = {k: np.asarray(batch[k][i]).reshape(-1) for k in ("s_ret", "s_clip", "s_iv")
+                      if k in batch and batch[k][i] is not None}
+            return self.merge_one(self._image_hw(batch, i), list(batch["seg_masks_rle"][i]),
+                                  batch["seg_class"][i], batch["seg_score"][i], extras)
+
+        res, errors = map_rows(batch, STAGE, merge, empty=lambda: (np.zeros((0, 0, 3), np.uint8), "[]"))
         out = dict(batch)
-        out["panoptic_png"] = pngs
-        out["segments_info"] = infos
-        out["error"] = errors
+        out["panoptic_png"] = object_column([r[0] for r in res])
+        out["segments_info"] = object_column([r[1] for r in res])
+        out["error"] = np.array(errors, dtype=object)
         return out

@@ -12,9 +12,8 @@ import logging
 import numpy as np
 
 from ragseg.config import JobConfig
-from ragseg.errors import error_text
 from ragseg.masks import SEG_COLUMNS, encode_rle_stats
-from ragseg.stages.batch import as_list, as_rgb, errors_of, object_column, run_batched
+from ragseg.stages.batch import as_list, as_rgb, map_rows, object_column
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +158,8 @@ class SamPrep:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ragseg.models.sam import resize_longest
 
-        n = len(batch["image"]) if "image" in batch else len(batch.get("error", []))
-        errors = errors_of(batch, n)
-        out = []
-        for i in range(n):
-            arr = np.zeros((0, 0, 3), np.uint8)
-            if not errors[i]:
-                try:
-                    arr = resize_longest(as_rgb(batch["image"][i]), self.size)
-                except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                    errors[i] = error_text(STAGE, e)
-            out.append(arr)
+        out, errors = map_rows(batch, STAGE, lambda i: resize_longest(as_rgb(batch["image"][i]), self.size),
+                               empty=lambda: np.zeros((0, 0, 3), np.uint8))
         res = dict(batch)
         res[SAM_INPUT] = object_column(out)
         res["error"] = np.array(errors, dtype=object)
@@ -178,13 +168,13 @@ class SamPrep:
 
 class _SamStage:
     """Shared by Segment and SamGrid: the mask model (``models.sam.family``: segment_anything SAM or SAM
-    2.1, :func:`ragseg.models.sam.load_mask_model`), the batch's images encoded together
+    2.1, :func:`ragseg.models.mask_model.load_mask_model`), the batch's images encoded together
     (``encoder_batch`` per forward pass), then each image's prompts on its slice."""
 
     stage = STAGE
 
     def __init__(self, cfg: JobConfig):
-        from ragseg.models.sam import load_mask_model
+        from ragseg.models.mask_model import load_mask_model
         from ragseg.runtime import select_device
 
         self.cfg = cfg
@@ -211,19 +201,7 @@ class _SamStage:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["image"]) if "image" in batch else len(batch.get("error", []))
-        errors = errors_of(batch, n)
-        prepared = {}
-        for i in range(n):
-            if errors[i]:
-                continue
-            try:
-                prepared[i] = self.prepare_row(batch, i)
-            except Exception as e:  # noqa: BLE001 - one bad row never stops the batch
-                log.warning("%s failed on a row: %s", self.stage, e)
-                errors[i] = error_text(self.stage, e)
-        done = run_batched(prepared, self.run_rows, errors, self.stage, log)
-        rows = [done.get(i, _empty_row()) if not errors[i] else _empty_row() for i in range(n)]
+        rows, errors = map_rows(batch, self.stage, lambda i: self.prepare_row(batch, i), self.run_rows, _empty_row, log)
         out = {k: v for k, v in batch.items() if k != SAM_INPUT}  # the resized copy goes no further
         for col in SEG_COLUMNS:
             out[col] = object_column([r[col] for r in rows])

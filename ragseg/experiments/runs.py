@@ -153,21 +153,9 @@ def _pqrow(res: dict) -> dict:
 # ==============================================================================================
 # domain-shift
 # ==============================================================================================
-def run_domain_shift(ctx: Context, out: str) -> dict:
-    from ragseg.experiments.stats import mmd_rbf
-
-    c = ctx.cfg.experiment.domain_shift
-    d = pick(ctx.sets, c.dataset, "domain-shift")
-    cfg = ctx.with_label(proposals="gt")  # ground-truth segments, classified three ways
-    r = ctx.rescorer(d, full=True, cfg=cfg)
-    vocab = ctx.vocab(d)
-    idx = ctx.index_of(d)
-    nb = ctx.neighbours(r, idx, "masked")
-    nb_full = ctx.neighbours(r, idx, "full")
-    ens = cfg.label.ensemble
-    merge = cfg.label.merge
-    true = vocab.indices_of(r.fs.labels) if r.fs.n_proposals else np.zeros(0, np.int64)
-    ways = [
+def _domain_shift_ways(ens: EnsembleConfig, nb: fc.Neighbours, nb_full: fc.Neighbours) -> list[tuple]:
+    """The four ways ground-truth segments are classified: (key, description, ensemble, retrieval, queries)."""
+    return [
         ("clip-full", "CLIP on the unmasked box crop", _ens(ens, scores="clip"), Retrieval(None), "full"),
         ("clip-masked", "CLIP on the masked segment", _ens(ens, scores="clip"), Retrieval(None), "masked"),
         ("retrieval-masked", "retrieval: masked query vs masked keys", _ens(ens, scores="retrieval"),
@@ -175,6 +163,10 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         ("retrieval-full-query", "retrieval: full-crop query vs masked keys", _ens(ens, scores="retrieval"),
          Retrieval(nb_full), "full"),
     ]
+
+
+def _classify_ways(r: Rescorer, ways: list[tuple], true: np.ndarray, vocab, merge) -> tuple[list[list], dict]:
+    """Accuracy and PQ of each way: (table rows, results by way key)."""
     rows, results = [], {}
     for key, desc, e, ret, queries in ways:
         dec = r.decide(e, ret, queries)
@@ -190,11 +182,15 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         results[key] = {"description": desc, "top1": top1, "mean_class_accuracy": mca, "per_class_accuracy": per_class,
                         **_pqrow(res), "per_class_pq": {p["name"]: p["pq"] for p in res["per_class"] if p["present"]}}
         rows.append([desc, 100 * top1, 100 * mca, res["All"]["pq"], res["Things"]["pq"], res["Stuff"]["pq"]])
+    return rows, results
 
-    # the shift itself: per-class MMD between full-crop and masked features (+ a masked-vs-masked null)
+
+def _mmd_shift(full: np.ndarray, masked: np.ndarray, true: np.ndarray, vocab, c) -> tuple[list[list], dict, dict | None]:
+    """The shift itself: per-class MMD between full-crop and masked features (+ a masked-vs-masked null),
+    and over all classes: (table rows, per class, overall or None)."""
+    from ragseg.experiments.stats import mmd_rbf
+
     rng = np.random.default_rng(c.seed)
-    full = np.asarray(r.fs.full, np.float32)
-    masked = np.asarray(r.fs.queries, np.float32)
     mmd_rows, mmd = [], {}
     for ci in np.unique(true[true >= 0]):
         sel = np.flatnonzero(true == ci)
@@ -217,18 +213,11 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         overall = {"mmd2": m2, "sigma": sigma, "null_mmd2": null, "n": int(len(everything))}
         mmd_rows.append(["(all classes)", len(everything), m2, null, sigma,
                          float(np.mean(np.sum(full[everything] * masked[everything], axis=1)))])
+    return mmd_rows, mmd, overall
 
-    rep = Report(out, "domain-shift", ctx.provenance({d.name: db_label(nb)}, [c.seed],
-                                                    dataset=d.name, cache=r.fs.uri))
-    rep.note(f"Dataset {d.name}: {r.fs.n_images} images, {int((true >= 0).sum())} ground-truth segments "
-             f"(label.proposals=gt), classified by CLIP text scores (T={ens.clip_temperature}) or retrieval "
-             f"(k={ens.k}, T={ens.retrieval_temperature}). 'Masked' is the feature the DB holds "
-             f"(models.clip.mode={cfg.models.clip.mode}); 'full' is CLIP on the unmasked padded box crop.")
-    rep.table("Segment classification", ["method", "top-1 %", "mean class acc %", "PQ", "PQ things", "PQ stuff"], rows)
-    rep.table("Masked-feature shift: MMD^2 (RBF kernel, median-heuristic bandwidth) between full-crop and masked "
-              "features per class; null = MMD^2 between two halves of the masked features",
-              ["class", "segments", "MMD^2 full vs masked", "MMD^2 null", "sigma", "mean cos(full, masked)"],
-              mmd_rows, digits=4)
+
+def _domain_shift_figures(rep: Report, ways: list[tuple], results: dict, mmd: dict, name: str) -> None:
+    """The classification bar chart and, when there is a per-class MMD, its bar chart."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = np.arange(len(ways))
@@ -241,7 +230,7 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
              "retrieval-full-query": "retrieval\nfull-crop query, masked keys"}
     ax.set_xticks(xs, [short[w[0]] for w in ways], fontsize=7)
     ax.set_ylabel("%")
-    ax.set_title(f"Domain shift on {d.name}")
+    ax.set_title(f"Domain shift on {name}")
     ax.legend(fontsize=7)
     rep.figure(fig, "classification", "Ground-truth segments classified four ways")
     if mmd:
@@ -255,6 +244,38 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         ax.set_title("Per-class MMD^2 between full-crop and masked CLIP features")
         ax.legend(fontsize=7)
         rep.figure(fig, "mmd", "Per-class MMD (RBF, median heuristic)")
+
+
+def run_domain_shift(ctx: Context, out: str) -> dict:
+    c = ctx.cfg.experiment.domain_shift
+    d = pick(ctx.sets, c.dataset, "domain-shift")
+    cfg = ctx.with_label(proposals="gt")  # ground-truth segments, classified three ways
+    r = ctx.rescorer(d, full=True, cfg=cfg)
+    vocab = ctx.vocab(d)
+    idx = ctx.index_of(d)
+    nb = ctx.neighbours(r, idx, "masked")
+    nb_full = ctx.neighbours(r, idx, "full")
+    ens = cfg.label.ensemble
+    merge = cfg.label.merge
+    true = vocab.indices_of(r.fs.labels) if r.fs.n_proposals else np.zeros(0, np.int64)
+    ways = _domain_shift_ways(ens, nb, nb_full)
+    rows, results = _classify_ways(r, ways, true, vocab, merge)
+    full = np.asarray(r.fs.full, np.float32)
+    masked = np.asarray(r.fs.queries, np.float32)
+    mmd_rows, mmd, overall = _mmd_shift(full, masked, true, vocab, c)
+
+    rep = Report(out, "domain-shift", ctx.provenance({d.name: db_label(nb)}, [c.seed],
+                                                    dataset=d.name, cache=r.fs.uri))
+    rep.note(f"Dataset {d.name}: {r.fs.n_images} images, {int((true >= 0).sum())} ground-truth segments "
+             f"(label.proposals=gt), classified by CLIP text scores (T={ens.clip_temperature}) or retrieval "
+             f"(k={ens.k}, T={ens.retrieval_temperature}). 'Masked' is the feature the DB holds "
+             f"(models.clip.mode={cfg.models.clip.mode}); 'full' is CLIP on the unmasked padded box crop.")
+    rep.table("Segment classification", ["method", "top-1 %", "mean class acc %", "PQ", "PQ things", "PQ stuff"], rows)
+    rep.table("Masked-feature shift: MMD^2 (RBF kernel, median-heuristic bandwidth) between full-crop and masked "
+              "features per class; null = MMD^2 between two halves of the masked features",
+              ["class", "segments", "MMD^2 full vs masked", "MMD^2 null", "sigma", "mean cos(full, masked)"],
+              mmd_rows, digits=4)
+    _domain_shift_figures(rep, ways, results, mmd, d.name)
     emb = _embedding_plot(rep, full, masked, true, vocab, c, d.name)
     return rep.write(TITLES["domain-shift"], {"dataset": d.name, "methods": results, "mmd": mmd,
                                               "mmd_overall": overall, "embedding": emb})

@@ -392,45 +392,24 @@ def run_db_size(ctx: Context, out: str) -> dict:
 # ==============================================================================================
 # coverage
 # ==============================================================================================
-def run_coverage(ctx: Context, out: str) -> dict:
-    from ragseg.experiments.derive import db_labels, derived_index, labels_in
-    from ragseg.experiments.stats import mean_std
-
-    c = ctx.cfg.experiment.coverage
-    d = pick(ctx.sets, c.dataset, "coverage")
-    if not d.db:
-        raise UserError(f"coverage needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
-    r = ctx.rescorer(d)
-    vocab = ctx.vocab(d)
-    labels = db_labels(d.db)
-    present = sorted({int(i) for i in vocab.indices_of(np.unique(labels.astype(str))) if i >= 0})
-    nb_fb = ctx.neighbours(r, d.fallback_index) if d.fallback_index else None
-    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
+def _coverage_jobs(seeds: Iterable[int], fractions: Iterable[float], present: list[int]) -> list[tuple]:
+    """(seed, fraction, covered class indices) of each class subset: a seeded permutation's first share."""
     jobs = []
-    for seed in c.seeds:
+    for seed in seeds:
         perm = np.random.default_rng(seed).permutation(present)
-        for f in sorted(set(c.fractions)):
+        for f in sorted(set(fractions)):
             m = int(round(f * len(present)))
             if m == 0:
                 continue
             covered = sorted(int(x) for x in perm[:m])
             jobs.append((seed, f, covered))
-    points = []
-    for seed, f, covered in track(jobs, len(jobs), "coverage: class subsets (build-index + re-score)", ctx.progress):
-        names = [vocab.names[i] for i in covered]
-        info = derived_index(ctx.cfg, d.db, {"kind": "classes", "classes": names}, labels_in(vocab, set(covered)))
-        nb = ctx.neighbours(r, info["index"])
-        cov = set(names)
-        unc = {vocab.names[i] for i in range(len(vocab)) if vocab.names[i] not in cov}
-        for use_fb in ([False, True] if nb_fb is not None else [False]):
-            res = r.evaluate(ens, Retrieval(nb, nb_fb if use_fb else None), merge)
-            pc = class_subset_pq(res, cov)
-            pu = class_subset_pq(res, unc)
-            points.append({"seed": seed, "fraction": f, "covered": sorted(cov), "uncovered": sorted(unc),
-                           "fallback": use_fb, **_pqrow(res), "pq_covered": pc["pq"], "pq_uncovered": pu["pq"],
-                           "n_covered": pc["n"], "n_uncovered": pu["n"],
-                           "per_class": {p["name"]: p["pq"] for p in res["per_class"] if p["present"]},
-                           "index": f"{info['index']}@{info['version']}"})
+    return jobs
+
+
+def _coverage_summary(points: list[dict]) -> list[dict]:
+    """Mean and std over seeds of PQ (all, covered, uncovered) per coverage fraction and fallback use."""
+    from ragseg.experiments.stats import mean_std
+
     summary = []
     for f in sorted({p["fraction"] for p in points}):
         for fb in sorted({p["fallback"] for p in points}):
@@ -439,21 +418,11 @@ def run_coverage(ctx: Context, out: str) -> dict:
             for k in ("pq", "pq_covered", "pq_uncovered"):
                 row[k + "_mean"], row[k + "_std"] = mean_std([p[k] for p in pts])
             summary.append(row)
-    dbs = {d.name: f"{d.db} ({len(labels)} segments), class subsets"}
-    if nb_fb is not None:
-        dbs["fallback"] = db_label(nb_fb)
-    rep = Report(out, "coverage", ctx.provenance(dbs, list(c.seeds), dataset=d.name))
-    rep.note(f"The primary DB keeps only the segments of a seeded subset of the {len(present)} classes it holds "
-             f"(each subset indexed by build_index); uncovered classes can only come from CLIP or, with the "
-             f"fallback, from the fallback DB (label.fallback_index semantics: its neighbours vote only for "
-             f"classes the primary lacks). PQ means over the covered / uncovered classes present in the ground truth.")
-    rep.table("PQ by coverage (mean ± std over seeds)",
-              ["coverage", "fallback", "PQ all", "±", "PQ covered", "±", "PQ uncovered", "±", "runs"],
-              [[f"{100 * s['fraction']:.0f}%", s["fallback"], s["pq_mean"], s["pq_std"], s["pq_covered_mean"],
-                s["pq_covered_std"], s["pq_uncovered_mean"], s["pq_uncovered_std"], s["runs"]] for s in summary])
-    rep.table("Every run", ["seed", "coverage", "fallback", "PQ", "PQ covered", "PQ uncovered", "uncovered classes"],
-              [[p["seed"], f"{100 * p['fraction']:g}%", p["fallback"], p["pq"], p["pq_covered"], p["pq_uncovered"],
-                ", ".join(p["uncovered"])] for p in points])
+    return summary
+
+
+def _coverage_plot(rep: Report, summary: list[dict], name: str) -> None:
+    """PQ of covered and uncovered classes against coverage, with and without the fallback DB."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {(False, "pq_covered"): ("C0", "-", "covered, no fallback"),
@@ -471,9 +440,58 @@ def run_coverage(ctx: Context, out: str) -> dict:
         ax.fill_between(xs, mu - sd, mu + sd, color=col, alpha=0.12)
     ax.set_xlabel("classes covered by the primary DB (%)")
     ax.set_ylabel("PQ")
-    ax.set_title(f"Coverage on {d.name}")
+    ax.set_title(f"Coverage on {name}")
     ax.legend(fontsize=7)
     rep.figure(fig, "coverage", "PQ of covered and uncovered classes, with and without the fallback DB")
+
+
+def run_coverage(ctx: Context, out: str) -> dict:
+    from ragseg.experiments.derive import db_labels, derived_index, labels_in
+
+    c = ctx.cfg.experiment.coverage
+    d = pick(ctx.sets, c.dataset, "coverage")
+    if not d.db:
+        raise UserError(f"coverage needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    r = ctx.rescorer(d)
+    vocab = ctx.vocab(d)
+    labels = db_labels(d.db)
+    present = sorted({int(i) for i in vocab.indices_of(np.unique(labels.astype(str))) if i >= 0})
+    nb_fb = ctx.neighbours(r, d.fallback_index) if d.fallback_index else None
+    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
+    jobs = _coverage_jobs(c.seeds, c.fractions, present)
+    points = []
+    for seed, f, covered in track(jobs, len(jobs), "coverage: class subsets (build-index + re-score)", ctx.progress):
+        names = [vocab.names[i] for i in covered]
+        info = derived_index(ctx.cfg, d.db, {"kind": "classes", "classes": names}, labels_in(vocab, set(covered)))
+        nb = ctx.neighbours(r, info["index"])
+        cov = set(names)
+        unc = {vocab.names[i] for i in range(len(vocab)) if vocab.names[i] not in cov}
+        for use_fb in ([False, True] if nb_fb is not None else [False]):
+            res = r.evaluate(ens, Retrieval(nb, nb_fb if use_fb else None), merge)
+            pc = class_subset_pq(res, cov)
+            pu = class_subset_pq(res, unc)
+            points.append({"seed": seed, "fraction": f, "covered": sorted(cov), "uncovered": sorted(unc),
+                           "fallback": use_fb, **_pqrow(res), "pq_covered": pc["pq"], "pq_uncovered": pu["pq"],
+                           "n_covered": pc["n"], "n_uncovered": pu["n"],
+                           "per_class": {p["name"]: p["pq"] for p in res["per_class"] if p["present"]},
+                           "index": f"{info['index']}@{info['version']}"})
+    summary = _coverage_summary(points)
+    dbs = {d.name: f"{d.db} ({len(labels)} segments), class subsets"}
+    if nb_fb is not None:
+        dbs["fallback"] = db_label(nb_fb)
+    rep = Report(out, "coverage", ctx.provenance(dbs, list(c.seeds), dataset=d.name))
+    rep.note(f"The primary DB keeps only the segments of a seeded subset of the {len(present)} classes it holds "
+             f"(each subset indexed by build_index); uncovered classes can only come from CLIP or, with the "
+             f"fallback, from the fallback DB (label.fallback_index semantics: its neighbours vote only for "
+             f"classes the primary lacks). PQ means over the covered / uncovered classes present in the ground truth.")
+    rep.table("PQ by coverage (mean ± std over seeds)",
+              ["coverage", "fallback", "PQ all", "±", "PQ covered", "±", "PQ uncovered", "±", "runs"],
+              [[f"{100 * s['fraction']:.0f}%", s["fallback"], s["pq_mean"], s["pq_std"], s["pq_covered_mean"],
+                s["pq_covered_std"], s["pq_uncovered_mean"], s["pq_uncovered_std"], s["runs"]] for s in summary])
+    rep.table("Every run", ["seed", "coverage", "fallback", "PQ", "PQ covered", "PQ uncovered", "uncovered classes"],
+              [[p["seed"], f"{100 * p['fraction']:g}%", p["fallback"], p["pq"], p["pq_covered"], p["pq_uncovered"],
+                ", ".join(p["uncovered"])] for p in points])
+    _coverage_plot(rep, summary, d.name)
     return rep.write(TITLES["coverage"], {"dataset": d.name, "classes": [vocab.names[i] for i in present],
                                           "points": points, "summary": summary})
 

@@ -499,6 +499,53 @@ def run_coverage(ctx: Context, out: str) -> dict:
 # ==============================================================================================
 # sweep
 # ==============================================================================================
+def _sweep_pq(ctx: Context, sets: dict[str, tuple], names: list[str], grid: list[tuple]) -> tuple[dict, dict]:
+    """PQ of every grid point on each dataset, re-scored from the cache, and the re-scoring cost:
+    (dataset -> PQ per point, dataset -> timing)."""
+    ens0 = ctx.cfg.label.ensemble
+    pq = {name: np.zeros(len(grid)) for name in sets}
+    timing = {}
+    for name, (_d, r, ret) in sets.items():
+        t0 = time.perf_counter()
+        merges0 = r.merges
+        for j, point in track(list(enumerate(grid)), len(grid), f"sweep on {name}: {len(grid)} points", ctx.progress):
+            e = _ens(ens0, scores="ensemble", **dict(zip(names, point)))
+            pq[name][j] = r.evaluate(e, ret, ctx.cfg.label.merge)["All"]["pq"]
+        sec = time.perf_counter() - t0
+        timing[name] = {"points": len(grid), "seconds": sec, "proposals": r.fs.n_proposals,
+                        "images": r.fs.n_images, "proposals_per_second_per_point": r.fs.n_proposals * len(grid) / sec,
+                        "merges_computed": r.merges - merges0, "merges_possible": r.fs.n_images * len(grid)}
+    return pq, timing
+
+
+def _sweep_heatmaps(rep: Report, axes: dict[str, list], grid: list[tuple], pq: dict[str, np.ndarray],
+                    datasets: tuple[str, str], best_a: dict, paper: dict) -> None:
+    """One PQ heat map per pair of swept axes (max over the other axes), on the tune and apply datasets,
+    marking the tune set's best point and the paper's."""
+    names = list(axes)
+    swept = [n for n in names if len(axes[n]) > 1]
+    plt = _plt()
+    for a1, a2 in itertools.combinations(swept, 2):
+        fig, axs = plt.subplots(1, 2, figsize=(10, 4.2))
+        for ax, name in zip(axs, datasets):
+            mat = np.full((len(axes[a1]), len(axes[a2])), -np.inf)
+            for j, p in enumerate(grid):
+                pd = dict(zip(names, p))
+                i1, i2 = axes[a1].index(pd[a1]), axes[a2].index(pd[a2])
+                mat[i1, i2] = max(mat[i1, i2], pq[name][j])
+            im = ax.imshow(mat, origin="lower", aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(axes[a2])), [f"{v:g}" for v in axes[a2]], fontsize=7)
+            ax.set_yticks(range(len(axes[a1])), [f"{v:g}" for v in axes[a1]], fontsize=7)
+            ax.set_xlabel(a2)
+            ax.set_ylabel(a1)
+            ax.set_title(f"PQ on {name} (max over the other axes)", fontsize=9)
+            for mark, pt, col in (("*", best_a, "r"), ("s", paper, "w")):
+                ax.plot(axes[a2].index(pt[a2]), axes[a1].index(pt[a1]), mark, color=col, ms=9, mfc="none")
+            fig.colorbar(im, ax=ax)
+        fig.suptitle(f"{a1} x {a2}: red * best on {datasets[0]}, white square the paper's point", fontsize=9)
+        rep.figure(fig, f"heatmap_{a1}_{a2}", f"PQ heat map over {a1} x {a2}")
+
+
 def run_sweep(ctx: Context, out: str) -> dict:
     c = ctx.cfg.experiment.sweep
     ens0 = ctx.cfg.label.ensemble
@@ -523,18 +570,7 @@ def run_sweep(ctx: Context, out: str) -> dict:
     names = list(axes)
     grid = list(itertools.product(*(axes[n] for n in names)))
     paper = {"alpha": 0.4, "beta": 0.7, "gamma": 0.3, "k": ens0.k, "retrieval_temperature": ens0.retrieval_temperature}
-    pq = {name: np.zeros(len(grid)) for name in sets}
-    timing = {}
-    for name, (_d, r, ret) in sets.items():
-        t0 = time.perf_counter()
-        merges0 = r.merges
-        for j, point in track(list(enumerate(grid)), len(grid), f"sweep on {name}: {len(grid)} points", ctx.progress):
-            e = _ens(ens0, scores="ensemble", **dict(zip(names, point)))
-            pq[name][j] = r.evaluate(e, ret, ctx.cfg.label.merge)["All"]["pq"]
-        sec = time.perf_counter() - t0
-        timing[name] = {"points": len(grid), "seconds": sec, "proposals": r.fs.n_proposals,
-                        "images": r.fs.n_images, "proposals_per_second_per_point": r.fs.n_proposals * len(grid) / sec,
-                        "merges_computed": r.merges - merges0, "merges_possible": r.fs.n_images * len(grid)}
+    pq, timing = _sweep_pq(ctx, sets, names, grid)
     ia = int(np.argmax(pq[A.name]))
     ib = int(np.argmax(pq[B.name]))
     ip = grid.index(tuple(paper[n] for n in names))
@@ -571,27 +607,7 @@ def run_sweep(ctx: Context, out: str) -> dict:
                                   "merges computed / possible"],
               [[n, t["points"], t["seconds"], t["proposals"], t["proposals_per_second_per_point"],
                 f"{t['merges_computed']} / {t['merges_possible']}"] for n, t in timing.items()])
-    swept = [n for n in names if len(axes[n]) > 1]
-    plt = _plt()
-    for a1, a2 in itertools.combinations(swept, 2):
-        fig, axs = plt.subplots(1, 2, figsize=(10, 4.2))
-        for ax, name in zip(axs, (A.name, B.name)):
-            mat = np.full((len(axes[a1]), len(axes[a2])), -np.inf)
-            for j, p in enumerate(grid):
-                pd = dict(zip(names, p))
-                i1, i2 = axes[a1].index(pd[a1]), axes[a2].index(pd[a2])
-                mat[i1, i2] = max(mat[i1, i2], pq[name][j])
-            im = ax.imshow(mat, origin="lower", aspect="auto", cmap="viridis")
-            ax.set_xticks(range(len(axes[a2])), [f"{v:g}" for v in axes[a2]], fontsize=7)
-            ax.set_yticks(range(len(axes[a1])), [f"{v:g}" for v in axes[a1]], fontsize=7)
-            ax.set_xlabel(a2)
-            ax.set_ylabel(a1)
-            ax.set_title(f"PQ on {name} (max over the other axes)", fontsize=9)
-            for mark, pt, col in (("*", best_a, "r"), ("s", paper, "w")):
-                ax.plot(axes[a2].index(pt[a2]), axes[a1].index(pt[a1]), mark, color=col, ms=9, mfc="none")
-            fig.colorbar(im, ax=ax)
-        fig.suptitle(f"{a1} x {a2}: red * best on {A.name}, white square the paper's point", fontsize=9)
-        rep.figure(fig, f"heatmap_{a1}_{a2}", f"PQ heat map over {a1} x {a2}")
+    _sweep_heatmaps(rep, axes, grid, pq, (A.name, B.name), best_a, paper)
     return rep.write(TITLES["sweep"], res)
 
 

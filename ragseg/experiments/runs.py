@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -632,104 +632,100 @@ def _pool_examples(pool_json: str, vocab, xi: int, min_area: int, seed: int) -> 
     return [out[i] for i in order]
 
 
-def run_vocab_add(ctx: Context, out: str) -> dict:
-    from ragseg import ledger
-    from ragseg.config import SourceConfig
-    from ragseg.db import KIND as DB_KIND
-    from ragseg.experiments.derive import index_cfg, write_subset_db
-    from ragseg.index.build import build_index, refresh_index
-    from ragseg.pipelines.build_db import run_build_db
-
-    c = ctx.cfg.experiment.vocab_add
-    d = pick(ctx.sets, c.dataset, "vocab-add")
-    if not d.db:
-        raise UserError(f"vocab-add needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
-    vocab = ctx.vocab(d)
-    x_name = c.class_name or next(n for n, t in zip(vocab.names, vocab.isthing) if t)
+def _vocab_add_class(class_name: str | None, vocab, vocab_uri: str) -> tuple[str, int]:
+    """The class to add (the configured one, else the vocabulary's first thing) and its vocabulary index."""
+    x_name = class_name or next(n for n, t in zip(vocab.names, vocab.isthing) if t)
     xi = vocab.index_of(x_name)
     if xi is None:
-        raise UserError(f"vocab-add class {x_name!r} is not in the vocabulary {d.vocab}")
-    pool = c.pool or (SourceConfig.model_validate(ctx.extras["pool"]) if ctx.extras.get("pool") else None)
-    if pool is None:
-        raise UserError("vocab-add needs experiment.vocab_add.pool: new images with panoptic ground truth")
-    pool_json, _ = gt_paths(pool)
-    r = ctx.rescorer(d)
-    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
-    work = io.join(out, "work")
+        raise UserError(f"vocab-add class {x_name!r} is not in the vocabulary {vocab_uri}")
+    return x_name, xi
+
+
+def _base_without_class(ctx: Context, source_db: str, work: str, vocab, xi: int) -> tuple[str, str, dict, float]:
+    """A fresh ``work`` folder holding a copy of ``source_db`` without class ``xi`` and its index:
+    (db, index, write_subset_db's counts, seconds to the published index)."""
+    from ragseg.experiments.derive import index_cfg, write_subset_db
+    from ragseg.index.build import build_index
+
     if io.exists(work):
         io.remove(work, recursive=True)
     db, index = io.join(work, "db"), io.join(work, "index")
     t0 = time.perf_counter()
-    base = write_subset_db(d.db, db, lambda _s, t: vocab.indices_of(
+    base = write_subset_db(source_db, db, lambda _s, t: vocab.indices_of(
         np.asarray(t.column("label").cast("string").to_pylist(), dtype=object)) != xi)
     build_index(db, index_cfg(ctx.cfg, index))
-    base_seconds = time.perf_counter() - t0
+    return db, index, base, time.perf_counter() - t0
+
+
+def _checked_examples(ctx: Context, db: str, source_db: str, pool_json: str, vocab, xi: int, x_name: str,
+                      seed: int, counts: list[int]) -> list[tuple[dict, list[dict]]]:
+    """The pool's examples of the class (:func:`_pool_examples`), after checking that no pool image is
+    already in the DB and that the pool has as many segments as the largest count asks for."""
+    from ragseg import ledger
+    from ragseg.db import KIND as DB_KIND
+
     covered = set(ledger.load(db, DB_KIND).covered_image_ids().to_pylist())
-    examples = _pool_examples(pool_json, vocab, xi, ctx.cfg.build_db.min_segment_area, c.seed)
+    examples = _pool_examples(pool_json, vocab, xi, ctx.cfg.build_db.min_segment_area, seed)
     clash = [im["file_name"] for im, _ in examples
              if str(im["file_name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0] in covered]
     if clash:
-        raise UserError(f"vocab-add: pool images {clash[:3]} are already in the DB {d.db}; use new images")
+        raise UserError(f"vocab-add: pool images {clash[:3]} are already in the DB {source_db}; use new images")
     available = sum(len(s) for _, s in examples)
-    counts = sorted({n for n in c.counts if n > 0})
     if counts and counts[-1] > available:
         raise UserError(f"vocab-add: the pool {pool_json} has {available} usable {x_name!r} segments, "
                         f"counts ask for {counts[-1]}")
-    doc = io.read_json(pool_json)
+    return examples
 
-    def point(n: int, info: dict) -> dict:
-        nb = ctx.neighbours(r, index)
-        res = r.evaluate(ens, Retrieval(nb), merge)
-        per = {p["name"]: p["pq"] for p in res["per_class"] if p["present"]}
-        x_pq = next((p["pq"] for p in res["per_class"] if vocab.index_of(p["name"]) == xi and p["present"]), None)
-        others = [v for k, v in per.items() if vocab.index_of(k) != xi]
-        x_in_db = sum(1 for lab in nb.labels_vocab if vocab.index_of(lab) == xi)
-        return {"n": n, "pq_x": x_pq, "pq_others_mean": float(np.mean(others)) if others else None, **_pqrow(res),
-                "per_class": per, "index": f"{index}@{nb.version}", "index_count": nb.count,
-                "x_label_in_index": bool(x_in_db), **info}
 
-    steps = [point(0, {"build_db_seconds": None, "refresh_seconds": None, "seconds_to_published_index": base_seconds,
-                       "new_images": 0, "mode": "base build (DB without the class)"})]
-    chosen_images, chosen_anns, total = [], [], 0
-    it = iter(examples)
-    for n in track(counts, len(counts), f"vocab-add: {x_name} examples (build-db + refresh)", ctx.progress):
-        new = 0
-        while total < n:
-            im, segs = next(it)
-            take = segs[: n - total]
-            chosen_images.append(im)
-            chosen_anns.append({"image_id": im["id"], "file_name": _ann_file(doc, im["id"]), "segments_info": take})
-            total += len(take)
-            new += 1
-        step_json = io.join(work, f"pool_{n}.json")
-        io.write_json_atomic(step_json, {"images": chosen_images, "annotations": chosen_anns,
-                                         "categories": doc["categories"]})
-        src = pool.model_copy(update={"annotations": step_json})
-        t1 = time.perf_counter()
-        run_build_db(JobConfig.model_validate(deep_merge(ctx.cfg.model_dump(mode="json"), {
-            "source": src.model_dump(mode="json"), "build_db": {"out": db, "masks": "gt"}})))
-        t2 = time.perf_counter()
-        ref = refresh_index(db, index_cfg(ctx.cfg, index))
-        t3 = time.perf_counter()
-        steps.append(point(n, {"build_db_seconds": t2 - t1, "refresh_seconds": t3 - t2,
-                               "seconds_to_published_index": t3 - t1, "new_images": new,
-                               "mode": ref.get("mode"), "retrain_reason": ref.get("retrain_reason")}))
-    rep = Report(out, "vocab-add", ctx.provenance({d.name: f"{d.db} without {x_name!r} ({base['rows']} segments), "
-                                                           f"then + N via build-db + refresh into {index}"},
-                                                  [c.seed], dataset=d.name, class_name=x_name))
-    rep.note(f"Class {x_name!r}: its {base['source_rows'] - base['rows']} segments are removed from {d.db}; then N of "
-             f"its examples from new pool images ({pool_json}, only their {x_name!r} segments labelled) go through "
-             f"`build-db` (ground-truth masks) into that DB and `refresh` publishes a new index version. Time = "
-             f"build-db + refresh, from the new images to a published index. Re-scored from the feature cache.")
-    others = [nm for nm in vocab.names if vocab.index_of(nm) != xi]
-    rep.table(f"PQ on {x_name!r} and on the other classes as N grows",
-              ["N", f"PQ {x_name}", "PQ others (mean)", "PQ all", "new images", "build-db s", "refresh s",
-               "to published index s", "refresh", "index"],
-              [[s["n"], s["pq_x"], s["pq_others_mean"], s["pq"], s["new_images"], s["build_db_seconds"],
-                s["refresh_seconds"], s["seconds_to_published_index"],
-                s.get("retrain_reason") or ("incremental" if s["n"] else "-"), s["index"]] for s in steps])
-    rep.table("PQ per class", ["N"] + list(vocab.names),
-              [[s["n"]] + [s["per_class"].get(nm) for nm in vocab.names] for s in steps])
+def _vocab_add_point(ctx: Context, r: Rescorer, index: str, vocab, xi: int, n: int, info: dict) -> dict:
+    """PQ on the added class, on the others and overall with the index's current version, after ``n`` examples."""
+    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
+    nb = ctx.neighbours(r, index)
+    res = r.evaluate(ens, Retrieval(nb), merge)
+    per = {p["name"]: p["pq"] for p in res["per_class"] if p["present"]}
+    x_pq = next((p["pq"] for p in res["per_class"] if vocab.index_of(p["name"]) == xi and p["present"]), None)
+    others = [v for k, v in per.items() if vocab.index_of(k) != xi]
+    x_in_db = sum(1 for lab in nb.labels_vocab if vocab.index_of(lab) == xi)
+    return {"n": n, "pq_x": x_pq, "pq_others_mean": float(np.mean(others)) if others else None, **_pqrow(res),
+            "per_class": per, "index": f"{index}@{nb.version}", "index_count": nb.count,
+            "x_label_in_index": bool(x_in_db), **info}
+
+
+def _take_examples(examples: Iterator[tuple[dict, list[dict]]], n: int, total: int, doc: dict,
+                   chosen_images: list[dict], chosen_anns: list[dict]) -> tuple[int, int]:
+    """Append pool images (and their class segments) to ``chosen_images`` / ``chosen_anns`` until ``n``
+    segments are chosen: (segments chosen, images added)."""
+    new = 0
+    while total < n:
+        im, segs = next(examples)
+        take = segs[: n - total]
+        chosen_images.append(im)
+        chosen_anns.append({"image_id": im["id"], "file_name": _ann_file(doc, im["id"]), "segments_info": take})
+        total += len(take)
+        new += 1
+    return total, new
+
+
+def _build_and_refresh(ctx: Context, pool, step_json: str, db: str, index: str) -> dict:
+    """``build-db`` (ground-truth masks) of the pool images in ``step_json`` into ``db``, then ``refresh``
+    of its index: the timings and the refresh's mode."""
+    from ragseg.experiments.derive import index_cfg
+    from ragseg.index.build import refresh_index
+    from ragseg.pipelines.build_db import run_build_db
+
+    src = pool.model_copy(update={"annotations": step_json})
+    t1 = time.perf_counter()
+    run_build_db(JobConfig.model_validate(deep_merge(ctx.cfg.model_dump(mode="json"), {
+        "source": src.model_dump(mode="json"), "build_db": {"out": db, "masks": "gt"}})))
+    t2 = time.perf_counter()
+    ref = refresh_index(db, index_cfg(ctx.cfg, index))
+    t3 = time.perf_counter()
+    return {"build_db_seconds": t2 - t1, "refresh_seconds": t3 - t2, "seconds_to_published_index": t3 - t1,
+            "mode": ref.get("mode"), "retrain_reason": ref.get("retrain_reason")}
+
+
+def _vocab_add_plot(rep: Report, steps: list[dict], others: list[str], x_name: str) -> None:
+    """PQ on the added class and the others against N, and the wall time of each step."""
     plt = _plt()
     fig, axs = plt.subplots(1, 2, figsize=(10, 4))
     ns = [s["n"] for s in steps]
@@ -754,6 +750,60 @@ def run_vocab_add(ctx: Context, out: str) -> dict:
     axs[1].set_title("new images -> published index")
     axs[1].legend(fontsize=7)
     rep.figure(fig, "vocab_add", f"PQ on {x_name!r} rising from 0 as examples are added; wall time per step")
+
+
+def run_vocab_add(ctx: Context, out: str) -> dict:
+    from ragseg.config import SourceConfig
+
+    c = ctx.cfg.experiment.vocab_add
+    d = pick(ctx.sets, c.dataset, "vocab-add")
+    if not d.db:
+        raise UserError(f"vocab-add needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    vocab = ctx.vocab(d)
+    x_name, xi = _vocab_add_class(c.class_name, vocab, d.vocab)
+    pool = c.pool or (SourceConfig.model_validate(ctx.extras["pool"]) if ctx.extras.get("pool") else None)
+    if pool is None:
+        raise UserError("vocab-add needs experiment.vocab_add.pool: new images with panoptic ground truth")
+    pool_json, _ = gt_paths(pool)
+    r = ctx.rescorer(d)
+    work = io.join(out, "work")
+    db, index, base, base_seconds = _base_without_class(ctx, d.db, work, vocab, xi)
+    counts = sorted({n for n in c.counts if n > 0})
+    examples = _checked_examples(ctx, db, d.db, pool_json, vocab, xi, x_name, c.seed, counts)
+    doc = io.read_json(pool_json)
+
+    steps = [_vocab_add_point(ctx, r, index, vocab, xi, 0, {
+        "build_db_seconds": None, "refresh_seconds": None, "seconds_to_published_index": base_seconds,
+        "new_images": 0, "mode": "base build (DB without the class)"})]
+    chosen_images, chosen_anns, total = [], [], 0
+    it = iter(examples)
+    for n in track(counts, len(counts), f"vocab-add: {x_name} examples (build-db + refresh)", ctx.progress):
+        total, new = _take_examples(it, n, total, doc, chosen_images, chosen_anns)
+        step_json = io.join(work, f"pool_{n}.json")
+        io.write_json_atomic(step_json, {"images": chosen_images, "annotations": chosen_anns,
+                                         "categories": doc["categories"]})
+        timing = _build_and_refresh(ctx, pool, step_json, db, index)
+        steps.append(_vocab_add_point(ctx, r, index, vocab, xi, n, {
+            "build_db_seconds": timing["build_db_seconds"], "refresh_seconds": timing["refresh_seconds"],
+            "seconds_to_published_index": timing["seconds_to_published_index"], "new_images": new,
+            "mode": timing["mode"], "retrain_reason": timing["retrain_reason"]}))
+    rep = Report(out, "vocab-add", ctx.provenance({d.name: f"{d.db} without {x_name!r} ({base['rows']} segments), "
+                                                           f"then + N via build-db + refresh into {index}"},
+                                                  [c.seed], dataset=d.name, class_name=x_name))
+    rep.note(f"Class {x_name!r}: its {base['source_rows'] - base['rows']} segments are removed from {d.db}; then N of "
+             f"its examples from new pool images ({pool_json}, only their {x_name!r} segments labelled) go through "
+             f"`build-db` (ground-truth masks) into that DB and `refresh` publishes a new index version. Time = "
+             f"build-db + refresh, from the new images to a published index. Re-scored from the feature cache.")
+    others = [nm for nm in vocab.names if vocab.index_of(nm) != xi]
+    rep.table(f"PQ on {x_name!r} and on the other classes as N grows",
+              ["N", f"PQ {x_name}", "PQ others (mean)", "PQ all", "new images", "build-db s", "refresh s",
+               "to published index s", "refresh", "index"],
+              [[s["n"], s["pq_x"], s["pq_others_mean"], s["pq"], s["new_images"], s["build_db_seconds"],
+                s["refresh_seconds"], s["seconds_to_published_index"],
+                s.get("retrain_reason") or ("incremental" if s["n"] else "-"), s["index"]] for s in steps])
+    rep.table("PQ per class", ["N"] + list(vocab.names),
+              [[s["n"]] + [s["per_class"].get(nm) for nm in vocab.names] for s in steps])
+    _vocab_add_plot(rep, steps, others, x_name)
     return rep.write(TITLES["vocab-add"], {"dataset": d.name, "class": x_name, "steps": steps,
                                            "base_db_rows": base["rows"], "pool": pool_json})
 

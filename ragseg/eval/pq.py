@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import io as _io
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -370,6 +370,99 @@ def _gt_area_mismatches(key: str, gt_ids: np.ndarray, gt_segs: Iterable[Mapping]
     return out
 
 
+def _load_prediction(pred_json: str, pred_dir: str | None) -> tuple[Mapping, str]:
+    """The prediction JSON (or a ``ragseg label`` output folder's parts) and its PNG folder."""
+    from ragseg import labels_out
+
+    if labels_out.is_label_output(pred_json):
+        pred = labels_out.prediction(pred_json)
+        pred_dir = pred_dir or rio.join(pred_json, "panoptic")
+    else:
+        pred = rio.read_json(pred_json)
+    if pred_dir is None:
+        raise PanopticFormatError("pred_dir (the predicted PNG folder) is needed with a prediction JSON")
+    return pred, pred_dir
+
+
+def _pred_finder(gt_anns: Mapping[str, Mapping],
+                 pred_anns: Mapping[str, Mapping]) -> Callable[[str], Mapping | None]:
+    """A function gt image key -> its prediction annotation (by image id, else by PNG stem) or None."""
+    # a prediction made from the image files (ragseg label: id = file stem) is paired with a gt
+    # that numbers its images (COCO: int ids) through the PNG file name, which both derive from it
+    pred_by_png = {_png_stem(a): a for a in pred_anns.values() if a.get("file_name")}
+
+    def find_pred(key: str) -> Mapping | None:
+        p = pred_anns.get(key)
+        return p if p is not None else pred_by_png.get(_png_stem(gt_anns[key]))
+
+    return find_pred
+
+
+def _check_missing(missing: list[str], n_gt: int, pred_json: str, allow_missing: bool) -> None:
+    """Raise naming the gt images without a prediction, unless ``allow_missing``."""
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise PanopticFormatError(
+            f"the prediction {pred_json} has no annotation for {len(missing)} of the {n_gt} ground-truth "
+            f"images: {shown} (--allow-missing scores them as empty predictions)")
+
+
+def _pred_segments(key: str, p: Mapping, remap: Mapping[int, int], categories: Mapping[int, Mapping],
+                   pred_names: Mapping[int, str]) -> list[dict]:
+    """One prediction's segments_info with category ids re-mapped (if ``remap``) and checked against the gt's."""
+    pred_segs = []
+    for s in p.get("segments_info", []):
+        s = dict(s)
+        if remap:
+            cid = int(s["category_id"])
+            s["category_id"] = remap.get(cid, cid)
+            if s["category_id"] < 0:
+                raise PanopticFormatError(
+                    f"image {key}: segment {s.get('id')} has category {cid} "
+                    f"({pred_names.get(cid, '?')!r}), which is not a ground-truth category")
+        elif int(s["category_id"]) not in categories:
+            cid = int(s["category_id"])
+            named = f" ({pred_names[cid]!r} in the prediction's categories)" if cid in pred_names else ""
+            raise PanopticFormatError(
+                f"image {key}: segment {s.get('id')} has unknown category_id {cid}{named}, not a ground-truth "
+                "category id; if the prediction numbers its categories its own way, rerun with "
+                "--match-categories-by-name")
+        pred_segs.append(s)
+    return pred_segs
+
+
+def _map_ordered(fn: Callable[[str], Any], keys: list[str], workers: int) -> list:
+    """``fn`` over ``keys`` in order, on a thread pool when ``workers`` > 1 (ordered: deterministic float sums)."""
+    if workers and workers > 1 and len(keys) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            return list(ex.map(fn, keys))
+    return [fn(k) for k in keys]
+
+
+def _eval_warnings(renamed: list[tuple[int, str, str]], remap: dict[int, int], pred_names: Mapping[int, str],
+                   categories: Mapping[int, Mapping], area_mismatches: list[tuple[str, int, int, int]]) -> list[str]:
+    """One warning line per kind of finding: names that disagree, category re-mapping, gt areas."""
+    warnings = []
+    if renamed:
+        warnings.append(_names_warning(renamed))
+    if remap and _remap_warning(remap, pred_names, categories):
+        warnings.append(_remap_warning(remap, pred_names, categories))
+    if area_mismatches:
+        warnings.append(_area_warning(area_mismatches))
+    return warnings
+
+
+def _per_class(total: PQStat, categories: Mapping[int, Mapping]) -> list[dict]:
+    """One metrics row per gt category, in id order."""
+    per_class = []
+    for cid in sorted(categories):
+        info = categories[cid]
+        m = total.class_metrics(cid)
+        per_class.append({"id": cid, "name": str(info.get("name", cid)),
+                          "isthing": bool(info.get("isthing", 0)), **m})
+    return per_class
+
+
 def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = None, workers: int = 4,
              allow_missing: bool = False, match_categories_by_name: bool = False) -> dict:
     """PQ / SQ / RQ of a COCO panoptic prediction against COCO panoptic ground truth.
@@ -389,16 +482,8 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = N
     ``allow_missing`` (then it is scored as an empty prediction). Category ids are used as they are
     unless ``match_categories_by_name`` (module docstring).
     """
-    from ragseg import labels_out
-
     gt = rio.read_json(gt_json)
-    if labels_out.is_label_output(pred_json):
-        pred = labels_out.prediction(pred_json)
-        pred_dir = pred_dir or rio.join(pred_json, "panoptic")
-    else:
-        pred = rio.read_json(pred_json)
-    if pred_dir is None:
-        raise PanopticFormatError("pred_dir (the predicted PNG folder) is needed with a prediction JSON")
+    pred, pred_dir = _load_prediction(pred_json, pred_dir)
     categories = _load_categories(gt)
     pred_cats = pred.get("categories") or []
     remap = _category_remap(categories, pred_cats) if match_categories_by_name else {}
@@ -406,87 +491,39 @@ def evaluate(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str | None = N
     pred_names = {int(c["id"]): str(c.get("name", "")) for c in pred_cats}
     gt_anns = _by_image(gt.get("annotations", []), "ground-truth")
     pred_anns = _by_image(pred.get("annotations", []), "prediction")
-    # a prediction made from the image files (ragseg label: id = file stem) is paired with a gt
-    # that numbers its images (COCO: int ids) through the PNG file name, which both derive from it
-    pred_by_png = {_png_stem(a): a for a in pred_anns.values() if a.get("file_name")}
-
-    def find_pred(key: str) -> Mapping | None:
-        p = pred_anns.get(key)
-        return p if p is not None else pred_by_png.get(_png_stem(gt_anns[key]))
-
+    find_pred = _pred_finder(gt_anns, pred_anns)
     missing = sorted(k for k in gt_anns if find_pred(k) is None)
-    if missing and not allow_missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise PanopticFormatError(
-            f"the prediction {pred_json} has no annotation for {len(missing)} of the {len(gt_anns)} ground-truth "
-            f"images: {shown} (--allow-missing scores them as empty predictions)")
+    _check_missing(missing, len(gt_anns), pred_json, allow_missing)
 
     def one(key: str) -> tuple[PQStat, list]:
         g = gt_anns[key]
         p = find_pred(key)
         if p is None:
             return _fn_only(g["segments_info"]), []
-        pred_segs = []
-        for s in p.get("segments_info", []):
-            s = dict(s)
-            if remap:
-                cid = int(s["category_id"])
-                s["category_id"] = remap.get(cid, cid)
-                if s["category_id"] < 0:
-                    raise PanopticFormatError(
-                        f"image {key}: segment {s.get('id')} has category {cid} "
-                        f"({pred_names.get(cid, '?')!r}), which is not a ground-truth category")
-            elif int(s["category_id"]) not in categories:
-                cid = int(s["category_id"])
-                named = f" ({pred_names[cid]!r} in the prediction's categories)" if cid in pred_names else ""
-                raise PanopticFormatError(
-                    f"image {key}: segment {s.get('id')} has unknown category_id {cid}{named}, not a ground-truth "
-                    "category id; if the prediction numbers its categories its own way, rerun with "
-                    "--match-categories-by-name")
-            pred_segs.append(s)
+        pred_segs = _pred_segments(key, p, remap, categories, pred_names)
         gt_ids = read_id_png(rio.join(gt_dir, g["file_name"]))
         pred_ids = read_id_png(rio.join(pred_dir, p.get("file_name") or g["file_name"]))
         stat = pq_stats_image(gt_ids, g["segments_info"], pred_ids, pred_segs, categories, image_id=key)
         return stat, _gt_area_mismatches(key, gt_ids, g["segments_info"])
 
-    keys = list(gt_anns)
     total = PQStat()
     area_mismatches: list[tuple[str, int, int, int]] = []
-    if workers and workers > 1 and len(keys) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            results = list(ex.map(one, keys))  # ordered: deterministic float sums
-    else:
-        results = [one(k) for k in keys]
-    for st, mism in results:
+    for st, mism in _map_ordered(one, list(gt_anns), workers):
         total += st
         area_mismatches.extend(mism)
-    warnings = []
-    if renamed:
-        warnings.append(_names_warning(renamed))
-    if remap and _remap_warning(remap, pred_names, categories):
-        warnings.append(_remap_warning(remap, pred_names, categories))
-    if area_mismatches:
-        warnings.append(_area_warning(area_mismatches))
-
-    per_class = []
-    for cid in sorted(categories):
-        info = categories[cid]
-        m = total.class_metrics(cid)
-        per_class.append({"id": cid, "name": str(info.get("name", cid)),
-                          "isthing": bool(info.get("isthing", 0)), **m})
     gt_stems = {_png_stem(a) for a in gt_anns.values()}
     return {
         "All": total.average(categories, None),
         "Things": total.average(categories, True),
         "Stuff": total.average(categories, False),
-        "per_class": per_class,
+        "per_class": _per_class(total, categories),
         "images": len(gt_anns),
         "evaluated": len(gt_anns) - len(missing),
         "missing_predictions": missing,
         "extra_predictions": sorted(k for k, a in pred_anns.items()
                                     if k not in gt_anns and _png_stem(a) not in gt_stems),
         "category_remap": {str(k): v for k, v in remap.items() if v >= 0},
-        "warnings": warnings,
+        "warnings": _eval_warnings(renamed, remap, pred_names, categories, area_mismatches),
     }
 
 

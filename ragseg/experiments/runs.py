@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,21 +155,9 @@ def _pqrow(res: dict) -> dict:
 # ==============================================================================================
 # domain-shift
 # ==============================================================================================
-def run_domain_shift(ctx: Context, out: str) -> dict:
-    from ragseg.experiments.stats import mmd_rbf
-
-    c = ctx.cfg.experiment.domain_shift
-    d = pick(ctx.sets, c.dataset, "domain-shift")
-    cfg = ctx.with_label(proposals="gt")  # ground-truth segments, classified three ways
-    r = ctx.rescorer(d, full=True, cfg=cfg)
-    vocab = ctx.vocab(d)
-    idx = ctx.index_of(d)
-    nb = ctx.neighbours(r, idx, "masked")
-    nb_full = ctx.neighbours(r, idx, "full")
-    ens = cfg.label.ensemble
-    merge = cfg.label.merge
-    true = vocab.indices_of(r.fs.labels) if r.fs.n_proposals else np.zeros(0, np.int64)
-    ways = [
+def _domain_shift_ways(ens: EnsembleConfig, nb: fc.Neighbours, nb_full: fc.Neighbours) -> list[tuple]:
+    """The four ways ground-truth segments are classified: (key, description, ensemble, retrieval, queries)."""
+    return [
         ("clip-full", "CLIP on the unmasked box crop", _ens(ens, scores="clip"), Retrieval(None), "full"),
         ("clip-masked", "CLIP on the masked segment", _ens(ens, scores="clip"), Retrieval(None), "masked"),
         ("retrieval-masked", "retrieval: masked query vs masked keys", _ens(ens, scores="retrieval"),
@@ -177,6 +165,10 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         ("retrieval-full-query", "retrieval: full-crop query vs masked keys", _ens(ens, scores="retrieval"),
          Retrieval(nb_full), "full"),
     ]
+
+
+def _classify_ways(r: Rescorer, ways: list[tuple], true: np.ndarray, vocab, merge) -> tuple[list[list], dict]:
+    """Accuracy and PQ of each way: (table rows, results by way key)."""
     rows, results = [], {}
     for key, desc, e, ret, queries in ways:
         dec = r.decide(e, ret, queries)
@@ -192,11 +184,15 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         results[key] = {"description": desc, "top1": top1, "mean_class_accuracy": mca, "per_class_accuracy": per_class,
                         **_pqrow(res), "per_class_pq": {p["name"]: p["pq"] for p in res["per_class"] if p["present"]}}
         rows.append([desc, 100 * top1, 100 * mca, res["All"]["pq"], res["Things"]["pq"], res["Stuff"]["pq"]])
+    return rows, results
 
-    # the shift itself: per-class MMD between full-crop and masked features (+ a masked-vs-masked null)
+
+def _mmd_shift(full: np.ndarray, masked: np.ndarray, true: np.ndarray, vocab, c) -> tuple[list[list], dict, dict | None]:
+    """The shift itself: per-class MMD between full-crop and masked features (+ a masked-vs-masked null),
+    and over all classes: (table rows, per class, overall or None)."""
+    from ragseg.experiments.stats import mmd_rbf
+
     rng = np.random.default_rng(c.seed)
-    full = np.asarray(r.fs.full, np.float32)
-    masked = np.asarray(r.fs.queries, np.float32)
     mmd_rows, mmd = [], {}
     for ci in np.unique(true[true >= 0]):
         sel = np.flatnonzero(true == ci)
@@ -219,18 +215,11 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         overall = {"mmd2": m2, "sigma": sigma, "null_mmd2": null, "n": int(len(everything))}
         mmd_rows.append(["(all classes)", len(everything), m2, null, sigma,
                          float(np.mean(np.sum(full[everything] * masked[everything], axis=1)))])
+    return mmd_rows, mmd, overall
 
-    rep = Report(out, "domain-shift", ctx.provenance({d.name: db_label(nb)}, [c.seed],
-                                                    dataset=d.name, cache=r.fs.uri))
-    rep.note(f"Dataset {d.name}: {r.fs.n_images} images, {int((true >= 0).sum())} ground-truth segments "
-             f"(label.proposals=gt), classified by CLIP text scores (T={ens.clip_temperature}) or retrieval "
-             f"(k={ens.k}, T={ens.retrieval_temperature}). 'Masked' is the feature the DB holds "
-             f"(models.clip.mode={cfg.models.clip.mode}); 'full' is CLIP on the unmasked padded box crop.")
-    rep.table("Segment classification", ["method", "top-1 %", "mean class acc %", "PQ", "PQ things", "PQ stuff"], rows)
-    rep.table("Masked-feature shift: MMD^2 (RBF kernel, median-heuristic bandwidth) between full-crop and masked "
-              "features per class; null = MMD^2 between two halves of the masked features",
-              ["class", "segments", "MMD^2 full vs masked", "MMD^2 null", "sigma", "mean cos(full, masked)"],
-              mmd_rows, digits=4)
+
+def _domain_shift_figures(rep: Report, ways: list[tuple], results: dict, mmd: dict, name: str) -> None:
+    """The classification bar chart and, when there is a per-class MMD, its bar chart."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = np.arange(len(ways))
@@ -243,7 +232,7 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
              "retrieval-full-query": "retrieval\nfull-crop query, masked keys"}
     ax.set_xticks(xs, [short[w[0]] for w in ways], fontsize=7)
     ax.set_ylabel("%")
-    ax.set_title(f"Domain shift on {d.name}")
+    ax.set_title(f"Domain shift on {name}")
     ax.legend(fontsize=7)
     rep.figure(fig, "classification", "Ground-truth segments classified four ways")
     if mmd:
@@ -257,6 +246,38 @@ def run_domain_shift(ctx: Context, out: str) -> dict:
         ax.set_title("Per-class MMD^2 between full-crop and masked CLIP features")
         ax.legend(fontsize=7)
         rep.figure(fig, "mmd", "Per-class MMD (RBF, median heuristic)")
+
+
+def run_domain_shift(ctx: Context, out: str) -> dict:
+    c = ctx.cfg.experiment.domain_shift
+    d = pick(ctx.sets, c.dataset, "domain-shift")
+    cfg = ctx.with_label(proposals="gt")  # ground-truth segments, classified three ways
+    r = ctx.rescorer(d, full=True, cfg=cfg)
+    vocab = ctx.vocab(d)
+    idx = ctx.index_of(d)
+    nb = ctx.neighbours(r, idx, "masked")
+    nb_full = ctx.neighbours(r, idx, "full")
+    ens = cfg.label.ensemble
+    merge = cfg.label.merge
+    true = vocab.indices_of(r.fs.labels) if r.fs.n_proposals else np.zeros(0, np.int64)
+    ways = _domain_shift_ways(ens, nb, nb_full)
+    rows, results = _classify_ways(r, ways, true, vocab, merge)
+    full = np.asarray(r.fs.full, np.float32)
+    masked = np.asarray(r.fs.queries, np.float32)
+    mmd_rows, mmd, overall = _mmd_shift(full, masked, true, vocab, c)
+
+    rep = Report(out, "domain-shift", ctx.provenance({d.name: db_label(nb)}, [c.seed],
+                                                    dataset=d.name, cache=r.fs.uri))
+    rep.note(f"Dataset {d.name}: {r.fs.n_images} images, {int((true >= 0).sum())} ground-truth segments "
+             f"(label.proposals=gt), classified by CLIP text scores (T={ens.clip_temperature}) or retrieval "
+             f"(k={ens.k}, T={ens.retrieval_temperature}). 'Masked' is the feature the DB holds "
+             f"(models.clip.mode={cfg.models.clip.mode}); 'full' is CLIP on the unmasked padded box crop.")
+    rep.table("Segment classification", ["method", "top-1 %", "mean class acc %", "PQ", "PQ things", "PQ stuff"], rows)
+    rep.table("Masked-feature shift: MMD^2 (RBF kernel, median-heuristic bandwidth) between full-crop and masked "
+              "features per class; null = MMD^2 between two halves of the masked features",
+              ["class", "segments", "MMD^2 full vs masked", "MMD^2 null", "sigma", "mean cos(full, masked)"],
+              mmd_rows, digits=4)
+    _domain_shift_figures(rep, ways, results, mmd, d.name)
     emb = _embedding_plot(rep, full, masked, true, vocab, c, d.name)
     return rep.write(TITLES["domain-shift"], {"dataset": d.name, "methods": results, "mmd": mmd,
                                               "mmd_overall": overall, "embedding": emb})
@@ -373,45 +394,24 @@ def run_db_size(ctx: Context, out: str) -> dict:
 # ==============================================================================================
 # coverage
 # ==============================================================================================
-def run_coverage(ctx: Context, out: str) -> dict:
-    from ragseg.experiments.derive import db_labels, derived_index, labels_in
-    from ragseg.experiments.stats import mean_std
-
-    c = ctx.cfg.experiment.coverage
-    d = pick(ctx.sets, c.dataset, "coverage")
-    if not d.db:
-        raise UserError(f"coverage needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
-    r = ctx.rescorer(d)
-    vocab = ctx.vocab(d)
-    labels = db_labels(d.db)
-    present = sorted({int(i) for i in vocab.indices_of(np.unique(labels.astype(str))) if i >= 0})
-    nb_fb = ctx.neighbours(r, d.fallback_index) if d.fallback_index else None
-    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
+def _coverage_jobs(seeds: Iterable[int], fractions: Iterable[float], present: list[int]) -> list[tuple]:
+    """(seed, fraction, covered class indices) of each class subset: a seeded permutation's first share."""
     jobs = []
-    for seed in c.seeds:
+    for seed in seeds:
         perm = np.random.default_rng(seed).permutation(present)
-        for f in sorted(set(c.fractions)):
+        for f in sorted(set(fractions)):
             m = int(round(f * len(present)))
             if m == 0:
                 continue
             covered = sorted(int(x) for x in perm[:m])
             jobs.append((seed, f, covered))
-    points = []
-    for seed, f, covered in track(jobs, len(jobs), "coverage: class subsets (build-index + re-score)", ctx.progress):
-        names = [vocab.names[i] for i in covered]
-        info = derived_index(ctx.cfg, d.db, {"kind": "classes", "classes": names}, labels_in(vocab, set(covered)))
-        nb = ctx.neighbours(r, info["index"])
-        cov = set(names)
-        unc = {vocab.names[i] for i in range(len(vocab)) if vocab.names[i] not in cov}
-        for use_fb in ([False, True] if nb_fb is not None else [False]):
-            res = r.evaluate(ens, Retrieval(nb, nb_fb if use_fb else None), merge)
-            pc = class_subset_pq(res, cov)
-            pu = class_subset_pq(res, unc)
-            points.append({"seed": seed, "fraction": f, "covered": sorted(cov), "uncovered": sorted(unc),
-                           "fallback": use_fb, **_pqrow(res), "pq_covered": pc["pq"], "pq_uncovered": pu["pq"],
-                           "n_covered": pc["n"], "n_uncovered": pu["n"],
-                           "per_class": {p["name"]: p["pq"] for p in res["per_class"] if p["present"]},
-                           "index": f"{info['index']}@{info['version']}"})
+    return jobs
+
+
+def _coverage_summary(points: list[dict]) -> list[dict]:
+    """Mean and std over seeds of PQ (all, covered, uncovered) per coverage fraction and fallback use."""
+    from ragseg.experiments.stats import mean_std
+
     summary = []
     for f in sorted({p["fraction"] for p in points}):
         for fb in sorted({p["fallback"] for p in points}):
@@ -420,21 +420,11 @@ def run_coverage(ctx: Context, out: str) -> dict:
             for k in ("pq", "pq_covered", "pq_uncovered"):
                 row[k + "_mean"], row[k + "_std"] = mean_std([p[k] for p in pts])
             summary.append(row)
-    dbs = {d.name: f"{d.db} ({len(labels)} segments), class subsets"}
-    if nb_fb is not None:
-        dbs["fallback"] = db_label(nb_fb)
-    rep = Report(out, "coverage", ctx.provenance(dbs, list(c.seeds), dataset=d.name))
-    rep.note(f"The primary DB keeps only the segments of a seeded subset of the {len(present)} classes it holds "
-             f"(each subset indexed by build_index); uncovered classes can only come from CLIP or, with the "
-             f"fallback, from the fallback DB (label.fallback_index semantics: its neighbours vote only for "
-             f"classes the primary lacks). PQ means over the covered / uncovered classes present in the ground truth.")
-    rep.table("PQ by coverage (mean ± std over seeds)",
-              ["coverage", "fallback", "PQ all", "±", "PQ covered", "±", "PQ uncovered", "±", "runs"],
-              [[f"{100 * s['fraction']:.0f}%", s["fallback"], s["pq_mean"], s["pq_std"], s["pq_covered_mean"],
-                s["pq_covered_std"], s["pq_uncovered_mean"], s["pq_uncovered_std"], s["runs"]] for s in summary])
-    rep.table("Every run", ["seed", "coverage", "fallback", "PQ", "PQ covered", "PQ uncovered", "uncovered classes"],
-              [[p["seed"], f"{100 * p['fraction']:g}%", p["fallback"], p["pq"], p["pq_covered"], p["pq_uncovered"],
-                ", ".join(p["uncovered"])] for p in points])
+    return summary
+
+
+def _coverage_plot(rep: Report, summary: list[dict], name: str) -> None:
+    """PQ of covered and uncovered classes against coverage, with and without the fallback DB."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {(False, "pq_covered"): ("C0", "-", "covered, no fallback"),
@@ -452,9 +442,58 @@ def run_coverage(ctx: Context, out: str) -> dict:
         ax.fill_between(xs, mu - sd, mu + sd, color=col, alpha=0.12)
     ax.set_xlabel("classes covered by the primary DB (%)")
     ax.set_ylabel("PQ")
-    ax.set_title(f"Coverage on {d.name}")
+    ax.set_title(f"Coverage on {name}")
     ax.legend(fontsize=7)
     rep.figure(fig, "coverage", "PQ of covered and uncovered classes, with and without the fallback DB")
+
+
+def run_coverage(ctx: Context, out: str) -> dict:
+    from ragseg.experiments.derive import db_labels, derived_index, labels_in
+
+    c = ctx.cfg.experiment.coverage
+    d = pick(ctx.sets, c.dataset, "coverage")
+    if not d.db:
+        raise UserError(f"coverage needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    r = ctx.rescorer(d)
+    vocab = ctx.vocab(d)
+    labels = db_labels(d.db)
+    present = sorted({int(i) for i in vocab.indices_of(np.unique(labels.astype(str))) if i >= 0})
+    nb_fb = ctx.neighbours(r, d.fallback_index) if d.fallback_index else None
+    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
+    jobs = _coverage_jobs(c.seeds, c.fractions, present)
+    points = []
+    for seed, f, covered in track(jobs, len(jobs), "coverage: class subsets (build-index + re-score)", ctx.progress):
+        names = [vocab.names[i] for i in covered]
+        info = derived_index(ctx.cfg, d.db, {"kind": "classes", "classes": names}, labels_in(vocab, set(covered)))
+        nb = ctx.neighbours(r, info["index"])
+        cov = set(names)
+        unc = {vocab.names[i] for i in range(len(vocab)) if vocab.names[i] not in cov}
+        for use_fb in ([False, True] if nb_fb is not None else [False]):
+            res = r.evaluate(ens, Retrieval(nb, nb_fb if use_fb else None), merge)
+            pc = class_subset_pq(res, cov)
+            pu = class_subset_pq(res, unc)
+            points.append({"seed": seed, "fraction": f, "covered": sorted(cov), "uncovered": sorted(unc),
+                           "fallback": use_fb, **_pqrow(res), "pq_covered": pc["pq"], "pq_uncovered": pu["pq"],
+                           "n_covered": pc["n"], "n_uncovered": pu["n"],
+                           "per_class": {p["name"]: p["pq"] for p in res["per_class"] if p["present"]},
+                           "index": f"{info['index']}@{info['version']}"})
+    summary = _coverage_summary(points)
+    dbs = {d.name: f"{d.db} ({len(labels)} segments), class subsets"}
+    if nb_fb is not None:
+        dbs["fallback"] = db_label(nb_fb)
+    rep = Report(out, "coverage", ctx.provenance(dbs, list(c.seeds), dataset=d.name))
+    rep.note(f"The primary DB keeps only the segments of a seeded subset of the {len(present)} classes it holds "
+             f"(each subset indexed by build_index); uncovered classes can only come from CLIP or, with the "
+             f"fallback, from the fallback DB (label.fallback_index semantics: its neighbours vote only for "
+             f"classes the primary lacks). PQ means over the covered / uncovered classes present in the ground truth.")
+    rep.table("PQ by coverage (mean ± std over seeds)",
+              ["coverage", "fallback", "PQ all", "±", "PQ covered", "±", "PQ uncovered", "±", "runs"],
+              [[f"{100 * s['fraction']:.0f}%", s["fallback"], s["pq_mean"], s["pq_std"], s["pq_covered_mean"],
+                s["pq_covered_std"], s["pq_uncovered_mean"], s["pq_uncovered_std"], s["runs"]] for s in summary])
+    rep.table("Every run", ["seed", "coverage", "fallback", "PQ", "PQ covered", "PQ uncovered", "uncovered classes"],
+              [[p["seed"], f"{100 * p['fraction']:g}%", p["fallback"], p["pq"], p["pq_covered"], p["pq_uncovered"],
+                ", ".join(p["uncovered"])] for p in points])
+    _coverage_plot(rep, summary, d.name)
     return rep.write(TITLES["coverage"], {"dataset": d.name, "classes": [vocab.names[i] for i in present],
                                           "points": points, "summary": summary})
 
@@ -462,6 +501,53 @@ def run_coverage(ctx: Context, out: str) -> dict:
 # ==============================================================================================
 # sweep
 # ==============================================================================================
+def _sweep_pq(ctx: Context, sets: dict[str, tuple], names: list[str], grid: list[tuple]) -> tuple[dict, dict]:
+    """PQ of every grid point on each dataset, re-scored from the cache, and the re-scoring cost:
+    (dataset -> PQ per point, dataset -> timing)."""
+    ens0 = ctx.cfg.label.ensemble
+    pq = {name: np.zeros(len(grid)) for name in sets}
+    timing = {}
+    for name, (_d, r, ret) in sets.items():
+        t0 = time.perf_counter()
+        merges0 = r.merges
+        for j, point in track(list(enumerate(grid)), len(grid), f"sweep on {name}: {len(grid)} points", ctx.progress):
+            e = _ens(ens0, scores="ensemble", **dict(zip(names, point)))
+            pq[name][j] = r.evaluate(e, ret, ctx.cfg.label.merge)["All"]["pq"]
+        sec = time.perf_counter() - t0
+        timing[name] = {"points": len(grid), "seconds": sec, "proposals": r.fs.n_proposals,
+                        "images": r.fs.n_images, "proposals_per_second_per_point": r.fs.n_proposals * len(grid) / sec,
+                        "merges_computed": r.merges - merges0, "merges_possible": r.fs.n_images * len(grid)}
+    return pq, timing
+
+
+def _sweep_heatmaps(rep: Report, axes: dict[str, list], grid: list[tuple], pq: dict[str, np.ndarray],
+                    datasets: tuple[str, str], best_a: dict, paper: dict) -> None:
+    """One PQ heat map per pair of swept axes (max over the other axes), on the tune and apply datasets,
+    marking the tune set's best point and the paper's."""
+    names = list(axes)
+    swept = [n for n in names if len(axes[n]) > 1]
+    plt = _plt()
+    for a1, a2 in itertools.combinations(swept, 2):
+        fig, axs = plt.subplots(1, 2, figsize=(10, 4.2))
+        for ax, name in zip(axs, datasets):
+            mat = np.full((len(axes[a1]), len(axes[a2])), -np.inf)
+            for j, p in enumerate(grid):
+                pd = dict(zip(names, p))
+                i1, i2 = axes[a1].index(pd[a1]), axes[a2].index(pd[a2])
+                mat[i1, i2] = max(mat[i1, i2], pq[name][j])
+            im = ax.imshow(mat, origin="lower", aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(axes[a2])), [f"{v:g}" for v in axes[a2]], fontsize=7)
+            ax.set_yticks(range(len(axes[a1])), [f"{v:g}" for v in axes[a1]], fontsize=7)
+            ax.set_xlabel(a2)
+            ax.set_ylabel(a1)
+            ax.set_title(f"PQ on {name} (max over the other axes)", fontsize=9)
+            for mark, pt, col in (("*", best_a, "r"), ("s", paper, "w")):
+                ax.plot(axes[a2].index(pt[a2]), axes[a1].index(pt[a1]), mark, color=col, ms=9, mfc="none")
+            fig.colorbar(im, ax=ax)
+        fig.suptitle(f"{a1} x {a2}: red * best on {datasets[0]}, white square the paper's point", fontsize=9)
+        rep.figure(fig, f"heatmap_{a1}_{a2}", f"PQ heat map over {a1} x {a2}")
+
+
 def run_sweep(ctx: Context, out: str) -> dict:
     c = ctx.cfg.experiment.sweep
     ens0 = ctx.cfg.label.ensemble
@@ -486,18 +572,7 @@ def run_sweep(ctx: Context, out: str) -> dict:
     names = list(axes)
     grid = list(itertools.product(*(axes[n] for n in names)))
     paper = {"alpha": 0.4, "beta": 0.7, "gamma": 0.3, "k": ens0.k, "retrieval_temperature": ens0.retrieval_temperature}
-    pq = {name: np.zeros(len(grid)) for name in sets}
-    timing = {}
-    for name, (_d, r, ret) in sets.items():
-        t0 = time.perf_counter()
-        merges0 = r.merges
-        for j, point in track(list(enumerate(grid)), len(grid), f"sweep on {name}: {len(grid)} points", ctx.progress):
-            e = _ens(ens0, scores="ensemble", **dict(zip(names, point)))
-            pq[name][j] = r.evaluate(e, ret, ctx.cfg.label.merge)["All"]["pq"]
-        sec = time.perf_counter() - t0
-        timing[name] = {"points": len(grid), "seconds": sec, "proposals": r.fs.n_proposals,
-                        "images": r.fs.n_images, "proposals_per_second_per_point": r.fs.n_proposals * len(grid) / sec,
-                        "merges_computed": r.merges - merges0, "merges_possible": r.fs.n_images * len(grid)}
+    pq, timing = _sweep_pq(ctx, sets, names, grid)
     ia = int(np.argmax(pq[A.name]))
     ib = int(np.argmax(pq[B.name]))
     ip = grid.index(tuple(paper[n] for n in names))
@@ -534,27 +609,7 @@ def run_sweep(ctx: Context, out: str) -> dict:
                                   "merges computed / possible"],
               [[n, t["points"], t["seconds"], t["proposals"], t["proposals_per_second_per_point"],
                 f"{t['merges_computed']} / {t['merges_possible']}"] for n, t in timing.items()])
-    swept = [n for n in names if len(axes[n]) > 1]
-    plt = _plt()
-    for a1, a2 in itertools.combinations(swept, 2):
-        fig, axs = plt.subplots(1, 2, figsize=(10, 4.2))
-        for ax, name in zip(axs, (A.name, B.name)):
-            mat = np.full((len(axes[a1]), len(axes[a2])), -np.inf)
-            for j, p in enumerate(grid):
-                pd = dict(zip(names, p))
-                i1, i2 = axes[a1].index(pd[a1]), axes[a2].index(pd[a2])
-                mat[i1, i2] = max(mat[i1, i2], pq[name][j])
-            im = ax.imshow(mat, origin="lower", aspect="auto", cmap="viridis")
-            ax.set_xticks(range(len(axes[a2])), [f"{v:g}" for v in axes[a2]], fontsize=7)
-            ax.set_yticks(range(len(axes[a1])), [f"{v:g}" for v in axes[a1]], fontsize=7)
-            ax.set_xlabel(a2)
-            ax.set_ylabel(a1)
-            ax.set_title(f"PQ on {name} (max over the other axes)", fontsize=9)
-            for mark, pt, col in (("*", best_a, "r"), ("s", paper, "w")):
-                ax.plot(axes[a2].index(pt[a2]), axes[a1].index(pt[a1]), mark, color=col, ms=9, mfc="none")
-            fig.colorbar(im, ax=ax)
-        fig.suptitle(f"{a1} x {a2}: red * best on {A.name}, white square the paper's point", fontsize=9)
-        rep.figure(fig, f"heatmap_{a1}_{a2}", f"PQ heat map over {a1} x {a2}")
+    _sweep_heatmaps(rep, axes, grid, pq, (A.name, B.name), best_a, paper)
     return rep.write(TITLES["sweep"], res)
 
 
@@ -579,104 +634,100 @@ def _pool_examples(pool_json: str, vocab, xi: int, min_area: int, seed: int) -> 
     return [out[i] for i in order]
 
 
-def run_vocab_add(ctx: Context, out: str) -> dict:
-    from ragseg import ledger
-    from ragseg.config import SourceConfig
-    from ragseg.db import KIND as DB_KIND
-    from ragseg.experiments.derive import index_cfg, write_subset_db
-    from ragseg.index.build import build_index, refresh_index
-    from ragseg.pipelines.build_db import run_build_db
-
-    c = ctx.cfg.experiment.vocab_add
-    d = pick(ctx.sets, c.dataset, "vocab-add")
-    if not d.db:
-        raise UserError(f"vocab-add needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
-    vocab = ctx.vocab(d)
-    x_name = c.class_name or next(n for n, t in zip(vocab.names, vocab.isthing) if t)
+def _vocab_add_class(class_name: str | None, vocab, vocab_uri: str) -> tuple[str, int]:
+    """The class to add (the configured one, else the vocabulary's first thing) and its vocabulary index."""
+    x_name = class_name or next(n for n, t in zip(vocab.names, vocab.isthing) if t)
     xi = vocab.index_of(x_name)
     if xi is None:
-        raise UserError(f"vocab-add class {x_name!r} is not in the vocabulary {d.vocab}")
-    pool = c.pool or (SourceConfig.model_validate(ctx.extras["pool"]) if ctx.extras.get("pool") else None)
-    if pool is None:
-        raise UserError("vocab-add needs experiment.vocab_add.pool: new images with panoptic ground truth")
-    pool_json, _ = gt_paths(pool)
-    r = ctx.rescorer(d)
-    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
-    work = io.join(out, "work")
+        raise UserError(f"vocab-add class {x_name!r} is not in the vocabulary {vocab_uri}")
+    return x_name, xi
+
+
+def _base_without_class(ctx: Context, source_db: str, work: str, vocab, xi: int) -> tuple[str, str, dict, float]:
+    """A fresh ``work`` folder holding a copy of ``source_db`` without class ``xi`` and its index:
+    (db, index, write_subset_db's counts, seconds to the published index)."""
+    from ragseg.experiments.derive import index_cfg, write_subset_db
+    from ragseg.index.build import build_index
+
     if io.exists(work):
         io.remove(work, recursive=True)
     db, index = io.join(work, "db"), io.join(work, "index")
     t0 = time.perf_counter()
-    base = write_subset_db(d.db, db, lambda _s, t: vocab.indices_of(
+    base = write_subset_db(source_db, db, lambda _s, t: vocab.indices_of(
         np.asarray(t.column("label").cast("string").to_pylist(), dtype=object)) != xi)
     build_index(db, index_cfg(ctx.cfg, index))
-    base_seconds = time.perf_counter() - t0
+    return db, index, base, time.perf_counter() - t0
+
+
+def _checked_examples(ctx: Context, db: str, source_db: str, pool_json: str, vocab, xi: int, x_name: str,
+                      seed: int, counts: list[int]) -> list[tuple[dict, list[dict]]]:
+    """The pool's examples of the class (:func:`_pool_examples`), after checking that no pool image is
+    already in the DB and that the pool has as many segments as the largest count asks for."""
+    from ragseg import ledger
+    from ragseg.db import KIND as DB_KIND
+
     covered = set(ledger.load(db, DB_KIND).covered_image_ids().to_pylist())
-    examples = _pool_examples(pool_json, vocab, xi, ctx.cfg.build_db.min_segment_area, c.seed)
+    examples = _pool_examples(pool_json, vocab, xi, ctx.cfg.build_db.min_segment_area, seed)
     clash = [im["file_name"] for im, _ in examples
              if str(im["file_name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0] in covered]
     if clash:
-        raise UserError(f"vocab-add: pool images {clash[:3]} are already in the DB {d.db}; use new images")
+        raise UserError(f"vocab-add: pool images {clash[:3]} are already in the DB {source_db}; use new images")
     available = sum(len(s) for _, s in examples)
-    counts = sorted({n for n in c.counts if n > 0})
     if counts and counts[-1] > available:
         raise UserError(f"vocab-add: the pool {pool_json} has {available} usable {x_name!r} segments, "
                         f"counts ask for {counts[-1]}")
-    doc = io.read_json(pool_json)
+    return examples
 
-    def point(n: int, info: dict) -> dict:
-        nb = ctx.neighbours(r, index)
-        res = r.evaluate(ens, Retrieval(nb), merge)
-        per = {p["name"]: p["pq"] for p in res["per_class"] if p["present"]}
-        x_pq = next((p["pq"] for p in res["per_class"] if vocab.index_of(p["name"]) == xi and p["present"]), None)
-        others = [v for k, v in per.items() if vocab.index_of(k) != xi]
-        x_in_db = sum(1 for lab in nb.labels_vocab if vocab.index_of(lab) == xi)
-        return {"n": n, "pq_x": x_pq, "pq_others_mean": float(np.mean(others)) if others else None, **_pqrow(res),
-                "per_class": per, "index": f"{index}@{nb.version}", "index_count": nb.count,
-                "x_label_in_index": bool(x_in_db), **info}
 
-    steps = [point(0, {"build_db_seconds": None, "refresh_seconds": None, "seconds_to_published_index": base_seconds,
-                       "new_images": 0, "mode": "base build (DB without the class)"})]
-    chosen_images, chosen_anns, total = [], [], 0
-    it = iter(examples)
-    for n in track(counts, len(counts), f"vocab-add: {x_name} examples (build-db + refresh)", ctx.progress):
-        new = 0
-        while total < n:
-            im, segs = next(it)
-            take = segs[: n - total]
-            chosen_images.append(im)
-            chosen_anns.append({"image_id": im["id"], "file_name": _ann_file(doc, im["id"]), "segments_info": take})
-            total += len(take)
-            new += 1
-        step_json = io.join(work, f"pool_{n}.json")
-        io.write_json_atomic(step_json, {"images": chosen_images, "annotations": chosen_anns,
-                                         "categories": doc["categories"]})
-        src = pool.model_copy(update={"annotations": step_json})
-        t1 = time.perf_counter()
-        run_build_db(JobConfig.model_validate(deep_merge(ctx.cfg.model_dump(mode="json"), {
-            "source": src.model_dump(mode="json"), "build_db": {"out": db, "masks": "gt"}})))
-        t2 = time.perf_counter()
-        ref = refresh_index(db, index_cfg(ctx.cfg, index))
-        t3 = time.perf_counter()
-        steps.append(point(n, {"build_db_seconds": t2 - t1, "refresh_seconds": t3 - t2,
-                               "seconds_to_published_index": t3 - t1, "new_images": new,
-                               "mode": ref.get("mode"), "retrain_reason": ref.get("retrain_reason")}))
-    rep = Report(out, "vocab-add", ctx.provenance({d.name: f"{d.db} without {x_name!r} ({base['rows']} segments), "
-                                                           f"then + N via build-db + refresh into {index}"},
-                                                  [c.seed], dataset=d.name, class_name=x_name))
-    rep.note(f"Class {x_name!r}: its {base['source_rows'] - base['rows']} segments are removed from {d.db}; then N of "
-             f"its examples from new pool images ({pool_json}, only their {x_name!r} segments labelled) go through "
-             f"`build-db` (ground-truth masks) into that DB and `refresh` publishes a new index version. Time = "
-             f"build-db + refresh, from the new images to a published index. Re-scored from the feature cache.")
-    others = [nm for nm in vocab.names if vocab.index_of(nm) != xi]
-    rep.table(f"PQ on {x_name!r} and on the other classes as N grows",
-              ["N", f"PQ {x_name}", "PQ others (mean)", "PQ all", "new images", "build-db s", "refresh s",
-               "to published index s", "refresh", "index"],
-              [[s["n"], s["pq_x"], s["pq_others_mean"], s["pq"], s["new_images"], s["build_db_seconds"],
-                s["refresh_seconds"], s["seconds_to_published_index"],
-                s.get("retrain_reason") or ("incremental" if s["n"] else "-"), s["index"]] for s in steps])
-    rep.table("PQ per class", ["N"] + list(vocab.names),
-              [[s["n"]] + [s["per_class"].get(nm) for nm in vocab.names] for s in steps])
+def _vocab_add_point(ctx: Context, r: Rescorer, index: str, vocab, xi: int, n: int, info: dict) -> dict:
+    """PQ on the added class, on the others and overall with the index's current version, after ``n`` examples."""
+    ens, merge = ctx.cfg.label.ensemble, ctx.cfg.label.merge
+    nb = ctx.neighbours(r, index)
+    res = r.evaluate(ens, Retrieval(nb), merge)
+    per = {p["name"]: p["pq"] for p in res["per_class"] if p["present"]}
+    x_pq = next((p["pq"] for p in res["per_class"] if vocab.index_of(p["name"]) == xi and p["present"]), None)
+    others = [v for k, v in per.items() if vocab.index_of(k) != xi]
+    x_in_db = sum(1 for lab in nb.labels_vocab if vocab.index_of(lab) == xi)
+    return {"n": n, "pq_x": x_pq, "pq_others_mean": float(np.mean(others)) if others else None, **_pqrow(res),
+            "per_class": per, "index": f"{index}@{nb.version}", "index_count": nb.count,
+            "x_label_in_index": bool(x_in_db), **info}
+
+
+def _take_examples(examples: Iterator[tuple[dict, list[dict]]], n: int, total: int, doc: dict,
+                   chosen_images: list[dict], chosen_anns: list[dict]) -> tuple[int, int]:
+    """Append pool images (and their class segments) to ``chosen_images`` / ``chosen_anns`` until ``n``
+    segments are chosen: (segments chosen, images added)."""
+    new = 0
+    while total < n:
+        im, segs = next(examples)
+        take = segs[: n - total]
+        chosen_images.append(im)
+        chosen_anns.append({"image_id": im["id"], "file_name": _ann_file(doc, im["id"]), "segments_info": take})
+        total += len(take)
+        new += 1
+    return total, new
+
+
+def _build_and_refresh(ctx: Context, pool, step_json: str, db: str, index: str) -> dict:
+    """``build-db`` (ground-truth masks) of the pool images in ``step_json`` into ``db``, then ``refresh``
+    of its index: the timings and the refresh's mode."""
+    from ragseg.experiments.derive import index_cfg
+    from ragseg.index.build import refresh_index
+    from ragseg.pipelines.build_db import run_build_db
+
+    src = pool.model_copy(update={"annotations": step_json})
+    t1 = time.perf_counter()
+    run_build_db(JobConfig.model_validate(deep_merge(ctx.cfg.model_dump(mode="json"), {
+        "source": src.model_dump(mode="json"), "build_db": {"out": db, "masks": "gt"}})))
+    t2 = time.perf_counter()
+    ref = refresh_index(db, index_cfg(ctx.cfg, index))
+    t3 = time.perf_counter()
+    return {"build_db_seconds": t2 - t1, "refresh_seconds": t3 - t2, "seconds_to_published_index": t3 - t1,
+            "mode": ref.get("mode"), "retrain_reason": ref.get("retrain_reason")}
+
+
+def _vocab_add_plot(rep: Report, steps: list[dict], others: list[str], x_name: str) -> None:
+    """PQ on the added class and the others against N, and the wall time of each step."""
     plt = _plt()
     fig, axs = plt.subplots(1, 2, figsize=(10, 4))
     ns = [s["n"] for s in steps]
@@ -701,6 +752,60 @@ def run_vocab_add(ctx: Context, out: str) -> dict:
     axs[1].set_title("new images -> published index")
     axs[1].legend(fontsize=7)
     rep.figure(fig, "vocab_add", f"PQ on {x_name!r} rising from 0 as examples are added; wall time per step")
+
+
+def run_vocab_add(ctx: Context, out: str) -> dict:
+    from ragseg.config import SourceConfig
+
+    c = ctx.cfg.experiment.vocab_add
+    d = pick(ctx.sets, c.dataset, "vocab-add")
+    if not d.db:
+        raise UserError(f"vocab-add needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    vocab = ctx.vocab(d)
+    x_name, xi = _vocab_add_class(c.class_name, vocab, d.vocab)
+    pool = c.pool or (SourceConfig.model_validate(ctx.extras["pool"]) if ctx.extras.get("pool") else None)
+    if pool is None:
+        raise UserError("vocab-add needs experiment.vocab_add.pool: new images with panoptic ground truth")
+    pool_json, _ = gt_paths(pool)
+    r = ctx.rescorer(d)
+    work = io.join(out, "work")
+    db, index, base, base_seconds = _base_without_class(ctx, d.db, work, vocab, xi)
+    counts = sorted({n for n in c.counts if n > 0})
+    examples = _checked_examples(ctx, db, d.db, pool_json, vocab, xi, x_name, c.seed, counts)
+    doc = io.read_json(pool_json)
+
+    steps = [_vocab_add_point(ctx, r, index, vocab, xi, 0, {
+        "build_db_seconds": None, "refresh_seconds": None, "seconds_to_published_index": base_seconds,
+        "new_images": 0, "mode": "base build (DB without the class)"})]
+    chosen_images, chosen_anns, total = [], [], 0
+    it = iter(examples)
+    for n in track(counts, len(counts), f"vocab-add: {x_name} examples (build-db + refresh)", ctx.progress):
+        total, new = _take_examples(it, n, total, doc, chosen_images, chosen_anns)
+        step_json = io.join(work, f"pool_{n}.json")
+        io.write_json_atomic(step_json, {"images": chosen_images, "annotations": chosen_anns,
+                                         "categories": doc["categories"]})
+        timing = _build_and_refresh(ctx, pool, step_json, db, index)
+        steps.append(_vocab_add_point(ctx, r, index, vocab, xi, n, {
+            "build_db_seconds": timing["build_db_seconds"], "refresh_seconds": timing["refresh_seconds"],
+            "seconds_to_published_index": timing["seconds_to_published_index"], "new_images": new,
+            "mode": timing["mode"], "retrain_reason": timing["retrain_reason"]}))
+    rep = Report(out, "vocab-add", ctx.provenance({d.name: f"{d.db} without {x_name!r} ({base['rows']} segments), "
+                                                           f"then + N via build-db + refresh into {index}"},
+                                                  [c.seed], dataset=d.name, class_name=x_name))
+    rep.note(f"Class {x_name!r}: its {base['source_rows'] - base['rows']} segments are removed from {d.db}; then N of "
+             f"its examples from new pool images ({pool_json}, only their {x_name!r} segments labelled) go through "
+             f"`build-db` (ground-truth masks) into that DB and `refresh` publishes a new index version. Time = "
+             f"build-db + refresh, from the new images to a published index. Re-scored from the feature cache.")
+    others = [nm for nm in vocab.names if vocab.index_of(nm) != xi]
+    rep.table(f"PQ on {x_name!r} and on the other classes as N grows",
+              ["N", f"PQ {x_name}", "PQ others (mean)", "PQ all", "new images", "build-db s", "refresh s",
+               "to published index s", "refresh", "index"],
+              [[s["n"], s["pq_x"], s["pq_others_mean"], s["pq"], s["new_images"], s["build_db_seconds"],
+                s["refresh_seconds"], s["seconds_to_published_index"],
+                s.get("retrain_reason") or ("incremental" if s["n"] else "-"), s["index"]] for s in steps])
+    rep.table("PQ per class", ["N"] + list(vocab.names),
+              [[s["n"]] + [s["per_class"].get(nm) for nm in vocab.names] for s in steps])
+    _vocab_add_plot(rep, steps, others, x_name)
     return rep.write(TITLES["vocab-add"], {"dataset": d.name, "class": x_name, "steps": steps,
                                            "base_db_rows": base["rows"], "pool": pool_json})
 

@@ -217,6 +217,93 @@ def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def _read_label_parts(pred_uri: str, limit: int | None) -> tuple[list, dict | None, int, dict[str, dict], list[dict]]:
+    """(categories, provenance, total images, image id -> image entry, annotations up to ``limit``) of a
+    label output read from its parts: no merged panoptic.json needed."""
+    import itertools
+
+    from ragseg import labels_out
+
+    led = labels_out.open_labels(pred_uri)
+    cats = led.header.get("vocab", [])
+    prov = led.header.get("provenance")
+    total = int(led.header.get("totals", {}).get("images", 0)) - int(led.header.get("totals", {}).get("errors", 0))
+    entries = list(itertools.islice(labels_out.iter_images(pred_uri), limit if limit and limit > 0 else None))
+    images_meta = {str(a["id"]): {"id": a["id"], "uri": a["uri"], "file_name": a["file_name"]} for a in entries}
+    anns = [{"image_id": a["id"], "file_name": a["png_name"], "segments_info": a["segments_info"]} for a in entries]
+    return cats, prov, total, images_meta, anns
+
+
+def _read_panoptic_json(pred_uri: str, limit: int | None) -> tuple[list, dict | None, int, dict[str, dict], list[dict]]:
+    """The same as :func:`_read_label_parts`, from the output's merged ``panoptic.json``."""
+    pj = rio.join(pred_uri, "panoptic.json")
+    if not rio.exists(pj):
+        raise UserError(f"{pj} not found: is {pred_uri} the --out of a finished `ragseg label` run?")
+    data = rio.read_json(pj)
+    cats = data.get("categories", [])
+    prov = (data.get("info") or {}).get("provenance")
+    images_meta = {str(im["id"]): im for im in data.get("images", []) if "id" in im}
+    anns = list(data.get("annotations", []))
+    total = len(anns)
+    if limit is not None and limit > 0:
+        anns = anns[:limit]
+    return cats, prov, total, images_meta, anns
+
+
+def _ids_at_size(ids: np.ndarray, h: int, w: int, image_id: str) -> np.ndarray:
+    """The panoptic id map resized (nearest) to the image's size when it differs, with a warning."""
+    if ids.shape != (h, w):
+        log.warning("%s: panoptic PNG is %s, image is %s; resizing the ids (nearest)",
+                    image_id, ids.shape, (h, w))
+        ids = np.asarray(Image.fromarray(ids.astype(np.int32)).resize((w, h), Image.NEAREST))
+        ids = ids.astype(np.uint32)
+    return ids
+
+
+def _write_overlay(out_uri: str, name: str, canvas: Image.Image) -> None:
+    """Write the overlay PNG and its contact-sheet JPEG thumbnail."""
+    rio.write_bytes_atomic(rio.join(out_uri, "overlays", f"{name}.png"), _png_bytes(canvas))
+    tw = min(THUMB_W, canvas.width)
+    th = max(1, round(canvas.height * tw / canvas.width))
+    thumb = canvas.resize((tw, th), Image.BILINEAR)
+    rio.write_bytes_atomic(rio.join(out_uri, "thumbs", f"{name}.jpg"), _png_bytes(thumb, "JPEG"))
+
+
+def _class_summary(segs: list[dict], names: dict[int, str]) -> list[tuple[str, int, float]]:
+    """(class name, segment count, best score) per class of an image's segments, by name."""
+    cls: dict[str, list[float]] = {}
+    for s in segs:
+        n = names.get(int(s.get("category_id", -1)), str(s.get("category_id", "?")))
+        cls.setdefault(n, []).append(float(s["score"]) if s.get("score") is not None else float("nan"))
+    return sorted(((n, len(v), max(v)) for n, v in cls.items()), key=lambda t: t[0])
+
+
+def _visualize_one(ann: dict, finder: _ImageFinder, images_uri: str, pred_uri: str, out_uri: str,
+                   names: dict[int, str]) -> dict:
+    """Render and write one annotation's overlay; its contact-sheet entry (``error`` set on failure)."""
+    image_id = str(ann["image_id"])
+    name = rio.safe_name(image_id)
+    entry = {"image_id": image_id, "name": name, "error": "", "classes": []}
+    try:
+        segs = list(ann.get("segments_info", []))
+        src = finder.find(image_id)
+        if src is None:
+            raise FileNotFoundError(f"no image for id {image_id!r} under {images_uri}")
+        image = _read_rgb(src)
+        png = ann.get("file_name") or f"{name}.png"
+        ids = _read_ids(rio.join(pred_uri, "panoptic", png))
+        h, w = image.shape[:2]
+        ids = _ids_at_size(ids, h, w, image_id)
+        canvas = render_overlay(image, ids, segs, names)
+        _write_overlay(out_uri, name, canvas)
+        entry["classes"] = _class_summary(segs, names)
+        entry["source"] = src
+    except Exception as e:  # noqa: BLE001 - one bad image never stops the sheet
+        entry["error"] = describe(e)
+        log.warning("visualize %s: %s", image_id, entry["error"])
+    return entry
+
+
 def visualize(images_uri: str, pred_uri: str, out_uri: str, limit: int | None = 100, workers: int = 4) -> dict:
     """Write overlay PNGs and ``index.html`` for (at most ``limit``) images of a label output.
 
@@ -226,66 +313,16 @@ def visualize(images_uri: str, pred_uri: str, out_uri: str, limit: int | None = 
     """
     from ragseg import labels_out
 
-    if labels_out.is_label_output(pred_uri):  # read the parts: no merged panoptic.json needed
-        import itertools
-
-        led = labels_out.open_labels(pred_uri)
-        cats = led.header.get("vocab", [])
-        prov = led.header.get("provenance")
-        total = int(led.header.get("totals", {}).get("images", 0)) - int(led.header.get("totals", {}).get("errors", 0))
-        entries = list(itertools.islice(labels_out.iter_images(pred_uri), limit if limit and limit > 0 else None))
-        images_meta = {str(a["id"]): {"id": a["id"], "uri": a["uri"], "file_name": a["file_name"]} for a in entries}
-        anns = [{"image_id": a["id"], "file_name": a["png_name"], "segments_info": a["segments_info"]} for a in entries]
+    if labels_out.is_label_output(pred_uri):
+        cats, prov, total, images_meta, anns = _read_label_parts(pred_uri, limit)
     else:
-        pj = rio.join(pred_uri, "panoptic.json")
-        if not rio.exists(pj):
-            raise UserError(f"{pj} not found: is {pred_uri} the --out of a finished `ragseg label` run?")
-        data = rio.read_json(pj)
-        cats = data.get("categories", [])
-        prov = (data.get("info") or {}).get("provenance")
-        images_meta = {str(im["id"]): im for im in data.get("images", []) if "id" in im}
-        anns = list(data.get("annotations", []))
-        total = len(anns)
-        if limit is not None and limit > 0:
-            anns = anns[:limit]
+        cats, prov, total, images_meta, anns = _read_panoptic_json(pred_uri, limit)
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
     finder = _ImageFinder(images_uri, images_meta)
     rio.makedirs(out_uri)
 
     def one(ann: dict) -> dict:
-        image_id = str(ann["image_id"])
-        name = rio.safe_name(image_id)
-        entry = {"image_id": image_id, "name": name, "error": "", "classes": []}
-        try:
-            segs = list(ann.get("segments_info", []))
-            src = finder.find(image_id)
-            if src is None:
-                raise FileNotFoundError(f"no image for id {image_id!r} under {images_uri}")
-            image = _read_rgb(src)
-            png = ann.get("file_name") or f"{name}.png"
-            ids = _read_ids(rio.join(pred_uri, "panoptic", png))
-            h, w = image.shape[:2]
-            if ids.shape != (h, w):
-                log.warning("%s: panoptic PNG is %s, image is %s; resizing the ids (nearest)",
-                            image_id, ids.shape, (h, w))
-                ids = np.asarray(Image.fromarray(ids.astype(np.int32)).resize((w, h), Image.NEAREST))
-                ids = ids.astype(np.uint32)
-            canvas = render_overlay(image, ids, segs, names)
-            rio.write_bytes_atomic(rio.join(out_uri, "overlays", f"{name}.png"), _png_bytes(canvas))
-            tw = min(THUMB_W, canvas.width)
-            th = max(1, round(canvas.height * tw / canvas.width))
-            thumb = canvas.resize((tw, th), Image.BILINEAR)
-            rio.write_bytes_atomic(rio.join(out_uri, "thumbs", f"{name}.jpg"), _png_bytes(thumb, "JPEG"))
-            cls: dict[str, list[float]] = {}
-            for s in segs:
-                n = names.get(int(s.get("category_id", -1)), str(s.get("category_id", "?")))
-                cls.setdefault(n, []).append(float(s["score"]) if s.get("score") is not None else float("nan"))
-            entry["classes"] = sorted(((n, len(v), max(v)) for n, v in cls.items()), key=lambda t: t[0])
-            entry["source"] = src
-        except Exception as e:  # noqa: BLE001 - one bad image never stops the sheet
-            entry["error"] = describe(e)
-            log.warning("visualize %s: %s", image_id, entry["error"])
-        return entry
+        return _visualize_one(ann, finder, images_uri, pred_uri, out_uri, names)
 
     if workers and workers > 1 and len(anns) > 1:
         with ThreadPoolExecutor(max_workers=workers) as ex:

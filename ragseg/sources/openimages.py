@@ -107,63 +107,73 @@ def _bad_id(image_id: str) -> bool:
     return not image_id or "/" in image_id or "\\" in image_id or ".." in image_id
 
 
-def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]:
-    root = join(cfg.uri)
-    splits = _split_names(cfg.split)
+def _pick(root: str, explicit: str | None, names: list[str], what: str, required: bool = False) -> str | None:
+    """The configured file (which must exist), else the first of ``names`` under ``root`` that exists."""
+    if explicit:
+        return require(explicit, what)
+    found = first_existing([join(root, n) for n in names])
+    if found is None and required:
+        raise UserError(f"{what} not found under {root} (tried {names})")
+    return found
 
-    def pick(explicit: str | None, names: list[str], what: str, required: bool = False) -> str | None:
-        if explicit:
-            return require(explicit, what)
-        found = first_existing([join(root, n) for n in names])
-        if found is None and required:
-            raise UserError(f"{what} not found under {root} (tried {names})")
-        return found
 
-    desc_uri = pick(cfg.class_descriptions, ["oidv7-class-descriptions.csv", "oidv7-class-descriptions-boxable.csv",
-                                             "class-descriptions-boxable.csv", "class-descriptions.csv"],
-                    "Open Images class descriptions", required=True)
-    labels_uri = pick(cfg.image_labels, [n for s in splits for n in (
+def _csv_locations(cfg: SourceConfig, root: str, splits: list[str]) -> tuple[str, str | None, str | None, str | None]:
+    """The class descriptions, image labels, boxes and segmentations CSVs (the last three may be None)."""
+    desc_uri = _pick(root, cfg.class_descriptions, [
+        "oidv7-class-descriptions.csv", "oidv7-class-descriptions-boxable.csv",
+        "class-descriptions-boxable.csv", "class-descriptions.csv"],
+        "Open Images class descriptions", required=True)
+    labels_uri = _pick(root, cfg.image_labels, [n for s in splits for n in (
         f"oidv7-{s}-annotations-human-imagelabels.csv", f"{s}-annotations-human-imagelabels-boxable.csv",
         f"{s}-annotations-human-imagelabels.csv")], "Open Images image labels")
-    boxes_uri = pick(cfg.boxes, [n for s in splits for n in (
+    boxes_uri = _pick(root, cfg.boxes, [n for s in splits for n in (
         f"oidv7-{s}-annotations-bbox.csv", f"oidv6-{s}-annotations-bbox.csv", f"{s}-annotations-bbox.csv")],
         "Open Images boxes")
-    segs_uri = pick(cfg.segmentations, [n for s in splits for n in (
+    segs_uri = _pick(root, cfg.segmentations, [n for s in splits for n in (
         f"{s}-annotations-object-segmentation.csv", f"oidv7-{s}-annotations-object-segmentation.csv")],
         "Open Images segmentations")
     if cfg.image_list:
         require(cfg.image_list, "Open Images image list")
     if not (labels_uri or boxes_uri or segs_uri or cfg.image_list):
         raise UserError(f"no Open Images annotation CSV for split {cfg.split!r} under {root}")
-
-    names: dict[str, str] = {}
     assert desc_uri is not None
+    return desc_uri, labels_uri, boxes_uri, segs_uri
+
+
+def _class_names(desc_uri: str, errors: list[dict] | None) -> dict[str, str]:
+    """MID -> display name from the class descriptions CSV."""
+    names: dict[str, str] = {}
     for n, rec in _rows(desc_uri, errors, ("LabelName", "DisplayName"), header_optional=True):
         if not rec["LabelName"].strip() or not rec["DisplayName"].strip():
             add_error(errors, f"{desc_uri}:{n}", "", f"bad CSV line {n} of {desc_uri}: empty MID or name")
             continue
         names[rec["LabelName"].strip()] = rec["DisplayName"].strip()
+    return names
 
+
+def _checked_id(uri: str, n: int, rec: dict[str, str], names: dict[str, str], errors: list[dict] | None) -> str | None:
+    """The annotation line's ImageID, or None (reported) when the id is unusable or the MID unknown."""
+    image_id = rec["ImageID"].strip()
+    if _bad_id(image_id):
+        add_error(errors, f"{uri}:{n}", image_id, f"bad CSV line {n} of {uri}: unusable ImageID {image_id!r}")
+        return None
+    if rec["LabelName"].strip() not in names:
+        add_error(errors, f"{uri}:{n}", image_id, f"bad CSV line {n} of {uri}: unknown MID {rec['LabelName']!r}")
+        return None
+    return image_id
+
+
+def _image_labels(labels_uri: str | None, boxes_uri: str | None, names: dict[str, str],
+                  errors: list[dict] | None) -> tuple[dict[str, set[str]], set[str]]:
+    """Positive label names per image from the image-label and box CSVs, and every image they mention."""
     labels: dict[str, set[str]] = {}
-    segs: dict[str, list[dict]] = {}
     mentioned: set[str] = set()
-
-    def check(uri: str, n: int, rec: dict[str, str]) -> str | None:
-        image_id = rec["ImageID"].strip()
-        if _bad_id(image_id):
-            add_error(errors, f"{uri}:{n}", image_id, f"bad CSV line {n} of {uri}: unusable ImageID {image_id!r}")
-            return None
-        if rec["LabelName"].strip() not in names:
-            add_error(errors, f"{uri}:{n}", image_id, f"bad CSV line {n} of {uri}: unknown MID {rec['LabelName']!r}")
-            return None
-        return image_id
-
     for uri, cols in ((labels_uri, ("ImageID", "LabelName", "Confidence")),
                       (boxes_uri, ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"))):
         if not uri:
             continue
         for n, rec in _rows(uri, errors, cols):
-            image_id = check(uri, n, rec)
+            image_id = _checked_id(uri, n, rec, names, errors)
             if image_id is None:
                 continue
             try:
@@ -176,58 +186,92 @@ def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]
             mentioned.add(image_id)
             if conf >= 1.0:
                 labels.setdefault(image_id, set()).add(names[rec["LabelName"].strip()])
+    return labels, mentioned
 
-    if segs_uri:
-        masks_dir = cfg.masks_dir or first_existing([join(root, "masks", s) for s in splits]
-                                                    + [join(root, f"{s}-masks") for s in splits]) \
-            or join(root, "masks", cfg.split)
-        listed = list_names(masks_dir)
-        by_base = None if listed is None else {posixpath.basename(p): p for p in listed}
-        for n, rec in _rows(segs_uri, errors, ("MaskPath", "ImageID", "LabelName")):
-            image_id = check(segs_uri, n, rec)
-            if image_id is None:
-                continue
-            mentioned.add(image_id)
-            mask_rel = rec["MaskPath"].strip()
-            if not mask_rel or mask_rel.startswith("/") or ".." in mask_rel.split("/"):
-                add_error(errors, f"{segs_uri}:{n}", image_id, f"bad CSV line {n} of {segs_uri}: MaskPath {mask_rel!r}")
-                continue
-            if by_base is not None:
-                if mask_rel not in listed and posixpath.basename(mask_rel) not in by_base:
-                    add_error(errors, join(masks_dir, mask_rel), image_id,
-                              f"mask PNG not found: {join(masks_dir, mask_rel)} ({segs_uri} line {n})")
-                    continue
-                mask_rel = mask_rel if mask_rel in listed else by_base[posixpath.basename(mask_rel)]
-            lst = segs.setdefault(image_id, [])
-            lst.append({"id": len(lst) + 1, "label": names[rec["LabelName"].strip()], "isthing": True,
-                        "iscrowd": False, "mask_uri": join(masks_dir, mask_rel)})
 
+def _segments(cfg: SourceConfig, root: str, splits: list[str], segs_uri: str, names: dict[str, str],
+              errors: list[dict] | None) -> tuple[dict[str, list[dict]], set[str]]:
+    """Ground-truth segments per image from the segmentations CSV (mask PNGs checked against the masks
+    folder's listing), and every image it mentions."""
+    segs: dict[str, list[dict]] = {}
+    mentioned: set[str] = set()
+    masks_dir = cfg.masks_dir or first_existing([join(root, "masks", s) for s in splits]
+                                                + [join(root, f"{s}-masks") for s in splits]) \
+        or join(root, "masks", cfg.split)
+    listed = list_names(masks_dir)
+    by_base = None if listed is None else {posixpath.basename(p): p for p in listed}
+    for n, rec in _rows(segs_uri, errors, ("MaskPath", "ImageID", "LabelName")):
+        image_id = _checked_id(segs_uri, n, rec, names, errors)
+        if image_id is None:
+            continue
+        mentioned.add(image_id)
+        mask_rel = rec["MaskPath"].strip()
+        if not mask_rel or mask_rel.startswith("/") or ".." in mask_rel.split("/"):
+            add_error(errors, f"{segs_uri}:{n}", image_id, f"bad CSV line {n} of {segs_uri}: MaskPath {mask_rel!r}")
+            continue
+        if by_base is not None:
+            if mask_rel not in listed and posixpath.basename(mask_rel) not in by_base:
+                add_error(errors, join(masks_dir, mask_rel), image_id,
+                          f"mask PNG not found: {join(masks_dir, mask_rel)} ({segs_uri} line {n})")
+                continue
+            mask_rel = mask_rel if mask_rel in listed else by_base[posixpath.basename(mask_rel)]
+        lst = segs.setdefault(image_id, [])
+        lst.append({"id": len(lst) + 1, "label": names[rec["LabelName"].strip()], "isthing": True,
+                    "iscrowd": False, "mask_uri": join(masks_dir, mask_rel)})
+    return segs, mentioned
+
+
+def _image_list(image_list: str, errors: list[dict] | None) -> tuple[dict[str, str], list[str]]:
+    """The image list's images: ImageID -> URI for those with a path column value, and the ids without one."""
+    uris: dict[str, str] = {}
+    in_folder: list[str] = []
+    list_dir = image_list.rsplit("/", 1)[0] if "/" in image_list else "."
+    col = None
+    for n, rec in _rows(image_list, errors, ("ImageID",), header_optional=True):
+        if col is None:
+            lower = {k.lower(): k for k in rec}
+            col = next((lower[c] for c in URI_COLUMNS if c in lower), "")
+        image_id = rec["ImageID"].strip()
+        if _bad_id(image_id):
+            add_error(errors, f"{image_list}:{n}", image_id, f"bad CSV line {n}: unusable ImageID {image_id!r}")
+            continue
+        value = rec.get(col, "").strip() if col else ""
+        if not value:
+            in_folder.append(image_id)
+        elif "://" in value or value.startswith("/"):
+            uris[image_id] = value
+        else:
+            uris[image_id] = join(list_dir, value)
+    return uris, in_folder
+
+
+def _image_uris(cfg: SourceConfig, root: str, splits: list[str], mentioned: set[str],
+                errors: list[dict] | None) -> dict[str, str]:
+    """ImageID -> image URI: the image list's images, else every annotated image, in the images folder
+    unless the list gives a path."""
     uris: dict[str, str] = {}
     in_folder: list[str] = []  # ids whose image is <images folder>/<ImageID>.jpg
     if cfg.image_list:
-        list_dir = cfg.image_list.rsplit("/", 1)[0] if "/" in cfg.image_list else "."
-        col = None
-        for n, rec in _rows(cfg.image_list, errors, ("ImageID",), header_optional=True):
-            if col is None:
-                lower = {k.lower(): k for k in rec}
-                col = next((lower[c] for c in URI_COLUMNS if c in lower), "")
-            image_id = rec["ImageID"].strip()
-            if _bad_id(image_id):
-                add_error(errors, f"{cfg.image_list}:{n}", image_id, f"bad CSV line {n}: unusable ImageID {image_id!r}")
-                continue
-            value = rec.get(col, "").strip() if col else ""
-            if not value:
-                in_folder.append(image_id)
-            elif "://" in value or value.startswith("/"):
-                uris[image_id] = value
-            else:
-                uris[image_id] = join(list_dir, value)
+        uris, in_folder = _image_list(cfg.image_list, errors)
     else:
         in_folder = sorted(mentioned)
     if in_folder:
         images_dir = images_folder(cfg, root, splits, sorted(in_folder))
         uris.update({i: join(images_dir, i + IMAGE_EXT) for i in in_folder})
+    return uris
 
+
+def list_rows(cfg: SourceConfig, errors: list[dict] | None = None) -> list[dict]:
+    root = join(cfg.uri)
+    splits = _split_names(cfg.split)
+    desc_uri, labels_uri, boxes_uri, segs_uri = _csv_locations(cfg, root, splits)
+    names = _class_names(desc_uri, errors)
+    labels, mentioned = _image_labels(labels_uri, boxes_uri, names, errors)
+    segs: dict[str, list[dict]] = {}
+    if segs_uri:
+        segs, seg_mentioned = _segments(cfg, root, splits, segs_uri, names, errors)
+        mentioned |= seg_mentioned
+    uris = _image_uris(cfg, root, splits, mentioned, errors)
     rows = []
     for image_id, uri in uris.items():
         s = segs.get(image_id, [])

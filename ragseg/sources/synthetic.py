@@ -273,6 +273,126 @@ def _bbox_xywh(mask: np.ndarray) -> list[int]:
     return [int(x0), int(y0), int(x1 - x0), int(y1 - y0)]
 
 
+def _split_of(images: int, val_fraction: float) -> list[str]:
+    """The split of each image: the first ones ``train``, the last ``round(images * val_fraction)``
+    (at least 1 when asked for and possible, never all) ``val``."""
+    n_val = int(round(images * val_fraction))
+    if val_fraction > 0 and images >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, images - 1)
+    return ["train"] * (images - n_val) + ["val"] * n_val
+
+
+def _write_coco_image(coco: str, split: str, i: int, name: str, size: int, jpg: bytes,
+                      sc: Scene) -> tuple[dict, dict]:
+    """Write one image and its panoptic PNG in the COCO layout; returns its image and annotation entries."""
+    write_bytes_atomic(join(coco, split, name + ".jpg"), jpg)
+    write_bytes_atomic(join(coco, "annotations", f"panoptic_{split}", name + ".png"), _png(id_to_rgb(sc.ids)))
+    seg_info = [
+        {"id": s["id"], "category_id": s["category_id"], "area": int(s["mask"].sum()),
+         "bbox": _bbox_xywh(s["mask"]), "iscrowd": 0}
+        for s in sc.segments
+    ]
+    image = {"id": i, "file_name": name + ".jpg", "height": size, "width": size}
+    ann = {"image_id": i, "file_name": name + ".png", "segments_info": seg_info}
+    return image, ann
+
+
+def _write_ade_image(ade: str, split: str, name: str, size: int, jpg: bytes, sc: Scene,
+                     by_id: dict[int, ClassSpec]) -> np.ndarray:
+    """Write one image, its semantic index map (index = position in CLASSES + 1) and its panoptic PNG in
+    the ADE20k layout; returns the pixel count of each index."""
+    ade_split = ADE_SPLIT[split]
+    write_bytes_atomic(join(ade, "images", ade_split, name + ".jpg"), jpg)
+    sem = np.zeros((size, size), np.uint8)
+    for s in sc.segments:
+        sem[s["mask"]] = CLASSES.index(by_id[s["category_id"]]) + 1
+    write_bytes_atomic(join(ade, "annotations", ade_split, name + ".png"), _png(sem))
+    write_bytes_atomic(join(ade, f"ade20k_panoptic_{split}", name + ".png"), _png(id_to_rgb(sc.ids)))
+    return np.bincount(sem.ravel(), minlength=len(CLASSES) + 1)
+
+
+def _write_oi_image(oi: str, split: str, name: str, size: int, jpg: bytes, sc: Scene,
+                    by_id: dict[int, ClassSpec], rng: np.random.Generator, d: dict) -> None:
+    """Write one image and its things' mask PNGs in the Open Images layout, appending its image-list,
+    image-label (positives and up to 2 negatives drawn from ``rng``), box and segmentation rows to ``d``."""
+    write_bytes_atomic(join(oi, "images", split, name + ".jpg"), jpg)
+    d["list"].append([name, split, f"images/{split}/{name}.jpg", 0])
+    present_ids = sorted({s["category_id"] for s in sc.segments})
+    for cid in present_ids:
+        d["labels"].append([name, "verification", mid(by_id[cid]), 1])
+    absent = [c for c in CLASSES if c.id not in present_ids]
+    for k in rng.choice(len(absent), min(2, len(absent)), replace=False):
+        d["labels"].append([name, "verification", mid(absent[int(k)]), 0])
+    for s in sc.segments:
+        if not s["isthing"]:
+            continue
+        c = by_id[s["category_id"]]
+        x0, y0, x1, y1 = mask_bbox_xyxy(s["mask"])
+        box = [round(x0 / size, 6), round(x1 / size, 6), round(y0 / size, 6), round(y1 / size, 6)]
+        box_id = f"{s['id']:08x}"
+        occluded = int(s["mask"].sum() < s["full_area"])
+        truncated = int(x0 <= BORDER or y0 <= BORDER or x1 >= size - BORDER or y1 >= size - BORDER)
+        d["boxes"].append([name, "xclick", mid(c), 1, *box, occluded, truncated, 0, 0, 0])
+        mask_path = f"{name}_{mid(c).replace('/m/', 'm')}_{box_id}.png"
+        write_bytes_atomic(join(oi, "masks", split, mask_path), _png(s["mask"].astype(np.uint8) * 255))
+        d["segs"].append([mask_path, name, mid(c), box_id, *box, 0.95, ""])
+
+
+def _write_split_tables(split: str, d: dict, coco: str, ade: str, oi: str, cats: list[dict],
+                        by_id: dict[int, ClassSpec], seed: int) -> dict:
+    """Write one split's COCO and ADE20k panoptic JSONs and Open Images CSVs; returns its paths."""
+    coco_json = join(coco, "annotations", f"panoptic_{split}.json")
+    write_json_atomic(coco_json, {"info": {"description": "ragseg synthetic", "seed": seed},
+                                  "licenses": [], "images": d["images"], "annotations": d["anns"],
+                                  "categories": cats})
+    # Mask2Former's ADE20k panoptic json: string image ids (the file stem)
+    ade_images = [{**im, "id": im["file_name"][:-4]} for im in d["images"]]
+    ade_anns = [{**a, "image_id": a["file_name"][:-4]} for a in d["anns"]]
+    ade_json = join(ade, f"ade20k_panoptic_{split}.json")
+    ade_cats = [{**c, "name": ade_name(by_id[c["id"]])} for c in cats]
+    write_json_atomic(ade_json, {"images": ade_images, "annotations": ade_anns, "categories": ade_cats})
+    labels_csv = join(oi, f"oidv7-{split}-annotations-human-imagelabels.csv")
+    write_text_atomic(labels_csv, _csv(["ImageID", "Source", "LabelName", "Confidence"], d["labels"]))
+    boxes_csv = join(oi, f"oidv7-{split}-annotations-bbox.csv")
+    write_text_atomic(boxes_csv, _csv(
+        ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
+         "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"], d["boxes"]))
+    segs_csv = join(oi, f"{split}-annotations-object-segmentation.csv")
+    write_text_atomic(segs_csv, _csv(
+        ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
+         "PredictedIoU", "Clicks"], d["segs"]))
+    list_csv = join(oi, f"{split}-images-with-rotation.csv")
+    write_text_atomic(list_csv, _csv(["ImageID", "Subset", "OriginalURL", "Rotation"], d["list"]))
+    ade_split = ADE_SPLIT[split]
+    return {
+        "count": len(d["images"]),
+        "images": join(coco, split),
+        "coco_json": coco_json,
+        "coco_dir": join(coco, "annotations", f"panoptic_{split}"),
+        "image_ids": [im["file_name"][:-4] for im in d["images"]],
+        "ade_images": join(ade, "images", ade_split),
+        "ade_semantic_dir": join(ade, "annotations", ade_split),
+        "ade_panoptic_json": ade_json,
+        "ade_panoptic_dir": join(ade, f"ade20k_panoptic_{split}"),
+        "oi_images": join(oi, "images", split),
+        "oi_image_labels": labels_csv,
+        "oi_boxes": boxes_csv,
+        "oi_segmentations": segs_csv,
+        "oi_masks": join(oi, "masks", split),
+        "oi_image_list": list_csv,
+    }
+
+
+def _write_object_info(ade: str, pixel_count: np.ndarray, img_count: dict[str, np.ndarray]) -> None:
+    """Write the class list as ADEChallengeData2016 ships it: objectInfo150.txt, tab-separated."""
+    total = max(int(pixel_count.sum()), 1)
+    rows = [[k + 1, f"{pixel_count[k + 1] / total:.4f}", int(img_count['train'][k + 1]),
+             int(img_count['val'][k + 1]), ade_name(c)] for k, c in enumerate(CLASSES)]
+    lines = ["\t".join(["Idx", "Ratio", "Train", "Val", "Name"])] + ["\t".join(str(v) for v in r) for r in rows]
+    write_text_atomic(join(ade, "objectInfo150.txt"), "\n".join(lines) + "\n")
+
+
 def make_synthetic(out: str, images: int = 40, seed: int = 0, size: int = 128,
                    val_fraction: float = 0.25) -> dict:
     """Draw and write the synthetic set (see the module docstring); returns every path written."""
@@ -282,11 +402,7 @@ def make_synthetic(out: str, images: int = 40, seed: int = 0, size: int = 128,
         raise ValueError("size must be >= 32")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError("val_fraction must be in [0, 1)")
-    n_val = int(round(images * val_fraction))
-    if val_fraction > 0 and images >= 2:
-        n_val = max(1, n_val)
-    n_val = min(n_val, images - 1)
-    split_of = ["train"] * (images - n_val) + ["val"] * n_val
+    split_of = _split_of(images, val_fraction)
     cats = categories()
     by_id = {c.id: c for c in CLASSES}
     root = join(out)
@@ -307,49 +423,13 @@ def make_synthetic(out: str, images: int = 40, seed: int = 0, size: int = 128,
         sc = draw_scene(rng, size)
         jpg = _jpeg(sc.image)
         d = per_split[split]
-        # COCO panoptic
-        write_bytes_atomic(join(coco, split, name + ".jpg"), jpg)
-        write_bytes_atomic(join(coco, "annotations", f"panoptic_{split}", name + ".png"), _png(id_to_rgb(sc.ids)))
-        seg_info = [
-            {"id": s["id"], "category_id": s["category_id"], "area": int(s["mask"].sum()),
-             "bbox": _bbox_xywh(s["mask"]), "iscrowd": 0}
-            for s in sc.segments
-        ]
-        d["images"].append({"id": i, "file_name": name + ".jpg", "height": size, "width": size})
-        d["anns"].append({"image_id": i, "file_name": name + ".png", "segments_info": seg_info})
-        # ADE20k: images, semantic index map (index = position in CLASSES + 1), panoptic PNG
-        ade_split = ADE_SPLIT[split]
-        write_bytes_atomic(join(ade, "images", ade_split, name + ".jpg"), jpg)
-        sem = np.zeros((size, size), np.uint8)
-        for s in sc.segments:
-            sem[s["mask"]] = CLASSES.index(by_id[s["category_id"]]) + 1
-        write_bytes_atomic(join(ade, "annotations", ade_split, name + ".png"), _png(sem))
-        write_bytes_atomic(join(ade, f"ade20k_panoptic_{split}", name + ".png"), _png(id_to_rgb(sc.ids)))
-        present = np.bincount(sem.ravel(), minlength=len(CLASSES) + 1)
+        image, ann = _write_coco_image(coco, split, i, name, size, jpg, sc)
+        d["images"].append(image)
+        d["anns"].append(ann)
+        present = _write_ade_image(ade, split, name, size, jpg, sc, by_id)
         pixel_count += present
         img_count[split] += present > 0
-        # Open Images
-        write_bytes_atomic(join(oi, "images", split, name + ".jpg"), jpg)
-        d["list"].append([name, split, f"images/{split}/{name}.jpg", 0])
-        present_ids = sorted({s["category_id"] for s in sc.segments})
-        for cid in present_ids:
-            d["labels"].append([name, "verification", mid(by_id[cid]), 1])
-        absent = [c for c in CLASSES if c.id not in present_ids]
-        for k in rng.choice(len(absent), min(2, len(absent)), replace=False):
-            d["labels"].append([name, "verification", mid(absent[int(k)]), 0])
-        for s in sc.segments:
-            if not s["isthing"]:
-                continue
-            c = by_id[s["category_id"]]
-            x0, y0, x1, y1 = mask_bbox_xyxy(s["mask"])
-            box = [round(x0 / size, 6), round(x1 / size, 6), round(y0 / size, 6), round(y1 / size, 6)]
-            box_id = f"{s['id']:08x}"
-            occluded = int(s["mask"].sum() < s["full_area"])
-            truncated = int(x0 <= BORDER or y0 <= BORDER or x1 >= size - BORDER or y1 >= size - BORDER)
-            d["boxes"].append([name, "xclick", mid(c), 1, *box, occluded, truncated, 0, 0, 0])
-            mask_path = f"{name}_{mid(c).replace('/m/', 'm')}_{box_id}.png"
-            write_bytes_atomic(join(oi, "masks", split, mask_path), _png(s["mask"].astype(np.uint8) * 255))
-            d["segs"].append([mask_path, name, mid(c), box_id, *box, 0.95, ""])
+        _write_oi_image(oi, split, name, size, jpg, sc, by_id, rng, d)
 
     result: dict = {"root": root, "categories": join(root, "categories.json"),
                     "classes": [c.name for c in CLASSES], "things": [c.name for c in THINGS],
@@ -358,53 +438,7 @@ def make_synthetic(out: str, images: int = 40, seed: int = 0, size: int = 128,
                     "ade20k": {"root": ade, "class_list": join(ade, "objectInfo150.txt")},
                     "openimages": {"root": oi, "class_descriptions": join(oi, "oidv7-class-descriptions.csv")}}
     for split, d in per_split.items():
-        count = len(d["images"])
-        if count == 0:
-            continue
-        coco_json = join(coco, "annotations", f"panoptic_{split}.json")
-        write_json_atomic(coco_json, {"info": {"description": "ragseg synthetic", "seed": seed},
-                                      "licenses": [], "images": d["images"], "annotations": d["anns"],
-                                      "categories": cats})
-        # Mask2Former's ADE20k panoptic json: string image ids (the file stem)
-        ade_images = [{**im, "id": im["file_name"][:-4]} for im in d["images"]]
-        ade_anns = [{**a, "image_id": a["file_name"][:-4]} for a in d["anns"]]
-        ade_json = join(ade, f"ade20k_panoptic_{split}.json")
-        ade_cats = [{**c, "name": ade_name(by_id[c["id"]])} for c in cats]
-        write_json_atomic(ade_json, {"images": ade_images, "annotations": ade_anns, "categories": ade_cats})
-        labels_csv = join(oi, f"oidv7-{split}-annotations-human-imagelabels.csv")
-        write_text_atomic(labels_csv, _csv(["ImageID", "Source", "LabelName", "Confidence"], d["labels"]))
-        boxes_csv = join(oi, f"oidv7-{split}-annotations-bbox.csv")
-        write_text_atomic(boxes_csv, _csv(
-            ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
-             "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"], d["boxes"]))
-        segs_csv = join(oi, f"{split}-annotations-object-segmentation.csv")
-        write_text_atomic(segs_csv, _csv(
-            ["MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
-             "PredictedIoU", "Clicks"], d["segs"]))
-        list_csv = join(oi, f"{split}-images-with-rotation.csv")
-        write_text_atomic(list_csv, _csv(["ImageID", "Subset", "OriginalURL", "Rotation"], d["list"]))
-        ade_split = ADE_SPLIT[split]
-        result["splits"][split] = {
-            "count": count,
-            "images": join(coco, split),
-            "coco_json": coco_json,
-            "coco_dir": join(coco, "annotations", f"panoptic_{split}"),
-            "image_ids": [im["file_name"][:-4] for im in d["images"]],
-            "ade_images": join(ade, "images", ade_split),
-            "ade_semantic_dir": join(ade, "annotations", ade_split),
-            "ade_panoptic_json": ade_json,
-            "ade_panoptic_dir": join(ade, f"ade20k_panoptic_{split}"),
-            "oi_images": join(oi, "images", split),
-            "oi_image_labels": labels_csv,
-            "oi_boxes": boxes_csv,
-            "oi_segmentations": segs_csv,
-            "oi_masks": join(oi, "masks", split),
-            "oi_image_list": list_csv,
-        }
-    # the class list as ADEChallengeData2016 ships it: objectInfo150.txt, tab-separated
-    total = max(int(pixel_count.sum()), 1)
-    rows = [[k + 1, f"{pixel_count[k + 1] / total:.4f}", int(img_count['train'][k + 1]),
-             int(img_count['val'][k + 1]), ade_name(c)] for k, c in enumerate(CLASSES)]
-    lines = ["\t".join(["Idx", "Ratio", "Train", "Val", "Name"])] + ["\t".join(str(v) for v in r) for r in rows]
-    write_text_atomic(join(ade, "objectInfo150.txt"), "\n".join(lines) + "\n")
+        if d["images"]:
+            result["splits"][split] = _write_split_tables(split, d, coco, ade, oi, cats, by_id, seed)
+    _write_object_info(ade, pixel_count, img_count)
     return result

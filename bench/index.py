@@ -512,20 +512,18 @@ class _TreeRss:
 
 
 def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, dict]:
-    """:func:`build` with the sharded build's phase times (ragseg.index.build calls ``_checkpoint``
-    between its steps) and the peak RSS of the driver and the Ray workers."""
-    from ragseg.index import build as ib
+    """:func:`build` with the sharded build's phase times (ragseg.index.build reaches the fault
+    points ``index.<stage>`` between its steps, ragseg.faults) and the peak RSS of the driver and the Ray workers."""
+    from ragseg import faults
     from ragseg.index import faiss_util as fu
     from ragseg.index import shards as sh
 
     marks: dict[str, float] = {}
-    saved = ib._checkpoint
 
-    def mark(stage: str) -> None:
-        marks[stage] = time.time()
-        saved(stage)
+    def mark(name: str) -> None:
+        if name.startswith("index."):
+            marks[name[len("index."):]] = time.time()
 
-    ib._checkpoint = mark
     spent = {"sample_gather_s": 0.0, "train_only_s": 0.0}
     saved_gather, saved_train = sh.gather, fu.train
 
@@ -540,11 +538,11 @@ def build_phases(db: str, out: str, args) -> tuple[dict, float, object, dict, di
 
     sh.gather, fu.train = timed(saved_gather, "sample_gather_s"), timed(saved_train, "train_only_s")
     try:
-        with _TreeRss() as rss:
+        with _TreeRss() as rss, faults.hooked(mark):
             t0 = time.time()
             res, build_s, cfg = build(db, out, args)
     finally:
-        ib._checkpoint, sh.gather, fu.train = saved, saved_gather, saved_train
+        sh.gather, fu.train = saved_gather, saved_train
     rel = {k: round(v - t0, 1) for k, v in marks.items()}
     phases = {"train_s": rel.get("trained"), "add_s": round(rel["shards"] - rel["trained"], 1),
               "merge_s": round(rel["merged"] - rel["shards"], 1),

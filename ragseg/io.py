@@ -20,35 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from ragseg import faults
+
 TMP_MARK = ".tmp-"
 
 
-# Fault injection for the exactly-once tests: with RAGSEG_FAULT_AFTER_WRITES=k and
-# RAGSEG_FAULT_COUNTER=<file>, every write or delete below counts itself in that file (shared by the
-# driver and its workers) and the k-th one, once done, SIGKILLs its whole process group: the job dies
-# right after that step, as a kill -9 would leave it (k=0 only counts).
-FAULT_AFTER = "RAGSEG_FAULT_AFTER_WRITES"
-FAULT_COUNTER = "RAGSEG_FAULT_COUNTER"
-
-
 def _fault_tick() -> None:
-    k = os.environ.get(FAULT_AFTER)
-    if not k:
-        return
-    import fcntl
-    import signal
-
-    with open(os.environ[FAULT_COUNTER], "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        n = int(f.read().strip() or 0) + 1
-        f.seek(0)
-        f.truncate()
-        f.write(str(n))
-        f.flush()
-        os.fsync(f.fileno())
-    if n == int(k):
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+    """The ``io.write`` fault point after each write or delete (:mod:`ragseg.faults`)."""
+    faults.point("io.write")
 
 
 # URI prefix -> fsspec storage options (e.g. {"anon": True} for a public bucket), registered by

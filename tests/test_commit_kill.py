@@ -2,7 +2,7 @@
 
 The job runs its real driver (lease, ledger, compaction, panoptic.json) and its real piece writers,
 with generated stage results instead of models (ragseg.testing.generated, inline executor), in a
-forked child. The io fault hook (RAGSEG_FAULT_AFTER_WRITES=k) SIGKILLs the child right after the k-th
+forked child. The io fault point (ragseg.faults, RAGSEG_FAULT_AFTER_WRITES=k) SIGKILLs the child right after the k-th
 write or delete of the job. For every k up to the number of steps of a clean run, the killed job is
 rerun to completion and its output must equal the clean run's: same committed rows, every image in
 exactly one committed piece, same PNGs, same panoptic.json content; and only named objects remain
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import only_named_objects
 
-from ragseg import io
+from ragseg import faults, io
 
 N_IMAGES = 5  # 3 pieces of 2 (one image fails: errors tables), compaction every 2 pieces
 
@@ -72,8 +72,8 @@ def _forked(kind: str, cfg, fault_at: int | None, counter: str) -> int:
         code = 1
         try:
             os.setpgid(0, 0)
-            os.environ[io.FAULT_COUNTER] = counter
-            os.environ[io.FAULT_AFTER] = str(fault_at or 0)  # 0: count the steps, never fire
+            os.environ[faults.FAULT_COUNTER] = counter
+            os.environ[faults.FAULT_AFTER] = str(fault_at or 0)  # 0: count the steps, never fire
             _run(kind, cfg)
             code = 0
         except BaseException:  # noqa: BLE001

@@ -326,14 +326,14 @@ def test_refresh_reader_and_failures(tmp_path, ray_local, monkeypatch):
     write_manifest(db, shards)
 
     # failure injected after the merge: CURRENT stays, no version dir appears
-    def boom(stage):
-        if stage == "merged":
+    def boom(name):
+        if name == "index.merged":
             raise RuntimeError("injected")
 
-    monkeypatch.setattr(b, "_checkpoint", boom)
-    with pytest.raises(RuntimeError, match="injected"):
+    from ragseg import faults
+
+    with faults.hooked(boom), pytest.raises(RuntimeError, match="injected"):
         b.refresh_index(db, cfg)
-    monkeypatch.undo()
     assert vs.current_version(out) == "v0001" and vs.list_versions(out) == ["v0001"]
 
     r2 = b.refresh_index(db, cfg)

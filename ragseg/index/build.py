@@ -5,8 +5,9 @@
 shard tasks' results; ``_Quality``); the staging dir carries the files from one step to the next.
 Steps -> functions: 1 ``_plan``; 2-4 ``_sample_and_train`` (a refresh without retraining:
 ``_reuse_live``); 5 and 6b ``_add_shards``; 6 ``_write_labels``, ``_merge``; 7 ``_quality``;
-8 ``_meta``, ``_publish``. Between steps ``_checkpoint(stage)`` is called ("trained", "shards",
-"merged", "before_finalize", "before_publish"; tests inject failures there).
+8 ``_meta``, ``_publish``. Between steps the fault point ``index.<stage>`` is reached
+(:mod:`ragseg.faults`: "trained", "shards", "merged", "before_finalize", "before_publish"; tests
+inject failures there, the index benchmark times the phases).
 
 build_index:
   1. read the DB's committed pieces (ragseg.ledger, bulk reads) and check with one listing that
@@ -70,8 +71,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from ragseg import faults, provenance
 from ragseg import io as rio
-from ragseg import provenance
 from ragseg.config import JobConfig
 from ragseg.errors import UserError
 from ragseg.index import faiss_util as fu
@@ -91,7 +92,8 @@ LIVE_DIR = "_live"  # staging copy of the live version's merged lists during an 
 
 
 def _checkpoint(stage: str) -> None:
-    """Hook between build steps (tests inject failures here)."""
+    """The fault point ``index.<stage>`` between build steps (:mod:`ragseg.faults`)."""
+    faults.point(f"index.{stage}")
 
 
 # ----------------------------------------------------------------------------------------------

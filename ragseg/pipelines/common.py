@@ -4,6 +4,7 @@ progress and the closing summary."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 import uuid
@@ -215,6 +216,10 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
         # Ray and the listing first, eagerly: a cluster that cannot be reached or a full disk is the
         # job's only line, before it says what it is going to do
         init_ray(cfg.ray)
+        # Ray's PythonGCThread runs gc.collect() on the driver whenever the raylet asks (object store
+        # pressure); the driver's heap is mostly modules and configs loaded at start-up, which never
+        # become garbage: frozen, a full collection walks only what the job itself makes
+        gc.freeze()
         if isinstance(pending, listing.Listing):
             uri, offsets, schema = pending.uri, pending.offsets, pending.schema
         else:

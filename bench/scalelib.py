@@ -285,22 +285,10 @@ def s3_server(fills: list[str] = ()):
         line = proc.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"the local S3 server did not start (exit {proc.poll()})")
-        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        import s3fs
+        from ragseg.testing.s3 import s3_env
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
+        with s3_env(f"http://127.0.0.1:{port}") as env:
             yield env
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            s3fs.S3FileSystem.clear_instance_cache()
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -39,11 +39,9 @@ def start_moto():
 
 
 @contextlib.contextmanager
-def moto_s3_env():
-    """moto's S3 server on 127.0.0.1 while the block runs, with the AWS_* variables pointing s3fs (and
-    every subprocess or Ray worker started meanwhile) at it; yields those variables. Also used by
-    bench/scale.py."""
-    proc, endpoint = start_moto()
+def s3_env(endpoint: str):
+    """While the block runs, the AWS_* variables point s3fs (and every subprocess or Ray worker started
+    meanwhile) at the S3 server ``endpoint``; yields those variables."""
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
@@ -60,5 +58,16 @@ def moto_s3_env():
             else:
                 os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextlib.contextmanager
+def moto_s3_env():
+    """moto's S3 server on 127.0.0.1 while the block runs, with :func:`s3_env` pointing at it; yields
+    the AWS_* variables. Also used by bench/scale.py."""
+    proc, endpoint = start_moto()
+    try:
+        with s3_env(endpoint) as env:
+            yield env
+    finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ragseg.config import JobConfig
+from ragseg.errors import UserError
 from ragseg.stages.batch import batch_len
 
 TIME_PREFIX = "t_"
@@ -146,7 +147,7 @@ def pending_source(out: str, source, ledger, per_piece: int, errors: list[dict],
     :func:`pending_rows`: ``pending`` is an Arrow table. Both have ``num_rows``."""
     import pyarrow as pa
 
-    from ragseg.sources import folder, list_table, register_storage_options, row_schema
+    from ragseg.sources import folder, list_table, no_images_message, register_storage_options, row_schema
 
     if retry_errors:
         from ragseg.pipelines.retry import retry_rows
@@ -169,6 +170,8 @@ def pending_source(out: str, source, ledger, per_piece: int, errors: list[dict],
             if done is not None:
                 t = t.filter(pa.array(~done.contains(t.column("image_id"))))
             w.add(t)
+        if listed == 0:  # nothing for the job to do is a mistake to report, as list_table does
+            raise UserError(no_images_message(source, errors))
     except BaseException:
         w.abort()
         raise

@@ -199,7 +199,11 @@ def test_ctrl_c_stops_and_a_rerun_resumes(world, tmp_path):
     n = _committed(out)
     assert err[-1] == f"interrupted: {n} pieces committed; rerun the same command to resume"
     assert 1 <= n < 18
-    second, _ = _interrupt(args, out, signals=2)  # the second Ctrl-C exits at once
+    # the second Ctrl-C exits at once; on a folder of its own, so that the job still has work when
+    # the signals land (the first run's workers may have committed all but a piece or two meanwhile)
+    out2 = str(tmp_path / "db2")
+    args2 = [*args[:args.index("--out")], "--out", out2, *args[args.index("--out") + 2:]]
+    second, _ = _interrupt(args2, out2, signals=2)
     assert second.returncode == 130 and "interrupted again" in lines(second.stderr)[-1], second.stderr
     resumed = ragseg(*args)
     assert resumed.returncode == 0, resumed.stderr

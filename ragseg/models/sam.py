@@ -377,6 +377,16 @@ def wrap_encoder(encoder, device: str, device_cfg, compile_: bool = False) -> No
 
 
 
+def stack_box_masks(masks_out: list, ious_out: list, multimask: bool, hw: tuple[int, int],
+                    return_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One image's box prompts, answered a chunk at a time, as (n, k, H, W) masks (logits or bool) and
+    (n, k) IoU predictions (k = 3 with ``multimask``); empty arrays of those shapes for no box."""
+    if not masks_out:
+        k = 3 if multimask else 1
+        return np.zeros((0, k, *hw), np.float32 if return_logits else bool), np.zeros((0, k), np.float32)
+    return np.concatenate(masks_out), np.concatenate(ious_out)
+
+
 def chunks(n: int, size: int):
     """(start, end) of consecutive slices of ``size`` over ``n`` items."""
     for s in range(0, n, size):

@@ -8,7 +8,7 @@ import numpy as np
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from ragseg.config import ModelsConfig
-from ragseg.models.sam import chunks, load_sam2, wrap_encoder
+from ragseg.models.sam import chunks, load_sam2, stack_box_masks, wrap_encoder
 
 
 class Sam2Batch:
@@ -73,10 +73,7 @@ class Sam2Batch:
                     ious_out.append(q.float().cpu().numpy())
         finally:
             p.reset_predictor()
-        if not masks_out:
-            k = 3 if multimask else 1
-            return np.zeros((0, k, h, w), np.float32 if return_logits else bool), np.zeros((0, k), np.float32)
-        return np.concatenate(masks_out), np.concatenate(ious_out)
+        return stack_box_masks(masks_out, ious_out, multimask, (h, w), return_logits)
 
 
 class StagedSam2Predictor(SAM2ImagePredictor):

@@ -13,6 +13,7 @@ from ragseg.models.sam import (
     load_sam,
     resize_longest,
     sam_input_shape,
+    stack_box_masks,
     use_sdpa,
     wrap_encoder,
 )
@@ -87,10 +88,7 @@ class SamBatch:
                     ious_out.append(q.float().cpu().numpy())
         finally:
             p.reset_image()
-        if not masks_out:
-            k = 3 if multimask else 1
-            return np.zeros((0, k, h, w), np.float32 if return_logits else bool), np.zeros((0, k), np.float32)
-        return np.concatenate(masks_out), np.concatenate(ious_out)
+        return stack_box_masks(masks_out, ious_out, multimask, (h, w), return_logits)
 
 
 class StagedSamPredictor(SamPredictor):

@@ -22,7 +22,7 @@ from ragseg.errors import UserError
 from ragseg.experiments import cache as fc
 from ragseg.experiments.report import Report
 from ragseg.experiments.rescore import GroundTruth, Rescorer, Retrieval, class_subset_pq
-from ragseg.experiments.world import Dataset, datasets, gt_paths, pick
+from ragseg.experiments.world import Dataset, datasets, gt_paths, pick, pick_with_db
 
 TITLES = {
     "domain-shift": "Domain shift: CLIP on full vs masked regions vs retrieval",
@@ -325,9 +325,7 @@ def run_db_size(ctx: Context, out: str) -> dict:
     from ragseg.experiments.stats import mean_std, saturation
 
     c = ctx.cfg.experiment.db_size
-    d = pick(ctx.sets, c.dataset, "db-size")
-    if not d.db:
-        raise UserError(f"db-size needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    d = pick_with_db(ctx.sets, c.dataset, "db-size")
     r = ctx.rescorer(d)
     N = len(db_labels(d.db))
     fractions = sorted(set(c.fractions))
@@ -451,9 +449,7 @@ def run_coverage(ctx: Context, out: str) -> dict:
     from ragseg.experiments.derive import db_labels, derived_index, labels_in
 
     c = ctx.cfg.experiment.coverage
-    d = pick(ctx.sets, c.dataset, "coverage")
-    if not d.db:
-        raise UserError(f"coverage needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    d = pick_with_db(ctx.sets, c.dataset, "coverage")
     r = ctx.rescorer(d)
     vocab = ctx.vocab(d)
     labels = db_labels(d.db)
@@ -758,9 +754,7 @@ def run_vocab_add(ctx: Context, out: str) -> dict:
     from ragseg.config import SourceConfig
 
     c = ctx.cfg.experiment.vocab_add
-    d = pick(ctx.sets, c.dataset, "vocab-add")
-    if not d.db:
-        raise UserError(f"vocab-add needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    d = pick_with_db(ctx.sets, c.dataset, "vocab-add")
     vocab = ctx.vocab(d)
     x_name, xi = _vocab_add_class(c.class_name, vocab, d.vocab)
     pool = c.pool or (SourceConfig.model_validate(ctx.extras["pool"]) if ctx.extras.get("pool") else None)

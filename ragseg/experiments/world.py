@@ -89,6 +89,14 @@ def pick(sets: list[Dataset], name: str | None, what: str, default: int = 0) -> 
     raise UserError(f"{what}: no experiment dataset named {name!r} (have {[d.name for d in sets]})")
 
 
+def pick_with_db(sets: list[Dataset], name: str | None, what: str) -> Dataset:
+    """:func:`pick`, for a study that reads the dataset's feature DB: one line when it has none."""
+    d = pick(sets, name, what)
+    if not d.db:
+        raise UserError(f"{what} needs the feature DB of dataset {d.name} (experiment.datasets[].db)")
+    return d
+
+
 # ----------------------------------------------------------------------------------------------
 # the embedded world
 # ----------------------------------------------------------------------------------------------

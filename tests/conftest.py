@@ -199,3 +199,17 @@ def repo_root_stays_clean():
     yield
     new = sorted(n for n in watched if (root / n).exists() and n not in before)
     assert not new, f"tests wrote into the repository root: {new} (give the job an --out under tmp_path)"
+
+
+def commit_path_cfg(kind: str, images: str, out: str, vocab: str):
+    """The commit-path tests' config: build-db (``kind`` "db") or label over the folder ``images`` into
+    ``out``, 2 images a piece, compaction every 2 commits."""
+    from ragseg.config import load_config
+
+    common = ["commit.compact_every=2", "ray.progress=false"]
+    if kind == "db":
+        return load_config(None, common + ["source.kind=folder", f"source.uri={images}", f"build_db.out={out}",
+                                           "build_db.images_per_shard=2"])
+    return load_config(None, common + ["label.images.kind=folder", f"label.images.uri={images}",
+                                       f"label.vocab={vocab}", f"label.out={out}", "label.images_per_shard=2",
+                                       "label.panoptic_json=always"])

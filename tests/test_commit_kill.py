@@ -19,6 +19,7 @@ import traceback
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import commit_path_cfg as _cfg
 from conftest import only_named_objects
 
 from ragseg import faults, io
@@ -33,18 +34,6 @@ def _images(root) -> str:
         with open(os.path.join(d, f"im{i}.jpg"), "wb") as f:
             f.write(b"not decoded: the generated results stand in for the stages")
     return d
-
-
-def _cfg(kind: str, images: str, out: str, vocab: str):
-    from ragseg.config import load_config
-
-    common = ["commit.compact_every=2", "ray.progress=false"]
-    if kind == "db":
-        return load_config(None, common + ["source.kind=folder", f"source.uri={images}", f"build_db.out={out}",
-                                           "build_db.images_per_shard=2"])
-    return load_config(None, common + ["label.images.kind=folder", f"label.images.uri={images}",
-                                       f"label.vocab={vocab}", f"label.out={out}", "label.images_per_shard=2",
-                                       "label.panoptic_json=always"])
 
 
 def _run(kind: str, cfg) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import commit_path_cfg as _cfg
 from PIL import Image
 
 from ragseg import io, ledger
@@ -86,18 +87,6 @@ class Decoded:
             if col in out:
                 out[col] = np.asarray([int(v or 0) for v in out[col]], np.int64)
         return out
-
-
-def _cfg(kind: str, images: str, out: str, vocab: str):
-    from ragseg.config import load_config
-
-    common = ["commit.compact_every=2", "ray.progress=false"]
-    if kind == "db":
-        return load_config(None, common + ["source.kind=folder", f"source.uri={images}", f"build_db.out={out}",
-                                           "build_db.images_per_shard=2"])
-    return load_config(None, common + ["label.images.kind=folder", f"label.images.uri={images}",
-                                       f"label.vocab={vocab}", f"label.out={out}", "label.images_per_shard=2",
-                                       "label.panoptic_json=always"])
 
 
 def _run(kind: str, images: str, out: str, vocab: str, **retry) -> dict:

@@ -192,7 +192,10 @@ def _features(db: str) -> pa.Table:
 
 def test_ctrl_c_stops_and_a_rerun_resumes(world, tmp_path):
     out = str(tmp_path / "db")
-    args = ["build-db", "--config", world["cfg"], "--out", out, "--set", "build_db.images_per_shard=1"]
+    # a piece an image, read one piece at a time: few pieces in flight when the first commit shows, so
+    # the Ctrl-C lands with work left (in-flight pieces may still commit)
+    args = ["build-db", "--config", world["cfg"], "--out", out, "--set", "build_db.images_per_shard=1",
+            "--set", "ray.pieces_per_read_task=1", "--set", "ray.read_concurrency=1"]
     first, _ = _interrupt(args, out, signals=1)
     err = lines(first.stderr)
     assert first.returncode == 130, first.stderr

@@ -219,10 +219,6 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
         # Ray and the listing first, eagerly: a cluster that cannot be reached or a full disk is the
         # job's only line, before it says what it is going to do
         init_ray(cfg.ray)
-        # Ray's PythonGCThread runs gc.collect() on the driver whenever the raylet asks (object store
-        # pressure); the driver's heap is mostly modules and configs loaded at start-up, which never
-        # become garbage: frozen, a full collection walks only what the job itself makes
-        gc.freeze()
         if isinstance(pending, listing.Listing):
             uri, offsets, schema = pending.uri, pending.offsets, pending.schema
         else:
@@ -236,6 +232,11 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
 
         from ragseg.pipelines import listing
 
+        # Ray's PythonGCThread runs gc.collect() on the driver whenever the raylet asks (object store
+        # pressure); the driver's heap is mostly modules and configs loaded before the job, which do not
+        # become garbage while it runs: frozen, a full collection walks only what the job itself makes.
+        # Unfrozen at the end, so a process running many jobs (experiments, tests) collects them again
+        gc.freeze()
         try:
             pieces = len(offsets) - 1
             cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -254,6 +255,7 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
             # only our own listing: a job fenced off after its lease expired must not delete the one of
             # the job that took the folder over (a killed run's are removed at the next start)
             listing.remove_listing(uri)
+            gc.unfreeze()
 
     return execute
 

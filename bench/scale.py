@@ -463,10 +463,7 @@ def inline_graph(a) -> dict:
     kind = a._graph
     work = tempfile.mkdtemp(prefix="bench-scale-inline-", dir=a.workdir)
     try:
-        imgs = a._images or os.path.join(work, "imgs")
-        if not a._images:
-            scalelib.jpeg_tree(imgs, a._n, tuple(a.graph_hw))
-            scalelib.remove_proto(imgs)
+        imgs = scalelib.graph_images(a, work)
         out = os.path.join(work, "out")
         scale_graphs.patch_models(StandInSpec(segments=a.segments_per_image, mask_pool=a.mask_pool, dim=DIM))
         over = [*scalelib.ray_overrides(a.images_per_block), "ray.model_actors=1"]

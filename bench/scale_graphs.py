@@ -69,10 +69,7 @@ def child_graph(a) -> dict:
     kind = a._graph
     work = tempfile.mkdtemp(prefix=f"bench-scale-{kind}-", dir=a.workdir)
     try:
-        imgs = a._images or os.path.join(work, "imgs")
-        if not a._images:
-            scalelib.jpeg_tree(imgs, a._n, tuple(a.graph_hw))
-            scalelib.remove_proto(imgs)
+        imgs = scalelib.graph_images(a, work)
         out = os.path.join(work, "out")
         spec = StandInSpec(segments=a.segments_per_image, mask_pool=a.mask_pool, dim=768,
                            images_per_s=a.stand_in_rate or None)

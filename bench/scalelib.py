@@ -206,6 +206,17 @@ def remove_proto(d: str) -> None:
             os.remove(os.path.join(d, f))
 
 
+def graph_images(a, work: str) -> str:
+    """The graph runs' image folder: ``a._images`` when the parent made it, else ``a._n`` JPEGs of
+    ``a.graph_hw`` generated under ``work``."""
+    if a._images:
+        return a._images
+    imgs = os.path.join(work, "imgs")
+    jpeg_tree(imgs, a._n, tuple(a.graph_hw))
+    remove_proto(imgs)
+    return imgs
+
+
 # ----------------------------------------------------------------------------------------------
 # Local S3 server (module docstring)
 # ----------------------------------------------------------------------------------------------

@@ -288,7 +288,8 @@ def _run_child(args: list[str], a) -> dict:
 
 def _common(a) -> list[str]:
     out = ["--piece-images", str(a.piece_images), "--segments", str(a.segments), "--executor", a.executor,
-           "--images-per-block", str(a.images_per_block), "--mask-pool", str(a.mask_pool),
+           "--images-per-block", str(a.images_per_block), "--scheduler-wait", str(a.scheduler_wait),
+           "--mask-pool", str(a.mask_pool),
            "--graph-hw", ",".join(map(str, a.graph_hw)), "--stand-in-rate", str(a.stand_in_rate),
            "--model-actors", str(a.model_actors), "--cpus-per-actor", str(a.cpus_per_actor),
            "--compact-every", str(a.compact_every), "--json-segments", str(a.json_segments),
@@ -341,7 +342,7 @@ def bench_cpu(a) -> list[dict]:
 
         out.append({"benchmark": "scale_driver_cpu", "graph": graph, "executor": a.executor,
                     "stages": last.get("stages"), "segments_per_image": a.segments, "piece_images": a.piece_images,
-                    "images_per_block": a.images_per_block, "image_hw": list(a.graph_hw), "mask_pool": a.mask_pool,
+                    "images_per_block": a.images_per_block, "scheduler_wait_s": a.scheduler_wait, "image_hw": list(a.graph_hw), "mask_pool": a.mask_pool,
                     "stand_in_images_per_s": a.stand_in_rate or None, "model_actors": a.model_actors,
                     "cpus_per_actor": a.cpus_per_actor, "runs": runs,
                     "driver_cpu_s_per_1m_segments": last["driver_cpu_s_per_1m_segments"],
@@ -520,6 +521,8 @@ def main() -> None:
     ap.add_argument("--cpu-images", type=_ints, default=[5000, 50000],
                     help="one driver per size; 50k images x 20 segments = 1M segments")
     ap.add_argument("--images-per-block", type=int, default=None, help="default: RayConfig().images_per_block")
+    ap.add_argument("--scheduler-wait", type=float, default=None, help="ray.scheduler_wait_s of the graph runs "
+                    "(default: RayConfig().scheduler_wait_s)")
     ap.add_argument("--graph-hw", type=_ints, default=[48, 64], help="size of the JPEGs the graphs decode")
     ap.add_argument("--mask-pool", type=int, default=64, help="masks per image size the stand-ins draw from")
     ap.add_argument("--stand-in-rate", type=float, default=0.0,
@@ -567,6 +570,7 @@ def main() -> None:
     from ragseg.config import CommitConfig, LabelConfig, RayConfig
 
     a.images_per_block = a.images_per_block or RayConfig().images_per_block
+    a.scheduler_wait = a.scheduler_wait or RayConfig().scheduler_wait_s
     a.compact_every = a.compact_every or CommitConfig().compact_every
     a.max_segments = a.max_segments or CommitConfig().max_segments
     a.json_max_images = a.json_max_images or LabelConfig().panoptic_json_max_images

@@ -75,6 +75,7 @@ def child_graph(a) -> dict:
                            images_per_s=a.stand_in_rate or None)
         patch_models(spec)
         common_over = [*scalelib.ray_overrides(a.images_per_block), f"ray.model_actors={a.model_actors}",
+                       f"ray.scheduler_wait_s={a.scheduler_wait}",
                        f"ray.cpus_per_actor={a.cpus_per_actor}"]
         stages: list = []
         if kind == "build-db":

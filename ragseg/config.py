@@ -78,6 +78,11 @@ class RayConfig(Strict):
     # read tasks of the listing running at once (they take no CPU slot; each is a worker process)
     read_concurrency: int = Field(default=4, ge=1)
     max_errored_blocks: int = 0
+    # the longest Ray Data's scheduling loop on the driver waits for task completions before it looks
+    # again (Ray's own value: 0.1 s). Each look costs the driver CPU whatever the work; the tasks of
+    # these jobs take seconds, so looking less often costs no throughput (bench/scale.py: 21% less
+    # driver CPU at 0.5 s, same segments/s). A new task is dispatched up to this long after a completion
+    scheduler_wait_s: float = Field(default=0.5, gt=0, le=5.0)
     # ragseg's progress display and end summary on stderr: a bar on a terminal, else a plain line
     # every progress_interval_s seconds
     progress: bool = True

@@ -54,6 +54,23 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     ctx.max_errored_blocks = cfg.max_errored_blocks
 
 
+def set_scheduler_wait(seconds: float | None) -> float | None:
+    """Set how long Ray Data's scheduling loop (in this driver) waits for task completions per step
+    (``ray.scheduler_wait_s``); returns the value it replaces (None: nothing set). Ray Data keeps it in
+    a module constant of its streaming executor (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``, read at every
+    step); with a Ray Data that has none, the setting is ignored with a warning."""
+    from ray.data._internal.execution import streaming_executor_state as ses
+
+    if seconds is None:
+        return None
+    old = getattr(ses, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None)
+    if old is None:
+        log.warning("ray.scheduler_wait_s is ignored: this Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
+        return None
+    ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = float(seconds)
+    return old
+
+
 def _probe(addr: str, timeout: float) -> None:
     """One TCP connect to the cluster's address (GCS ``host:port`` or ``ray://host:port``), so an
     unreachable cluster is one line after ``timeout`` s, not minutes of Ray's own retries."""

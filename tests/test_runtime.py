@@ -48,3 +48,19 @@ def test_unreachable_cluster_is_one_line_exit_2(tmp_path, tiny_cfg_path):
                           "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "cannot reach the Ray cluster" in res.stderr
+
+
+def test_scheduler_wait_sets_ray_datas_loop_wait_and_gives_back_the_old_one():
+    """ray.scheduler_wait_s reaches the constant Ray Data's scheduling loop reads at every step (a Ray
+    upgrade that renames it fails here, not silently in production)."""
+    from ray.data._internal.execution import streaming_executor_state as ses
+
+    from ragseg.runtime import set_scheduler_wait
+
+    before = ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+    old = set_scheduler_wait(0.7)
+    try:
+        assert old == before and ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0.7
+    finally:
+        assert set_scheduler_wait(old) == 0.7
+    assert ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == before and set_scheduler_wait(None) is None

@@ -237,6 +237,9 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
         # become garbage while it runs: frozen, a full collection walks only what the job itself makes.
         # Unfrozen at the end, so a process running many jobs (experiments, tests) collects them again
         gc.freeze()
+        from ragseg.runtime import set_scheduler_wait
+
+        wait0 = set_scheduler_wait(cfg.ray.scheduler_wait_s)  # this job's; the process's again at the end
         try:
             pieces = len(offsets) - 1
             cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -255,6 +258,7 @@ def ray_executor(graph: Callable[[Any], Any], out: str) -> Executor:
             # only our own listing: a job fenced off after its lease expired must not delete the one of
             # the job that took the folder over (a killed run's are removed at the next start)
             listing.remove_listing(uri)
+            set_scheduler_wait(wait0)
             gc.unfreeze()
 
     return execute

@@ -139,14 +139,14 @@ def strip_extension(paths):
     return pc.replace_substring_regex(paths, pattern=_EXT, replacement=r"\1\2")
 
 
-def _dedup(fs, base_path: str, rel_arr, errors: list[dict] | None):
+def _dedup(fs, base_path: str, rel_arr, errors: list[dict] | None, ids=None):
     """(ids, rels) of ``rel_arr`` sorted by id, then path, with a second file of an id reported as an
-    error row (the first path wins)."""
+    error row (the first path wins). ``ids``: ``strip_extension(rel_arr)`` when the caller has it."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ids = strip_extension(rel_arr)
+    ids = strip_extension(rel_arr) if ids is None else ids
     n = len(ids)
     if n > 1 and not pc.all(pc.less(ids.slice(0, n - 1), ids.slice(1))).as_py():
         # not already in id order without repeats (a listing in key order nearly always is)
@@ -231,16 +231,18 @@ def iter_tables(cfg: SourceConfig, errors: list[dict] | None = None, batch_rows:
 
     def batch(rels, final: bool):
         nonlocal carry
+        ids = strip_extension(rels)  # once a batch (the regex is most of a batch's CPU)
         if not final and len(rels):
             last = rels[-1].as_py()
             cands = sorted({last[:i] for i, ch in enumerate(last) if ch == "."})
-            held = pc.is_in(strip_extension(rels), value_set=pa.array(cands, pa.string())) if cands else None
+            held = pc.is_in(ids, value_set=pa.array(cands, pa.string())) if cands else None
             if held is not None and pc.any(held).as_py():
                 carry = rels.filter(held)
-                rels = rels.filter(pc.invert(held))
+                keep = pc.invert(held)
+                rels, ids = rels.filter(keep), ids.filter(keep)
             else:
                 carry = pa.array([], pa.string())
-        ids, rel_arr = _dedup(fs, base_path, rels, errors)
+        ids, rel_arr = _dedup(fs, base_path, rels, errors, ids)
         return _rows(fs, base_path, ids, rel_arr)
 
     for page in pages:

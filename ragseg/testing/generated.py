@@ -202,6 +202,9 @@ class StandInSegment(_StandIn):
     (ragseg.masks.SEG_COLUMNS), one mask per box when the row has boxes, else ``segments`` masks."""
 
     def fill(self, batch, out, n, errors):
+        from ragseg.stages.segment import SAM_INPUT
+
+        out.pop(SAM_INPUT, None)  # as the mask model's stage: the resized copy goes no further
         cols: dict[str, list] = {k: [] for k in ("seg_masks_rle", "seg_labels", "seg_ids", "seg_isthing",
                                                  "seg_scores", "seg_areas", "seg_boxes")}
         for i in range(n):

@@ -292,7 +292,7 @@ def _common(a) -> list[str]:
            "--mask-pool", str(a.mask_pool),
            "--graph-hw", ",".join(map(str, a.graph_hw)), "--stand-in-rate", str(a.stand_in_rate),
            "--model-actors", str(a.model_actors), "--cpus-per-actor", str(a.cpus_per_actor),
-           "--compact-every", str(a.compact_every), "--json-segments", str(a.json_segments),
+           "--compact-every", str(a.compact_every), "--resume-listing", a.resume_listing, "--json-segments", str(a.json_segments),
            "--json-max-images", str(a.json_max_images)]
     return out + (["--workdir", a.workdir] if a.workdir else [])
 
@@ -413,8 +413,12 @@ def bench_resume(a) -> dict:
             r = _run_child(["--_child", "resume", "--_out", out, "--_images", f"s3://bkt/{scale_startup.PREFIX}{k}"], a)
             runs.append({"objects_in_bucket": n, "folder": shape, "prep_s": round(prep, 1), **r})
     last = runs[-1]
-    paper = scale_startup.extrapolate(last, a.resume_target)
+    if a.resume_listing == "task":
+        paper = scale_startup.extrapolate_task(runs[0], last, a.resume_target)
+    else:
+        paper = scale_startup.extrapolate(last, a.resume_target)
     return {"benchmark": "scale_resume", "store": "s3 (local moto server, bisect listing: bench/scalelib.py)",
+            "listing_in": a.resume_listing,
             "pieces": a.resume_pieces, "piece_images": a.piece_images, "done_share_of_listed": a.resume_done_share,
             "compact_every": a.compact_every, "runs": runs,
             "peak_rss_ratio_largest_over_smallest": round(last["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
@@ -545,6 +549,8 @@ def main() -> None:
     ap.add_argument("--resume-done-share", type=float, default=0.19,
                     help="share of the listed images the committed pieces cover (30k x 64 of 10M)")
     ap.add_argument("--resume-target", type=int, default=10_000_000)
+    ap.add_argument("--resume-listing", default="task", choices=["task", "driver"],
+                    help="where the restarted job lists: a Ray task (the jobs on Ray) or the driver (inline)")
     ap.add_argument("--history-runs", type=int, default=1000)
     ap.add_argument("--history-pieces", type=int, default=30000)
     ap.add_argument("--max-segments", type=int, default=None, help="default: CommitConfig().max_segments")

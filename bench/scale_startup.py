@@ -125,6 +125,13 @@ def child_resume(a) -> dict:
 
     out, src = a._out, a._images
     cfg = SourceConfig(kind="folder", uri=src)
+    ray_cfg = None
+    if a.resume_listing == "task":  # as the jobs on Ray: the listing is a Ray task; Ray's start is not timed
+        from ragseg.config import RayConfig
+        from ragseg.runtime import init_ray
+
+        ray_cfg = RayConfig(num_cpus=2, object_store_memory=500 * 2**20, node_ip_address="127.0.0.1")
+        init_ray(ray_cfg)
     pages_t, idset_t, upload_t = _Timer(), _Timer(), _Timer()
     s3list.iter_key_pages = pages_t.gen(s3list.iter_key_pages)
     IdSet.__init__ = idset_t.call(IdSet.__init__)
@@ -148,13 +155,15 @@ def child_resume(a) -> dict:
         out, labels_out.KIND, a.compact_every, 60.0, 64, lambda: None, None))
     errors: list = []
     pending, listed = step("listing_filter_write_upload",
-                           functools.partial(common.pending_source, out, cfg, led, a.piece_images, errors))
+                           functools.partial(common.pending_source, out, cfg, led, a.piece_images, errors,
+                                             ray_cfg=ray_cfg))
     step("lease_release", lease.release)
     with_listing = steps["listing_filter_write_upload"]
     pages = pages_t.calls
     rows_other_cpu = with_listing["cpu_s"] - pages_t.cpu - idset_t.cpu - upload_t.cpu
     size = int(pending.offsets[-1]) if pending.uri else 0
-    return {"objects": listed, "pending": pending.num_rows, "pages": pages,
+    return {"objects": listed, "pending": pending.num_rows, "pages": pages, "listing_in": a.resume_listing,
+            "listing_task_cpu_s": round(pending.cpu_s, 3) if ray_cfg is not None and pending.cpu_s else None,
             "steps": steps, "listing_pages": pages_t.report(), "idset_build": idset_t.report(),
             "listing_upload": {**upload_t.report(), "bytes": size},
             "batches_filter_write_cpu_s": round(rows_other_cpu, 3),
@@ -163,6 +172,25 @@ def child_resume(a) -> dict:
             "rss_before_mb": round(rss0 / 2**20, 1),
             "peak_rss_mb": round(scalelib.peak_rss_kb() / 1024, 1) if hwm else None,
             "loadavg_start": load0, "loadavg_end": scalelib.load()}
+
+
+def extrapolate_task(first: dict, last: dict, target_objects: int) -> dict:
+    """As the jobs run it (the listing in a Ray task): the driver's CPU at ``target_objects`` objects,
+    linear through the two measured sizes (its per-object part is what grows), and the listing task's
+    CPU scaled by objects; the wall time of the listing is the pages' latency (it runs meanwhile)."""
+    span = max(last["objects"] - first["objects"], 1)
+    drv = lambda r: r["total_cpu_s"]  # noqa: E731 - every step's driver CPU
+    slope = (drv(last) - drv(first)) / span
+    task = last["listing_task_cpu_s"] or 0.0
+    pages = target_objects / 1000
+    return {"objects": target_objects, "pages": int(pages),
+            "driver_cpu_s_measured": {str(first["objects"]): drv(first), str(last["objects"]): drv(last)},
+            "driver_cpu_s_per_1m_objects_marginal": round(slope * 1e6, 3),
+            "driver_cpu_s": round(drv(last) + slope * (target_objects - last["objects"]), 1),
+            "listing_task_cpu_s": round(task * target_objects / max(last["objects"], 1), 1),
+            "listing_wall_s_at_measured_page_latency":
+                round(last["steps"]["listing_filter_write_upload"]["wall_s"] / max(last["pages"] or last["objects"] / 1000, 1)
+                      * pages, 1)}
 
 
 def extrapolate(run: dict, target_objects: int, per_page: int = 1000) -> dict:

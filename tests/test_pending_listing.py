@@ -92,14 +92,8 @@ def test_streamed_listing_matches_the_whole_listing_s3(s3_server):
         assert sorted(map(str, e1)) == sorted(map(str, e2))
 
 
-def test_pending_source_writes_only_the_pending_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(folder, "BATCH_ROWS", 4)
-    _make(str(tmp_path / "imgs"), NAMES)
-    out = str(tmp_path / "out")
-    cfg = SourceConfig(kind="folder", uri=str(tmp_path / "imgs"))
-    whole = list_table(cfg)
-    ids = whole.column("image_id").to_pylist()
-    done = ids[::3]
+def _committed(out: str, done: list[str]):
+    """A label folder whose committed pieces cover ``done`` (4 images a piece): (its ledger, compactor)."""
     header = ledger.new_header("labels")
     ledger.write_header(out, header)
     comp = ledger.Compactor(out, header, every=2, seconds=1e9)
@@ -108,7 +102,18 @@ def test_pending_source_writes_only_the_pending_rows(tmp_path, monkeypatch):
                                    errors=0, empty_images=0, data_path="x", errors_path=None, parts_path=None,
                                    stage_seconds={}))
     comp.flush()
-    led = ledger.load(out, "labels")
+    return ledger.load(out, "labels"), comp
+
+
+def test_pending_source_writes_only_the_pending_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder, "BATCH_ROWS", 4)
+    _make(str(tmp_path / "imgs"), NAMES)
+    out = str(tmp_path / "out")
+    cfg = SourceConfig(kind="folder", uri=str(tmp_path / "imgs"))
+    whole = list_table(cfg)
+    ids = whole.column("image_id").to_pylist()
+    done = ids[::3]
+    led, comp = _committed(out, done)
     errs = []
     pending, listed = pending_source(out, cfg, led, 5, errs)
     assert isinstance(pending, listing.Listing) and listed == len(ids) and len(errs) == 3
@@ -127,6 +132,28 @@ def test_pending_source_writes_only_the_pending_rows(tmp_path, monkeypatch):
     listing.clear_listings(out)
     pending, _ = pending_source(out, cfg, ledger.load(out, "labels"), 5, [])
     assert pending.num_rows == 0 and pending.uri is None and not os.path.exists(listing.listing_dir(out))
+
+
+def test_jobs_on_ray_list_in_a_task_with_the_same_rows_errors_and_one_line_failures(tmp_path, ray_local):
+    """With ``ray_cfg`` (the jobs on Ray) the listing runs as a Ray task (ragseg.pipelines.pending): the
+    same pending rows and duplicate-id errors as listed here, and an empty folder is the same UserError."""
+    from ragseg.config import RayConfig
+    from ragseg.errors import UserError
+
+    _make(str(tmp_path / "imgs"), NAMES)
+    out = str(tmp_path / "out")
+    cfg = SourceConfig(kind="folder", uri=str(tmp_path / "imgs"))
+    ids = list_table(cfg).column("image_id").to_pylist()
+    led, _ = _committed(out, ids[::3])
+    e_here, e_task = [], []
+    here, n_here = pending_source(out, cfg, led, 5, e_here)
+    task, n_task = pending_source(out, cfg, led, 5, e_task, ray_cfg=RayConfig())
+    assert n_task == n_here == len(ids) and len(e_task) == 3 and sorted(map(str, e_task)) == sorted(map(str, e_here))
+    assert task.uri != here.uri and task.cpu_s is not None
+    assert pa.concat_tables(list(task.iter_pieces())).equals(pa.concat_tables(list(here.iter_pieces())))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(UserError, match="no images"):
+        pending_source(out, SourceConfig(kind="folder", uri=str(tmp_path / "empty")), led, 5, [], ray_cfg=RayConfig())
 
 
 def test_s3_page_parser_reads_url_encoded_keys_and_the_token():

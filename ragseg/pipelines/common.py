@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from ragseg.config import JobConfig
-from ragseg.errors import UserError
 from ragseg.stages.batch import batch_len
 
 TIME_PREFIX = "t_"
@@ -133,21 +132,19 @@ def pending_rows(rows, ledger):
 
 
 def pending_source(out: str, source, ledger, per_piece: int, errors: list[dict], retry_errors: bool = False,
-                   errors_matching: str | None = None):
+                   errors_matching: str | None = None, ray_cfg=None):
     """List a job's source and keep the images no committed piece covers: (pending, images listed).
     With ``retry_errors``: the listed images whose latest outcome is an error (matching
     ``errors_matching``), :func:`ragseg.pipelines.retry.retry_rows`, from the whole listing.
 
     A folder without ``limit`` / ``shard`` (the 10M-image corpora) is listed a batch of pages at a
-    time (:func:`ragseg.sources.folder.iter_tables`), each batch filtered against the committed ids
-    (:class:`ragseg.idset.IdSet`) and appended to the pending listing file
-    (:class:`ragseg.pipelines.listing.ListingWriter`), so the driver never holds the listing:
-    ``pending`` is then the written :class:`~ragseg.pipelines.listing.Listing`. Other sources are
-    listed whole (their annotation files are read whole anyway) and filtered with
-    :func:`pending_rows`: ``pending`` is an Arrow table. Both have ``num_rows``."""
-    import pyarrow as pa
-
-    from ragseg.sources import folder, list_table, no_images_message, register_storage_options, row_schema
+    time, each batch filtered against the committed ids and appended to the pending listing file, so
+    nothing holds the listing (:mod:`ragseg.pipelines.pending`): ``pending`` is then the written
+    :class:`~ragseg.pipelines.listing.Listing`. With ``ray_cfg`` (the jobs on Ray) that work runs as a
+    Ray task, not on the driver; without (the inline executor), here. Other sources are listed whole
+    (their annotation files are read whole anyway) and filtered with :func:`pending_rows`:
+    ``pending`` is an Arrow table. Both have ``num_rows``."""
+    from ragseg.sources import folder, list_table
 
     if retry_errors:
         from ragseg.pipelines.retry import retry_rows
@@ -157,25 +154,12 @@ def pending_source(out: str, source, ledger, per_piece: int, errors: list[dict],
     if source.kind != "folder" or not folder.streamable(source):
         rows = list_table(source, errors=errors)
         return pending_rows(rows, ledger), rows.num_rows
-    from ragseg.idset import IdSet
-    from ragseg.pipelines import listing
+    from ragseg.pipelines import pending
 
-    register_storage_options(source)
-    done = IdSet(ledger.covered_image_ids()) if ledger is not None and ledger.records.num_rows else None
-    w = listing.ListingWriter(out, row_schema(), per_piece)
-    listed = 0
-    try:
-        for t in folder.iter_tables(source, errors):
-            listed += t.num_rows
-            if done is not None:
-                t = t.filter(pa.array(~done.contains(t.column("image_id"))))
-            w.add(t)
-        if listed == 0:  # nothing for the job to do is a mistake to report, as list_table does
-            raise UserError(no_images_message(source, errors))
-    except BaseException:
-        w.abort()
-        raise
-    return w.close(), listed
+    done = ledger.covered_image_ids() if ledger is not None and ledger.records.num_rows else None
+    if ray_cfg is None:
+        return pending.list_pending(out, source, done, per_piece, errors)
+    return pending.list_pending_remote(out, source, done, per_piece, errors, ray_cfg)
 
 
 def stage_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:

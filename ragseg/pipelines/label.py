@@ -287,7 +287,7 @@ def run_label(cfg: JobConfig, execute: Executor | None = None, *, retry_errors: 
 
         source_errors: list[dict] = []
         pending, n_listed = pending_source(out, lc.images, led, lc.images_per_shard, source_errors, retry_errors,
-                                           errors_matching)
+                                           errors_matching, ray_cfg=cfg.ray if execute is None else None)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         del led  # the committed ids were only needed to filter the listing
         stats.errors += write_source_errors(out, source_errors, provenance.to_bytes(prov))

@@ -66,6 +66,7 @@ class Listing:
     offsets: np.ndarray
     schema: object
     num_rows: int
+    cpu_s: float | None = None  # CPU seconds of the listing that wrote it, where it ran (a Ray task)
 
     def iter_pieces(self) -> Iterator:
         """Its pieces as Arrow tables, read back one ranged read at a time (the inline executor)."""

@@ -175,22 +175,32 @@ def child_resume(a) -> dict:
 
 
 def extrapolate_task(first: dict, last: dict, target_objects: int) -> dict:
-    """As the jobs run it (the listing in a Ray task): the driver's CPU at ``target_objects`` objects,
-    linear through the two measured sizes (its per-object part is what grows), and the listing task's
-    CPU scaled by objects; the wall time of the listing is the pages' latency (it runs meanwhile)."""
+    """As the jobs run it (the listing in a Ray task): the driver's CPU at ``target_objects`` objects =
+    its steps that depend on the pieces only (lease, ledger load + adopt, release), as measured, plus
+    its share of the listing step (submitting, waiting) extrapolated through the two measured sizes;
+    the listing task's CPU likewise (its fixed part: the worker's start, the id set). A slope below 0
+    (noise) counts as 0. The listing's wall time is the pages' latency, one after the other."""
     span = max(last["objects"] - first["objects"], 1)
-    drv = lambda r: r["total_cpu_s"]  # noqa: E731 - every step's driver CPU
-    slope = (drv(last) - drv(first)) / span
-    task = last["listing_task_cpu_s"] or 0.0
+
+    def at_target(a: float, b: float) -> tuple[float, float]:
+        slope = max((b - a) / span, 0.0)
+        return b + slope * (target_objects - last["objects"]), slope
+
+    fixed = sum(last["steps"][k]["cpu_s"] for k in ("lease", "ledger_open_and_adopt", "lease_release"))
+    step = "listing_filter_write_upload"
+    drv_listing, drv_slope = at_target(first["steps"][step]["cpu_s"], last["steps"][step]["cpu_s"])
+    task, task_slope = at_target(first["listing_task_cpu_s"] or 0.0, last["listing_task_cpu_s"] or 0.0)
     pages = target_objects / 1000
     return {"objects": target_objects, "pages": int(pages),
-            "driver_cpu_s_measured": {str(first["objects"]): drv(first), str(last["objects"]): drv(last)},
-            "driver_cpu_s_per_1m_objects_marginal": round(slope * 1e6, 3),
-            "driver_cpu_s": round(drv(last) + slope * (target_objects - last["objects"]), 1),
-            "listing_task_cpu_s": round(task * target_objects / max(last["objects"], 1), 1),
+            "driver_fixed_steps_cpu_s": round(fixed, 2),
+            "driver_listing_step_cpu_s_measured": {str(r["objects"]): r["steps"][step]["cpu_s"] for r in (first, last)},
+            "driver_listing_step_cpu_us_per_object": round(drv_slope * 1e6, 3),
+            "driver_cpu_s": round(fixed + drv_listing, 1),
+            "listing_task_cpu_s_measured": {str(r["objects"]): r["listing_task_cpu_s"] for r in (first, last)},
+            "listing_task_cpu_us_per_object": round(task_slope * 1e6, 3),
+            "listing_task_cpu_s": round(task, 1),
             "listing_wall_s_at_measured_page_latency":
-                round(last["steps"]["listing_filter_write_upload"]["wall_s"] / max(last["pages"] or last["objects"] / 1000, 1)
-                      * pages, 1)}
+                round(last["steps"][step]["wall_s"] / max(last["objects"] / 1000, 1) * pages, 1)}
 
 
 def extrapolate(run: dict, target_objects: int, per_page: int = 1000) -> dict:

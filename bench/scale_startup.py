@@ -159,7 +159,7 @@ def child_resume(a) -> dict:
                                              ray_cfg=ray_cfg))
     step("lease_release", lease.release)
     with_listing = steps["listing_filter_write_upload"]
-    pages = pages_t.calls
+    pages = pages_t.calls if ray_cfg is None else None  # the task's pages are not counted here
     rows_other_cpu = with_listing["cpu_s"] - pages_t.cpu - idset_t.cpu - upload_t.cpu
     size = int(pending.offsets[-1]) if pending.uri else 0
     return {"objects": listed, "pending": pending.num_rows, "pages": pages, "listing_in": a.resume_listing,

@@ -14,7 +14,9 @@ Two ways to act on them:
 - across processes (a job's driver and its Ray workers), the environment: with
   ``RAGSEG_FAULT_AFTER_WRITES=k`` and ``RAGSEG_FAULT_COUNTER=<file>``, every ``io.*`` point counts
   itself in that file (under a lock) and the k-th one SIGKILLs its whole process group: the job dies
-  right after that step, as a ``kill -9`` would leave it (k=0 only counts).
+  right after that step, as a ``kill -9`` would leave it (k=0 only counts); with
+  ``RAGSEG_FAULT_SLOW_WRITES_S=s`` every ``io.*`` point sleeps ``s`` seconds (a slow store: the
+  Ctrl-C tests make sure pieces are still in flight when the signal lands).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 
 FAULT_AFTER = "RAGSEG_FAULT_AFTER_WRITES"
 FAULT_COUNTER = "RAGSEG_FAULT_COUNTER"
+SLOW_WRITES = "RAGSEG_FAULT_SLOW_WRITES_S"
 
 _HOOKS: list[Callable[[str], None]] = []
 
@@ -33,6 +36,10 @@ def point(name: str) -> None:
     """A named seam: the active hooks see it; an ``io.*`` point also ticks the kill counter."""
     for hook in list(_HOOKS):
         hook(name)
+    if name.startswith("io.") and os.environ.get(SLOW_WRITES):
+        import time
+
+        time.sleep(float(os.environ[SLOW_WRITES]))
     if name.startswith("io.") and os.environ.get(FAULT_AFTER):
         _kill_counter_tick(int(os.environ[FAULT_AFTER]))
 

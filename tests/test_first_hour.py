@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ragseg import faults
+
 RAGSEG = os.path.join(os.path.dirname(sys.executable), "ragseg")
 MAX_JOB_STDERR_LINES = 5
 
@@ -165,11 +167,17 @@ def _committed(out: str) -> int:
     return committed_pieces(out)
 
 
-def _interrupt(args: list[str], out: str, signals: int) -> tuple[subprocess.CompletedProcess, float]:
-    """Start a job, send ``signals`` SIGINTs once it has committed a piece more than before, wait."""
+def _interrupt(args: list[str], out: str, signals: int, slow_writes_s: float = 0.0
+               ) -> tuple[subprocess.CompletedProcess, float]:
+    """Start a job, send ``signals`` SIGINTs once it has committed a piece more than before, wait.
+    ``slow_writes_s``: every write of the job (driver and workers) takes that much longer
+    (ragseg.faults), so that pieces are still in flight when the signals land."""
     before = _committed(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if slow_writes_s:
+        env[faults.SLOW_WRITES] = str(slow_writes_s)
     proc = subprocess.Popen([RAGSEG, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                            env=env, start_new_session=True)
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None and _committed(out) <= before:
         time.sleep(0.1)
@@ -192,11 +200,12 @@ def _features(db: str) -> pa.Table:
 
 def test_ctrl_c_stops_and_a_rerun_resumes(world, tmp_path):
     out = str(tmp_path / "db")
-    # a piece an image, read one piece at a time: few pieces in flight when the first commit shows, so
-    # the Ctrl-C lands with work left (in-flight pieces may still commit)
+    # a piece an image, read one piece at a time, every write 0.3 s slower: the Ctrl-C lands with work
+    # left (on an idle machine the 18 tiny pieces could otherwise all be in flight, and all commit, by the
+    # time the first commit shows; in-flight pieces may still commit)
     args = ["build-db", "--config", world["cfg"], "--out", out, "--set", "build_db.images_per_shard=1",
             "--set", "ray.pieces_per_read_task=1", "--set", "ray.read_concurrency=1"]
-    first, _ = _interrupt(args, out, signals=1)
+    first, _ = _interrupt(args, out, signals=1, slow_writes_s=0.3)
     err = lines(first.stderr)
     assert first.returncode == 130, first.stderr
     n = _committed(out)
@@ -206,7 +215,7 @@ def test_ctrl_c_stops_and_a_rerun_resumes(world, tmp_path):
     # the signals land (the first run's workers may have committed all but a piece or two meanwhile)
     out2 = str(tmp_path / "db2")
     args2 = [*args[:args.index("--out")], "--out", out2, *args[args.index("--out") + 2:]]
-    second, _ = _interrupt(args2, out2, signals=2)
+    second, _ = _interrupt(args2, out2, signals=2, slow_writes_s=0.3)
     assert second.returncode == 130 and "interrupted again" in lines(second.stderr)[-1], second.stderr
     resumed = ragseg(*args)
     assert resumed.returncode == 0, resumed.stderr

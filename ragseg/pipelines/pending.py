@@ -58,7 +58,9 @@ def _task(out: str, source: SourceConfig, done_ids, per_piece: int):
 
 def list_pending_remote(out: str, source: SourceConfig, done_ids, per_piece: int, errors: list[dict],
                         ray_cfg: RayConfig):
-    """:func:`list_pending` as one Ray task (1 CPU) on this driver's node; Ray is started if it is not."""
+    """:func:`list_pending` as one Ray task on this driver's node; Ray is started if it is not. The task
+    reserves no CPU (like the listing's read tasks): a head node started with ``--num-cpus 0``, as
+    clusters often are, still runs it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -67,7 +69,7 @@ def list_pending_remote(out: str, source: SourceConfig, done_ids, per_piece: int
     init_ray(ray_cfg)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ids_ref = ray.put(done_ids)
-    ref = ray.remote(_task).options(num_cpus=1, max_retries=0, scheduling_strategy=here,
+    ref = ray.remote(_task).options(num_cpus=0, max_retries=0, scheduling_strategy=here,
                                     name="ragseg-list-pending").remote(out, source, ids_ref, per_piece)
     try:
         lst, listed, errs = ray.get(ref)
@@ -79,7 +81,5 @@ def list_pending_remote(out: str, source: SourceConfig, done_ids, per_piece: int
     except BaseException:  # a Ctrl-C: the task stops too
         ray.cancel(ref, force=True)
         raise
-    finally:
-        del ids_ref
     errors.extend(errs)
     return lst, listed

@@ -200,12 +200,12 @@ def _features(db: str) -> pa.Table:
 
 def test_ctrl_c_stops_and_a_rerun_resumes(world, tmp_path):
     out = str(tmp_path / "db")
-    # a piece an image, read one piece at a time, every write 0.3 s slower: the Ctrl-C lands with work
+    # a piece an image, read one piece at a time, every write 0.2 s slower: the Ctrl-C lands with work
     # left (on an idle machine the 18 tiny pieces could otherwise all be in flight, and all commit, by the
     # time the first commit shows; in-flight pieces may still commit)
     args = ["build-db", "--config", world["cfg"], "--out", out, "--set", "build_db.images_per_shard=1",
             "--set", "ray.pieces_per_read_task=1", "--set", "ray.read_concurrency=1"]
-    first, _ = _interrupt(args, out, signals=1, slow_writes_s=0.3)
+    first, _ = _interrupt(args, out, signals=1, slow_writes_s=0.2)
     err = lines(first.stderr)
     assert first.returncode == 130, first.stderr
     n = _committed(out)
@@ -215,7 +215,7 @@ def test_ctrl_c_stops_and_a_rerun_resumes(world, tmp_path):
     # the signals land (the first run's workers may have committed all but a piece or two meanwhile)
     out2 = str(tmp_path / "db2")
     args2 = [*args[:args.index("--out")], "--out", out2, *args[args.index("--out") + 2:]]
-    second, _ = _interrupt(args2, out2, signals=2, slow_writes_s=0.3)
+    second, _ = _interrupt(args2, out2, signals=2, slow_writes_s=0.2)
     assert second.returncode == 130 and "interrupted again" in lines(second.stderr)[-1], second.stderr
     resumed = ragseg(*args)
     assert resumed.returncode == 0, resumed.stderr

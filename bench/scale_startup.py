@@ -127,10 +127,10 @@ def child_resume(a) -> dict:
     cfg = SourceConfig(kind="folder", uri=src)
     ray_cfg = None
     if a.resume_listing == "task":  # as the jobs on Ray: the listing is a Ray task; Ray's start is not timed
-        from ragseg.config import RayConfig
+        from ragseg.config import load_config
         from ragseg.runtime import init_ray
 
-        ray_cfg = RayConfig(num_cpus=2, object_store_memory=500 * 2**20, node_ip_address="127.0.0.1")
+        ray_cfg = load_config(None, scalelib.ray_overrides(a.images_per_block)).ray  # the benchmarks' Ray
         init_ray(ray_cfg)
     pages_t, idset_t, upload_t = _Timer(), _Timer(), _Timer()
     s3list.iter_key_pages = pages_t.gen(s3list.iter_key_pages)

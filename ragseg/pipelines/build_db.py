@@ -137,13 +137,13 @@ def mask_model(cfg: JobConfig) -> str:
 
 
 def _pending(cfg: JobConfig, out: str, led, source_errors: list[dict], retry_errors: bool,
-             errors_matching: str | None, on_ray: bool):
+             errors_matching: str | None, ray_cfg):
     """(pending rows or listing, images listed): :func:`ragseg.pipelines.common.pending_source` (a
-    folder's listing in a Ray task when the job runs on Ray)."""
+    folder's listing in a Ray task with ``ray_cfg``: the job runs on Ray)."""
     if cfg.source is None:
         raise UserError("build-db needs a `source:` section in the config (kind, uri, split)")
     return pending_source(out, cfg.source, led, cfg.build_db.images_per_shard, source_errors, retry_errors,
-                          errors_matching, ray_cfg=cfg.ray if on_ray else None)
+                          errors_matching, ray_cfg=ray_cfg)
 
 
 def build_graph(cfg: JobConfig, ds):
@@ -187,7 +187,8 @@ def run_build_db(cfg: JobConfig, execute: Executor | None = None, *, retry_error
             log.warning(mixed)
 
         source_errors: list[dict] = []
-        pending, n_listed = _pending(cfg, out, led, source_errors, retry_errors, errors_matching, execute is None)
+        pending, n_listed = _pending(cfg, out, led, source_errors, retry_errors, errors_matching,
+                                     cfg.ray if execute is None else None)
         stats = RunStats(shards_skipped=led.records.num_rows if led is not None else 0)
         del led  # the committed ids were only needed to filter the listing
         label_source = "gt" if cfg.build_db.masks == "gt" else "detector"
